@@ -1,0 +1,42 @@
+/* The moe command-line tool. Only cli/ prints and exits. */
+#include "../bench/bench.h"
+#include "moe.h"
+
+#include <stdio.h>
+#include <string.h>
+
+static void usage(FILE *f) {
+    fprintf(f, "moe %s: sparse Mixture-of-Experts in C\n\n"
+               "usage: moe <command> [flags]   (moe <command> --help for its flags)\n\n"
+               "commands:\n"
+               "  bench layer   time the MoE layer (forward, forward+backward) on fixed shapes\n"
+               "  bench sgemm   time OpenBLAS sgemm, the fp32 ceiling of this machine\n"
+               "  version       print the version\n",
+            moe_version());
+}
+
+static int cmd_bench(int argc, char **argv) {
+    if (argc < 1 || !strcmp(argv[0], "--help") || !strcmp(argv[0], "-h")) {
+        printf("usage: moe bench layer|sgemm [flags]   (moe bench layer --help)\n");
+        return argc < 1 ? 2 : 0;
+    }
+    if (!strcmp(argv[0], "layer")) return moe_bench_layer_main(argc - 1, argv + 1);
+    if (!strcmp(argv[0], "sgemm")) return moe_bench_sgemm_main(argc - 1, argv + 1);
+    fprintf(stderr, "moe bench: unknown benchmark '%s' (layer, sgemm)\n", argv[0]);
+    return 2;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+        usage(argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    if (!strcmp(argv[1], "version") || !strcmp(argv[1], "--version")) {
+        printf("moe %s\n", moe_version());
+        return 0;
+    }
+    if (!strcmp(argv[1], "bench")) return cmd_bench(argc - 2, argv + 2);
+    fprintf(stderr, "moe: unknown command '%s'\n", argv[1]);
+    usage(stderr);
+    return 2;
+}

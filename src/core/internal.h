@@ -1,0 +1,47 @@
+/* Internal helpers shared by the library's modules (moe__ prefix). */
+#ifndef MOE_INTERNAL_H
+#define MOE_INTERNAL_H
+
+#include "moe.h"
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* Allocation through the user's hooks. moe__calloc checks n*size overflow. */
+void *moe__malloc(size_t size);
+void *moe__calloc(size_t n, size_t size);
+void moe__free(void *p);
+/* 64-byte aligned allocation (for SIMD/BLAS buffers); free with moe__afree. */
+void *moe__aligned_alloc(size_t size);
+void moe__afree(void *p);
+char *moe__strdup(const char *s);
+
+/* Overflow-safe size arithmetic: return 0 on success, -1 on overflow. */
+static inline int moe__mul_size(size_t a, size_t b, size_t *out) {
+    if (a != 0 && b > SIZE_MAX / a) return -1;
+    *out = a * b;
+    return 0;
+}
+static inline int moe__add_size(size_t a, size_t b, size_t *out) {
+    if (b > SIZE_MAX - a) return -1;
+    *out = a + b;
+    return 0;
+}
+
+/* printf into a fixed message buffer (always NUL-terminated); returns err. */
+int moe__set_err(char *buf, size_t size, int err, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/* Resolved thread count: n > 0 as is, else the library default. */
+int moe__threads(int n);
+/* Makes BLAS single-threaded (the library parallelises with OpenMP around it). */
+void moe__blas_single_thread(void);
+
+/* Deterministic RNG: splitmix64 seeding a xoshiro256** stream. */
+typedef struct moe__rng { uint64_t s[4]; } moe__rng;
+void moe__rng_seed(moe__rng *r, uint64_t seed);
+uint64_t moe__rng_u64(moe__rng *r);
+double moe__rng_uniform(moe__rng *r); /* [0, 1) */
+double moe__rng_normal(moe__rng *r);  /* N(0, 1), Box-Muller */
+
+#endif

@@ -1,0 +1,268 @@
+/* The MoE layer object: configuration checks, one allocation pass that sizes
+ * every work buffer for max_tokens (forward/backward never allocate), and the
+ * forward/backward sequence over router, dispatch and experts. */
+#include "layer/layer_impl.h"
+
+#include <limits.h>
+#include <math.h>
+#include <string.h>
+
+/* Caps that keep every size computation far from overflow. */
+#define MAX_DIM (1 << 20)
+#define MAX_EXPERTS (1 << 16)
+
+moe_layer_config moe_layer_config_default(int d_model, int d_ff, int n_experts, int top_k, int max_tokens) {
+    moe_layer_config c;
+    memset(&c, 0, sizeof c);
+    c.d_model = d_model;
+    c.d_ff = d_ff;
+    c.n_experts = n_experts;
+    c.top_k = top_k;
+    c.max_tokens = max_tokens;
+    c.act = MOE_ACT_SWIGLU;
+    c.score = MOE_SCORE_SOFTMAX;
+    c.renormalize = 1;
+    c.route_scale = 1.0f;
+    c.aux_coef = 0.01f;
+    c.z_coef = 0.001f;
+    return c;
+}
+
+static int check_config(const moe_layer_config *c, char *err, size_t n) {
+    if (c->n_experts < 1 || c->n_experts > MAX_EXPERTS)
+        return moe__set_err(err, n, MOE_EINVAL, "n_experts = %d: must be in [1, %d]", c->n_experts, MAX_EXPERTS);
+    if (c->top_k < 1 || c->top_k > c->n_experts)
+        return moe__set_err(err, n, MOE_EINVAL, "top_k = %d: must be in [1, n_experts = %d]", c->top_k,
+                            c->n_experts);
+    if (c->d_model < 1 || c->d_model > MAX_DIM)
+        return moe__set_err(err, n, MOE_EINVAL, "d_model = %d: must be in [1, %d]", c->d_model, MAX_DIM);
+    if (c->d_ff < 1 || c->d_ff > MAX_DIM)
+        return moe__set_err(err, n, MOE_EINVAL, "d_ff = %d: must be in [1, %d]", c->d_ff, MAX_DIM);
+    if (c->max_tokens < 1 || c->max_tokens > MAX_DIM * 16 ||
+        (long long)c->max_tokens * c->top_k > MAX_DIM * 64LL)
+        return moe__set_err(err, n, MOE_EINVAL, "max_tokens = %d (top_k %d): out of range", c->max_tokens,
+                            c->top_k);
+    if ((unsigned)c->act > MOE_ACT_SWIGLU)
+        return moe__set_err(err, n, MOE_EINVAL, "act = %d: unknown activation", (int)c->act);
+    if ((unsigned)c->score > MOE_SCORE_SIGMOID)
+        return moe__set_err(err, n, MOE_EINVAL, "score = %d: unknown score function", (int)c->score);
+    if (c->renormalize != 0 && c->renormalize != 1)
+        return moe__set_err(err, n, MOE_EINVAL, "renormalize = %d: must be 0 or 1", c->renormalize);
+    if (!isfinite(c->route_scale) || c->route_scale == 0.0f)
+        return moe__set_err(err, n, MOE_EINVAL, "route_scale = %g: must be finite and non-zero",
+                            (double)c->route_scale);
+    if (!isfinite(c->aux_coef) || c->aux_coef < 0.0f || !isfinite(c->z_coef) || c->z_coef < 0.0f)
+        return moe__set_err(err, n, MOE_EINVAL, "aux_coef = %g, z_coef = %g: must be finite and >= 0",
+                            (double)c->aux_coef, (double)c->z_coef);
+    if (c->n_threads < 0)
+        return moe__set_err(err, n, MOE_EINVAL, "n_threads = %d: must be >= 0", c->n_threads);
+    return MOE_OK;
+}
+
+static moe_layer_params layout(const moe_layer_config *c) {
+    const size_t C = (size_t)c->d_model, F = (size_t)c->d_ff, E = (size_t)c->n_experts;
+    moe_layer_params p;
+    p.wg = 0;
+    p.w1 = p.wg + E * C;
+    p.w2 = p.w1 + E * F * C;
+    if (c->act == MOE_ACT_SWIGLU) {
+        p.w3 = p.w2 + E * C * F;
+        p.total = p.w3 + E * F * C;
+    } else {
+        p.w3 = SIZE_MAX;
+        p.total = p.w2 + E * C * F;
+    }
+    return p;
+}
+
+void moe_layer_free(moe_layer *l) {
+    if (!l) return;
+    void *bufs[] = {l->own_params, l->own_grads, l->x,      l->logits, l->scores, l->lse,   l->topk_ids,
+                    l->topk_w,     l->part,      l->counts, l->psum,   l->daux,   l->seg_off,
+                    l->row_of_slot, l->slot_of_row, l->xg,  l->h1,     l->h3,     l->act,   l->out,
+                    l->dout,       l->dh1,       l->dh3,    l->dxg,    l->dgate,  l->dlogits, l->tiles};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) moe__afree(bufs[i]);
+    moe__free(l);
+}
+
+moe_layer *moe_layer_create(const moe_layer_config *cfg, int *err, char *errbuf, size_t errbuf_size) {
+    int rc = cfg ? check_config(cfg, errbuf, errbuf_size)
+                 : moe__set_err(errbuf, errbuf_size, MOE_EINVAL, "config is NULL");
+    if (rc) {
+        if (err) *err = rc;
+        return NULL;
+    }
+    moe_layer *l = moe__calloc(1, sizeof *l);
+    if (!l) goto nomem;
+    l->cfg = *cfg;
+    l->off = layout(cfg);
+    l->threads = moe__threads(cfg->n_threads);
+
+    const size_t N = (size_t)cfg->max_tokens, C = (size_t)cfg->d_model, F = (size_t)cfg->d_ff;
+    const size_t E = (size_t)cfg->n_experts, K = (size_t)cfg->top_k, R = N * K;
+    const size_t nchunks = (N + MOE__CHUNK - 1) / MOE__CHUNK;
+    const int swiglu = cfg->act == MOE_ACT_SWIGLU;
+    l->max_tiles = moe__experts_max_tiles(cfg);
+    int ok = 1;
+#define ALLOC(field, count, type)                                                                  \
+    do {                                                                                           \
+        size_t bytes_;                                                                             \
+        if (moe__mul_size((count), sizeof(type), &bytes_) || !(l->field = moe__aligned_alloc(bytes_))) \
+            ok = 0;                                                                                \
+    } while (0)
+    ALLOC(own_params, l->off.total, float);
+    ALLOC(own_grads, l->off.total, float);
+    ALLOC(x, N * C, float);
+    ALLOC(logits, N * E, float);
+    ALLOC(scores, N * E, float);
+    ALLOC(lse, N, float);
+    ALLOC(topk_ids, R, int);
+    ALLOC(topk_w, R, float);
+    ALLOC(part, nchunks * (E + 2), float);
+    ALLOC(counts, E, int);
+    ALLOC(psum, E, double);
+    ALLOC(daux, E, float);
+    ALLOC(seg_off, E + 1, int);
+    ALLOC(row_of_slot, R, int);
+    ALLOC(slot_of_row, R, int);
+    ALLOC(xg, R * C, float);
+    ALLOC(h1, R * F, float);
+    ALLOC(act, R * F, float);
+    ALLOC(out, R * C, float);
+    ALLOC(dout, R * C, float);
+    ALLOC(dh1, R * F, float);
+    ALLOC(dxg, R * C, float);
+    ALLOC(dgate, R, float);
+    ALLOC(dlogits, N * E, float);
+    ALLOC(tiles, (size_t)l->max_tiles, moe__tile);
+    if (swiglu) {
+        ALLOC(h3, R * F, float);
+        ALLOC(dh3, R * F, float);
+    }
+#undef ALLOC
+    if (!ok) goto nomem;
+    memset(l->own_params, 0, sizeof(float) * l->off.total);
+    memset(l->own_grads, 0, sizeof(float) * l->off.total);
+    memset(l->counts, 0, sizeof(int) * E);
+    l->params = l->own_params;
+    l->grads = l->own_grads;
+    l->stats.expert_count = l->counts;
+    if (err) *err = MOE_OK;
+    return l;
+
+nomem:
+    moe_layer_free(l);
+    if (err) *err = MOE_ENOMEM;
+    moe__set_err(errbuf, errbuf_size, MOE_ENOMEM, "out of memory sizing a layer for %d tokens",
+                 cfg->max_tokens);
+    return NULL;
+}
+
+const moe_layer_config *moe_layer_get_config(const moe_layer *l) { return &l->cfg; }
+moe_layer_params moe_layer_param_offsets(const moe_layer *l) { return l->off; }
+float *moe_layer_params_ptr(moe_layer *l) { return l->params; }
+float *moe_layer_grads_ptr(moe_layer *l) { return l->grads; }
+const moe_layer_stats *moe_layer_get_stats(const moe_layer *l) { return &l->stats; }
+const int *moe_layer_topk_ids(const moe_layer *l) { return l->topk_ids; }
+const float *moe_layer_topk_weights(const moe_layer *l) { return l->topk_w; }
+const char *moe_layer_errmsg(const moe_layer *l) { return l ? l->err : "layer is NULL"; }
+
+int moe_layer_bind(moe_layer *l, float *params, float *grads) {
+    if (!l) return MOE_EINVAL;
+    if (!params) return moe__set_err(l->err, sizeof l->err, MOE_EINVAL, "bind: params is NULL");
+    l->params = params;
+    l->grads = grads;
+    l->have_fwd = 0;
+    return MOE_OK;
+}
+
+int moe_layer_init(moe_layer *l, uint64_t seed, float init_scale) {
+    if (!l) return MOE_EINVAL;
+    if (!isfinite(init_scale) || init_scale < 0.0f)
+        return moe__set_err(l->err, sizeof l->err, MOE_EINVAL, "init: scale %g must be finite and >= 0",
+                            (double)init_scale);
+    const moe_layer_config *c = &l->cfg;
+    const double sc = init_scale / sqrt((double)c->d_model), sf = init_scale / sqrt((double)c->d_ff);
+    moe__rng rng;
+    moe__rng_seed(&rng, seed);
+    for (size_t i = 0; i < l->off.total; i++) {
+        /* w2 reads F inputs; the router, w1 and w3 read C */
+        const int is_w2 = i >= l->off.w2 && (l->off.w3 == SIZE_MAX || i < l->off.w3);
+        l->params[i] = (float)(moe__rng_normal(&rng) * (is_w2 ? sf : sc));
+    }
+    l->have_fwd = 0;
+    return MOE_OK;
+}
+
+void moe_layer_zero_grad(moe_layer *l) {
+    if (l && l->grads) memset(l->grads, 0, sizeof(float) * l->off.total);
+}
+
+/* Index of the first non-finite value, or -1; the same answer for any thread
+ * count (minimum over fixed chunks). */
+static long long first_nonfinite(const float *v, size_t n, int threads) {
+    const size_t chunk = 1 << 16;
+    const long long nch = (long long)((n + chunk - 1) / chunk);
+    long long bad = LLONG_MAX;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(min : bad)
+    for (long long ch = 0; ch < nch; ch++) {
+        const size_t i0 = (size_t)ch * chunk, i1 = i0 + chunk < n ? i0 + chunk : n;
+        int all = 1;
+        for (size_t i = i0; i < i1; i++) all &= isfinite(v[i]) != 0;
+        if (!all) {
+            size_t i = i0;
+            while (isfinite(v[i])) i++;
+            if ((long long)i < bad) bad = (long long)i;
+        }
+    }
+    return bad == LLONG_MAX ? -1 : bad;
+}
+
+int moe_layer_forward(moe_layer *l, const float *x, int n_tokens, float *y) {
+    if (!l) return MOE_EINVAL;
+    l->err[0] = '\0';
+    l->have_fwd = 0;
+    const int C = l->cfg.d_model;
+    if (!x || !y) return moe__set_err(l->err, sizeof l->err, MOE_EINVAL, "forward: x or y is NULL");
+    if (n_tokens < 0 || n_tokens > l->cfg.max_tokens)
+        return moe__set_err(l->err, sizeof l->err, MOE_ESHAPE,
+                            "forward: %d tokens, layer sized for [0, %d] (max_tokens)", n_tokens,
+                            l->cfg.max_tokens);
+    const size_t nx = (size_t)n_tokens * C;
+    if (x < y + nx && y < x + nx)
+        return moe__set_err(l->err, sizeof l->err, MOE_EINVAL, "forward: x and y overlap");
+    long long bad = first_nonfinite(x, nx, l->threads);
+    if (bad >= 0)
+        return moe__set_err(l->err, sizeof l->err, MOE_ENONFINITE,
+                            "forward: input x[%lld][%lld] is %g", bad / C, bad % C, (double)x[bad]);
+    l->n = n_tokens;
+    memcpy(l->x, x, sizeof(float) * nx);
+    int rc = moe__router_forward(l, l->x, n_tokens);
+    if (rc) return rc;
+    moe__dispatch_build(l, n_tokens);
+    moe__dispatch_gather(l, l->x);
+    moe__experts_forward(l);
+    moe__dispatch_combine(l, y);
+    l->have_fwd = 1;
+    return MOE_OK;
+}
+
+int moe_layer_backward(moe_layer *l, const float *dy, float *dx) {
+    if (!l) return MOE_EINVAL;
+    l->err[0] = '\0';
+    if (!l->have_fwd)
+        return moe__set_err(l->err, sizeof l->err, MOE_ESTATE, "backward: no successful forward to differentiate");
+    if (!l->grads)
+        return moe__set_err(l->err, sizeof l->err, MOE_ESTATE, "backward: layer bound without gradients");
+    if (!dy) return moe__set_err(l->err, sizeof l->err, MOE_EINVAL, "backward: dy is NULL");
+    moe__dispatch_backward(l, dy);
+    moe__experts_backward(l);
+    if (dx) moe__dispatch_scatter_dx(l, dx);
+    moe__router_backward(l, l->x, dx);
+    return MOE_OK;
+}
+
+double moe_layer_expert_flops(const moe_layer_config *c, int n_tokens) {
+    const double m = c->act == MOE_ACT_SWIGLU ? 3.0 : 2.0;
+    return 2.0 * n_tokens * c->top_k * m * c->d_model * c->d_ff;
+}

@@ -1,0 +1,114 @@
+#include "ref_layer.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+static void logits_of(const moe_layer_config *c, const double *wg, const double *xt, double *lg) {
+    for (int e = 0; e < c->n_experts; e++) {
+        double s = 0;
+        for (int i = 0; i < c->d_model; i++) s += wg[(size_t)e * c->d_model + i] * xt[i];
+        lg[e] = s;
+    }
+}
+
+/* Full sort by logit, descending, lower id first on ties. */
+static void order_of(int E, const double *lg, int *ord) {
+    for (int e = 0; e < E; e++) ord[e] = e;
+    for (int i = 1; i < E; i++) {
+        int v = ord[i], j = i;
+        while (j > 0 && (lg[ord[j - 1]] < lg[v] || (lg[ord[j - 1]] == lg[v] && ord[j - 1] > v))) {
+            ord[j] = ord[j - 1];
+            j--;
+        }
+        ord[j] = v;
+    }
+}
+
+static double act_of(moe_act a, double h1, double h3) {
+    switch (a) {
+    case MOE_ACT_RELU: return h1 > 0 ? h1 : 0;
+    case MOE_ACT_GELU: return 0.5 * h1 * (1 + tanh(sqrt(2 / M_PI) * (h1 + 0.044715 * h1 * h1 * h1)));
+    case MOE_ACT_SWIGLU: return h1 / (1 + exp(-h1)) * h3;
+    }
+    return 0;
+}
+
+double ref_layer_objective(const moe_layer_config *c, const moe_layer_params *off, const double *p,
+                           const double *x, int n, const double *dy, double *y, int *ids, double *w,
+                           double *aux_out, double *z_out) {
+    const int C = c->d_model, F = c->d_ff, E = c->n_experts, K = c->top_k;
+    double *lg = calloc(E, sizeof *lg), *s = calloc(E, sizeof *s), *h = calloc(F, sizeof *h);
+    double *yt = calloc(C, sizeof *yt), *P = calloc(E, sizeof *P);
+    int *ord = calloc(E, sizeof *ord), *count = calloc(E, sizeof *count);
+    double obj = 0, zsum = 0;
+    for (int t = 0; t < n; t++) {
+        const double *xt = x + (size_t)t * C;
+        logits_of(c, p + off->wg, xt, lg);
+        double mx = lg[0], sum = 0;
+        for (int e = 1; e < E; e++) mx = fmax(mx, lg[e]);
+        for (int e = 0; e < E; e++) sum += exp(lg[e] - mx);
+        const double lse = mx + log(sum);
+        zsum += lse * lse;
+        double ssum = 0;
+        for (int e = 0; e < E; e++) {
+            s[e] = c->score == MOE_SCORE_SOFTMAX ? exp(lg[e] - lse) : 1 / (1 + exp(-lg[e]));
+            ssum += s[e];
+        }
+        for (int e = 0; e < E; e++) P[e] += s[e] / ssum;
+        order_of(E, lg, ord);
+        double den = 0;
+        for (int j = 0; j < K; j++) den += s[ord[j]];
+        if (!c->renormalize) den = 1;
+        memset(yt, 0, sizeof(double) * C);
+        for (int j = 0; j < K; j++) {
+            const int e = ord[j];
+            const double g = c->route_scale * s[e] / den;
+            count[e]++;
+            if (ids) ids[(size_t)t * K + j] = e;
+            if (w) w[(size_t)t * K + j] = g;
+            const double *w1 = p + off->w1 + (size_t)e * F * C, *w2 = p + off->w2 + (size_t)e * C * F;
+            const double *w3 = c->act == MOE_ACT_SWIGLU ? p + off->w3 + (size_t)e * F * C : NULL;
+            for (int f = 0; f < F; f++) {
+                double a1 = 0, a3 = 0;
+                for (int i = 0; i < C; i++) {
+                    a1 += w1[(size_t)f * C + i] * xt[i];
+                    if (w3) a3 += w3[(size_t)f * C + i] * xt[i];
+                }
+                h[f] = act_of(c->act, a1, a3);
+            }
+            for (int o = 0; o < C; o++) {
+                double v = 0;
+                for (int f = 0; f < F; f++) v += w2[(size_t)o * F + f] * h[f];
+                yt[o] += g * v;
+            }
+        }
+        for (int o = 0; o < C; o++) {
+            if (y) y[(size_t)t * C + o] = yt[o];
+            if (dy) obj += yt[o] * dy[(size_t)t * C + o];
+        }
+    }
+    double aux = 0;
+    for (int e = 0; e < E && n > 0; e++) aux += (double)count[e] / ((double)n * K) * P[e] / n;
+    aux *= (double)c->aux_coef * E;
+    const double z = n > 0 ? c->z_coef * zsum / n : 0;
+    if (aux_out) *aux_out = aux;
+    if (z_out) *z_out = z;
+    free(lg), free(s), free(h), free(yt), free(P), free(ord), free(count);
+    return obj + aux + z;
+}
+
+double ref_layer_margin(const moe_layer_config *c, const moe_layer_params *off, const double *p,
+                        const double *x, int n) {
+    const int E = c->n_experts, K = c->top_k;
+    double *lg = calloc(E, sizeof *lg), m = INFINITY;
+    int *ord = calloc(E, sizeof *ord);
+    for (int t = 0; t < n; t++) {
+        logits_of(c, p + off->wg, x + (size_t)t * c->d_model, lg);
+        order_of(E, lg, ord);
+        const int last = K < E ? K : E - 1;
+        for (int j = 0; j < last; j++) m = fmin(m, lg[ord[j]] - lg[ord[j + 1]]);
+    }
+    free(lg), free(ord);
+    return m;
+}
