@@ -8,7 +8,7 @@ CC      ?= cc
 ARCH    ?= -march=native
 OPT     ?= -O3
 CFLAGS  ?= $(OPT) $(ARCH) -g
-CFLAGS  += -std=gnu11 -Wall -Wextra -Wshadow -Wno-unused-parameter -fopenmp -fPIC \
+CFLAGS  += -fno-trapping-math -fno-math-errno -std=gnu11 -Wall -Wextra -Wshadow -Wno-unused-parameter -fopenmp -fPIC \
            -Iinclude -Isrc -Isrc/core -I/usr/include/x86_64-linux-gnu/openblas-pthread
 LDLIBS  += -lopenblas -lcjson -lm
 LDFLAGS += -fopenmp

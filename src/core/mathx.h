@@ -1,4 +1,5 @@
 /* Vectorisable elementwise math for the hot loops (activations). gcc -O3
+ * (with -fno-trapping-math, set in the Makefile)
  * vectorises these inline functions; libm's expf would not vectorise and would
  * cost as much as a GEMM on the R*F activation arrays. */
 #ifndef MOE_MATHX_H

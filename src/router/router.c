@@ -11,9 +11,13 @@
  */
 #include "layer/layer_impl.h"
 
+#include "mathx.h"
+
 #include <cblas.h>
 #include <math.h>
 #include <string.h>
+
+#define ROUTER_TILE_E 256
 
 /* Per-token normalised scores q (what P_i and the entropy are taken over):
  * softmax scores are already normalised; sigmoid scores are divided by their
@@ -21,35 +25,57 @@
 static float score_norm(const moe_layer_config *c, const float *s) {
     if (c->score == MOE_SCORE_SOFTMAX) return 1.0f;
     float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
     for (int e = 0; e < c->n_experts; e++) sum += s[e];
     return sum;
 }
 
-/* Scores, lse and top-k of one token. */
-static void route_token(const moe_layer_config *c, const float *lg, float *s, float *lse_out,
-                        int *ids, float *w) {
+/* Scores, lse and top-k of one token; returns the entropy (nats) of the
+ * normalised scores. Loops over E are branch-free so they vectorise; only the
+ * top-k insertion branches, and rarely after the first few experts. */
+static float route_token(const moe_layer_config *c, const float *lg, float *s, float *lse_out, int *ids,
+                         float *w) {
     const int E = c->n_experts, K = c->top_k;
+    /* omp simd reductions: a fixed vector order, the same on every run */
     float mx = lg[0];
+#pragma omp simd reduction(max : mx)
     for (int e = 1; e < E; e++) mx = lg[e] > mx ? lg[e] : mx;
-    double sum = 0.0;
-    for (int e = 0; e < E; e++) sum += exp((double)lg[e] - mx);
-    float lse = mx + (float)log(sum);
-    *lse_out = lse;
-    if (c->score == MOE_SCORE_SOFTMAX) {
-        for (int e = 0; e < E; e++) s[e] = expf(lg[e] - lse);
-    } else {
-        for (int e = 0; e < E; e++) s[e] = 1.0f / (1.0f + expf(-lg[e]));
+    float sum = 0.0f, sl = 0.0f;
+#pragma omp simd reduction(+ : sum, sl)
+    for (int e = 0; e < E; e++) {
+        const float p = moe__exp(lg[e] - mx);
+        s[e] = p;
+        sum += p;
+        sl += p * lg[e];
     }
-    /* K passes of argmax: O(K E), no allocation, exact tie rule. */
-    for (int j = 0; j < K; j++) {
-        int best = -1;
+    const float lse = mx + logf(sum);
+    *lse_out = lse;
+    float ent;
+    if (c->score == MOE_SCORE_SOFTMAX) {
+        const float inv = 1.0f / sum;
+        for (int e = 0; e < E; e++) s[e] *= inv;
+        ent = lse - sl * inv; /* -sum q log q with log q = l - lse */
+    } else {
+        float ssum = 0.0f, slog = 0.0f;
+#pragma omp simd reduction(+ : ssum)
         for (int e = 0; e < E; e++) {
-            int taken = 0;
-            for (int m = 0; m < j; m++) taken |= ids[m] == e;
-            if (taken) continue;
-            if (best < 0 || lg[e] > lg[best]) best = e;
+            s[e] = moe__sigmoid(lg[e]);
+            ssum += s[e];
         }
-        ids[j] = best;
+        for (int e = 0; e < E; e++) slog += s[e] * logf(s[e] > 1e-30f ? s[e] : 1e-30f);
+        ent = logf(ssum) - slog / ssum;
+    }
+    /* Keep the K best in a sorted list; strict '>' keeps the lower id ahead
+     * on equal logits. */
+    int n = 0;
+    for (int e = 0; e < E; e++) {
+        if (n == K && !(lg[e] > lg[ids[K - 1]])) continue;
+        int j = n < K ? n++ : K - 1;
+        while (j > 0 && lg[e] > lg[ids[j - 1]]) {
+            ids[j] = ids[j - 1];
+            j--;
+        }
+        ids[j] = e;
     }
     float denom = 1.0f;
     if (c->renormalize) {
@@ -57,6 +83,7 @@ static void route_token(const moe_layer_config *c, const float *lg, float *s, fl
         for (int j = 0; j < K; j++) denom += s[ids[j]];
     }
     for (int j = 0; j < K; j++) w[j] = c->route_scale * s[ids[j]] / denom;
+    return ent;
 }
 
 int moe__router_forward(moe_layer *l, const float *x, int n) {
@@ -83,13 +110,10 @@ int moe__router_forward(moe_layer *l, const float *x, int n) {
                 continue;
             }
             float *s = l->scores + (size_t)t * E;
-            route_token(c, lg, s, &l->lse[t], l->topk_ids + (size_t)t * K, l->topk_w + (size_t)t * K);
-            float norm = score_norm(c, s), ent = 0.0f;
-            for (int e = 0; e < E; e++) {
-                float q = s[e] / norm;
-                part[e] += q;
-                if (q > 0.0f) ent -= q * logf(q);
-            }
+            const float ent =
+                route_token(c, lg, s, &l->lse[t], l->topk_ids + (size_t)t * K, l->topk_w + (size_t)t * K);
+            const float inv = 1.0f / score_norm(c, s);
+            for (int e = 0; e < E; e++) part[e] += s[e] * inv;
             part[E] += ent;
             part[E + 1] += l->lse[t] * l->lse[t];
         }
@@ -161,6 +185,7 @@ void moe__router_backward(moe_layer *l, const float *x, float *dx) {
         const float norm = score_norm(c, s);
         float qdot = 0.0f;
         if (c->score == MOE_SCORE_SIGMOID)
+#pragma omp simd reduction(+ : qdot)
             for (int e = 0; e < E; e++) qdot += daux[e] * s[e] / norm;
         for (int e = 0; e < E; e++) dl[e] = c->score == MOE_SCORE_SIGMOID ? (daux[e] - qdot) / norm : daux[e];
 
@@ -179,6 +204,7 @@ void moe__router_backward(moe_layer *l, const float *x, float *dx) {
         /* through the score function */
         if (c->score == MOE_SCORE_SOFTMAX) {
             float sds = 0.0f;
+#pragma omp simd reduction(+ : sds)
             for (int e = 0; e < E; e++) sds += s[e] * dl[e];
             for (int e = 0; e < E; e++) dl[e] = s[e] * (dl[e] - sds);
         } else {
@@ -188,23 +214,27 @@ void moe__router_backward(moe_layer *l, const float *x, float *dx) {
         /* z-loss: d/dl (lse^2) = 2 lse softmax(l) */
         if (dz != 0.0f) {
             const float g = dz * l->lse[t];
-            for (int e = 0; e < E; e++) dl[e] += g * expf(lg[e] - l->lse[t]);
+            for (int e = 0; e < E; e++) dl[e] += g * moe__exp(lg[e] - l->lse[t]);
         }
     }
 
     float *dwg = l->grads + l->off.wg;
     const int nchunks = (n + MOE__CHUNK - 1) / MOE__CHUNK;
-    const int ccols = (C + MOE__TILE_N - 1) / MOE__TILE_N;
+    /* dwg tiles: ROUTER_TILE_E experts x MOE__TILE_N columns, enough tiles for
+     * every thread even at small C */
+    const int etiles = (E + ROUTER_TILE_E - 1) / ROUTER_TILE_E, ctiles = (C + MOE__TILE_N - 1) / MOE__TILE_N;
 #pragma omp parallel num_threads(l->threads)
     {
-        /* dwg [E][C] += dlogits^T [E][N] x [N][C]: split over columns, each
-         * output element reduced over all N tokens in one call. */
+        /* dwg [E][C] += dlogits^T [E][N] x [N][C]: each output element reduced
+         * over all N tokens in one call. */
 #pragma omp for schedule(dynamic, 1) nowait
-        for (int cb = 0; cb < ccols; cb++) {
-            const int c0 = cb * MOE__TILE_N, c1 = c0 + MOE__TILE_N < C ? c0 + MOE__TILE_N : C;
+        for (int tile = 0; tile < etiles * ctiles; tile++) {
+            const int e0 = tile / ctiles * ROUTER_TILE_E, c0 = tile % ctiles * MOE__TILE_N;
+            const int e1 = e0 + ROUTER_TILE_E < E ? e0 + ROUTER_TILE_E : E;
+            const int c1 = c0 + MOE__TILE_N < C ? c0 + MOE__TILE_N : C;
             if (n > 0)
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, E, c1 - c0, n, 1.0f, l->dlogits, E,
-                            x + c0, C, 1.0f, dwg + c0, C);
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, e1 - e0, c1 - c0, n, 1.0f, l->dlogits + e0,
+                            E, x + c0, C, 1.0f, dwg + (size_t)e0 * C + c0, C);
         }
         /* dx [N][C] += dlogits [N][E] wg [E][C] */
         if (dx) {
