@@ -160,6 +160,8 @@ int moe_bench_layer_main(int argc, char **argv) {
     if (!any)
         for (int s = 0; s < NSHAPES; s++) sel[s] = 1;
     if (!json)
+        printf("OpenBLAS kernel: %s\n", moe_blas_info());
+    if (!json)
         printf("%-8s %-6s %5s %5s %5s %4s %2s %3s %10s %10s %9s\n", "shape", "pass", "N", "C", "F", "E", "K",
                "thr", "ms", "ms_min", "GFLOP/s");
     for (int s = 0; s < NSHAPES; s++) {
@@ -175,9 +177,9 @@ int moe_bench_layer_main(int argc, char **argv) {
         if (json)
             printf("{\"shape\":\"%s\",\"pass\":\"%s\",\"ms\":%.3f,\"ms_min\":%.3f,\"gflops\":%.2f,"
                    "\"impl\":\"moe\",\"threads\":%d,\"tokens\":%d,\"d_model\":%d,\"d_ff\":%d,"
-                   "\"experts\":%d,\"top_k\":%d,\"load_max_over_mean\":%.3f}\n",
+                   "\"experts\":%d,\"top_k\":%d,\"load_max_over_mean\":%.3f,\"core\":\"%s\"}\n",
                    b->name, fwdbwd ? "fwdbwd" : "fwd", r.ms, r.ms_min, r.gflops, threads, b->n, b->c, b->f,
-                   b->e, b->k, r.load_max_over_mean);
+                   b->e, b->k, r.load_max_over_mean, moe_blas_info());
         else
             printf("%-8s %-6s %5d %5d %5d %4d %2d %3d %10.2f %10.2f %9.1f\n", b->name, fwdbwd ? "fwdbwd" : "fwd",
                    b->n, b->c, b->f, b->e, b->k, threads, r.ms, r.ms_min, r.gflops);
@@ -231,10 +233,11 @@ int moe_bench_sgemm_main(int argc, char **argv) {
     qsort(t, (size_t)reps, sizeof *t, cmp_double);
     const double gf = 2.0 * n * n * n / (t[reps / 2] * 1e6);
     if (json)
-        printf("{\"bench\":\"sgemm\",\"size\":%d,\"threads\":%d,\"ms\":%.3f,\"gflops\":%.2f}\n", n, threads,
-               t[reps / 2], gf);
+        printf("{\"bench\":\"sgemm\",\"size\":%d,\"threads\":%d,\"ms\":%.3f,\"gflops\":%.2f,\"core\":\"%s\"}\n",
+               n, threads, t[reps / 2], gf, moe_blas_info());
     else
-        printf("sgemm %dx%dx%d threads %d: %.2f ms, %.1f GFLOP/s\n", n, n, n, threads, t[reps / 2], gf);
+        printf("sgemm %dx%dx%d threads %d (OpenBLAS %s): %.2f ms, %.1f GFLOP/s\n", n, n, n, threads,
+               moe_blas_info(), t[reps / 2], gf);
     free(a), free(b), free(c), free(t);
     return 0;
 }

@@ -3,7 +3,9 @@
 #include "moe.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 static void usage(FILE *f) {
     fprintf(f, "moe %s: sparse Mixture-of-Experts in C\n\n"
@@ -26,7 +28,17 @@ static int cmd_bench(int argc, char **argv) {
     return 2;
 }
 
+/* Restart once with a faster OpenBLAS kernel when the hint says so (see
+ * moe_blas_coretype_hint); MOE_NO_REEXEC=1 opts out. On failure, go on. */
+static void select_blas_kernel(char **argv) {
+    const char *hint = moe_blas_coretype_hint();
+    if (!hint || getenv("MOE_NO_REEXEC")) return;
+    if (setenv("OPENBLAS_CORETYPE", hint, 1) == 0) execv("/proc/self/exe", argv);
+    unsetenv("OPENBLAS_CORETYPE");
+}
+
 int main(int argc, char **argv) {
+    select_blas_kernel(argv);
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
         usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;

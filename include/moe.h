@@ -76,6 +76,14 @@ uint64_t moe_alloc_count(void);
 void moe_set_num_threads(int n);
 int moe_get_num_threads(void);
 
+/* The OpenBLAS kernel in use (e.g. "Haswell", "SkylakeX"). */
+const char *moe_blas_info(void);
+/* A faster OPENBLAS_CORETYPE for this CPU than the one OpenBLAS chose, or NULL.
+ * OpenBLAS reads that variable only when it is loaded: set it in the
+ * environment before the program starts (the moe CLI re-executes itself once
+ * with it). Returns NULL when OPENBLAS_CORETYPE is already set. */
+const char *moe_blas_coretype_hint(void);
+
 /* ---- the MoE layer ------------------------------------------------------- */
 
 typedef enum moe_act {

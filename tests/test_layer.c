@@ -313,17 +313,18 @@ TEST(aux_loss_alpha_when_balanced_alpha_E_when_collapsed) {
 
 /* ---- determinism ---------------------------------------------------------- */
 
-TEST(layer_bitwise_identical_1_and_2_threads) {
-    moe_layer_config c = moe_layer_config_default(192, 520, 6, 2, 900);
+/* Both expert paths: OpenBLAS tiles (hundreds of rows per expert) and the
+ * small in-place kernel (a few dozen rows per expert). */
+static void check_threads_bitwise(moe_layer_config c, int n) {
     float *res[2][3];
-    size_t T = 0, nc = 0;
+    size_t T = 0, nc = (size_t)n * c.d_model;
     for (int th = 1; th <= 2; th++) {
         c.n_threads = th;
         fixture f;
-        if (fixture_make(&f, c, 900, 77, 0)) return;
-        T = f.off.total, nc = (size_t)900 * c.d_model;
+        if (fixture_make(&f, c, n, 77, 0)) return;
+        T = f.off.total;
         moe_layer_zero_grad(f.l);
-        CHECK(moe_layer_forward(f.l, f.x, 900, f.y) == 0);
+        CHECK(moe_layer_forward(f.l, f.x, n, f.y) == 0);
         CHECK(moe_layer_backward(f.l, f.dy, f.dx) == 0);
         res[th - 1][0] = malloc(sizeof(float) * nc), res[th - 1][1] = malloc(sizeof(float) * nc);
         res[th - 1][2] = malloc(sizeof(float) * T);
@@ -332,11 +333,16 @@ TEST(layer_bitwise_identical_1_and_2_threads) {
         memcpy(res[th - 1][2], moe_layer_grads_ptr(f.l), sizeof(float) * T);
         fixture_free(&f);
     }
-    CHECK_MSG(memcmp(res[0][0], res[1][0], sizeof(float) * nc) == 0, "y differs between 1 and 2 threads");
-    CHECK_MSG(memcmp(res[0][1], res[1][1], sizeof(float) * nc) == 0, "dx differs between 1 and 2 threads");
-    CHECK_MSG(memcmp(res[0][2], res[1][2], sizeof(float) * T) == 0, "grads differ between 1 and 2 threads");
+    CHECK_MSG(memcmp(res[0][0], res[1][0], sizeof(float) * nc) == 0, "E=%d: y differs between 1 and 2 threads", c.n_experts);
+    CHECK_MSG(memcmp(res[0][1], res[1][1], sizeof(float) * nc) == 0, "E=%d: dx differs between 1 and 2 threads", c.n_experts);
+    CHECK_MSG(memcmp(res[0][2], res[1][2], sizeof(float) * T) == 0, "E=%d: grads differ between 1 and 2 threads", c.n_experts);
     for (int i = 0; i < 2; i++)
         for (int j = 0; j < 3; j++) free(res[i][j]);
+}
+
+TEST(layer_bitwise_identical_1_and_2_threads) {
+    check_threads_bitwise(moe_layer_config_default(192, 520, 6, 2, 900), 900);
+    check_threads_bitwise(moe_layer_config_default(96, 136, 64, 2, 900), 900);
 }
 
 /* ---- no allocation after sizing ------------------------------------------- */

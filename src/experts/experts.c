@@ -15,7 +15,10 @@
  */
 #include "layer/layer_impl.h"
 
+#include "gemm_small.h"
 #include "mathx.h"
+
+#include <omp.h>
 
 #include <cblas.h>
 
@@ -125,8 +128,20 @@ static void run_tile(const moe_layer *l, const moe__tile *t) {
     const float *w3 = swiglu ? l->params + l->off.w3 + (size_t)t->e * F * C : NULL;
     const size_t row = seg + (size_t)t->r0; /* first dispatched row (token ops) */
 
+    /* a few rows: the in-place kernel (same choice for any thread count) */
+    const int small = ne <= MOE__SMALL_M_MAX && moe__sgemm_small_enabled();
+    float *work = l->small_ws + (size_t)omp_get_thread_num() * l->small_ws_stride;
+
     switch (t->op) {
     case OP_UP:
+        if (small) {
+            moe__sgemm_small_pack(m, C, l->xg + row * C, C, work);
+            moe__sgemm_small_nt(m, nc, C, work, w1 + (size_t)t->c0 * C, C, l->h1 + row * F + t->c0, F, 0);
+            if (swiglu)
+                moe__sgemm_small_nt(m, nc, C, work, w3 + (size_t)t->c0 * C, C, l->h3 + row * F + t->c0, F, 0);
+            act_forward(l, row * F + t->c0, m, nc);
+            break;
+        }
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, nc, C, 1.0f, l->xg + row * C, C,
                     w1 + (size_t)t->c0 * C, C, 0.0f, l->h1 + row * F + t->c0, F);
         if (swiglu)
@@ -135,6 +150,11 @@ static void run_tile(const moe_layer *l, const moe__tile *t) {
         act_forward(l, row * F + t->c0, m, nc);
         break;
     case OP_DOWN:
+        if (small) {
+            moe__sgemm_small_pack(m, F, l->act + row * F, F, work);
+            moe__sgemm_small_nt(m, nc, F, work, w2 + (size_t)t->c0 * F, F, l->out + row * C + t->c0, C, 0);
+            break;
+        }
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, nc, F, 1.0f, l->act + row * F, F,
                     w2 + (size_t)t->c0 * F, F, 0.0f, l->out + row * C + t->c0, C);
         break;

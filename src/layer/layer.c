@@ -3,6 +3,8 @@
  * forward/backward sequence over router, dispatch and experts. */
 #include "layer/layer_impl.h"
 
+#include "gemm_small.h"
+
 #include <limits.h>
 #include <math.h>
 #include <string.h>
@@ -80,7 +82,7 @@ void moe_layer_free(moe_layer *l) {
     void *bufs[] = {l->own_params, l->own_grads, l->x,      l->logits, l->scores, l->lse,   l->topk_ids,
                     l->topk_w,     l->part,      l->counts, l->psum,   l->daux,   l->seg_off,
                     l->row_of_slot, l->slot_of_row, l->xg,  l->h1,     l->h3,     l->act,   l->out,
-                    l->dout,       l->dh1,       l->dh3,    l->dxg,    l->dgate,  l->dlogits, l->tiles};
+                    l->dout,       l->dh1,       l->dh3,    l->dxg,    l->dgate,  l->dlogits, l->tiles, l->small_ws};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) moe__afree(bufs[i]);
     moe__free(l);
 }
@@ -135,6 +137,10 @@ moe_layer *moe_layer_create(const moe_layer_config *cfg, int *err, char *errbuf,
     ALLOC(dgate, R, float);
     ALLOC(dlogits, N * E, float);
     ALLOC(tiles, (size_t)l->max_tiles, moe__tile);
+    /* packed rows of the small-GEMM path: K = max(C, F) by MOE__SMALL_M_MAX,
+     * rounded to whole cache lines */
+    l->small_ws_stride = ((C > F ? C : F) * MOE__SMALL_M_MAX + 15) & ~(size_t)15;
+    ALLOC(small_ws, l->small_ws_stride * (size_t)l->threads, float);
     if (swiglu) {
         ALLOC(h3, R * F, float);
         ALLOC(dh3, R * F, float);

@@ -61,6 +61,8 @@ struct moe_layer {
     float *dlogits;                 /* [N][E] */
 
     moe__tile *tiles;               /* [max_tiles] */
+    float *small_ws;                /* [threads][small_ws_stride] packed A of the small GEMM */
+    size_t small_ws_stride;
     int max_tiles;
 };
 

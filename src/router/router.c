@@ -66,16 +66,20 @@ static float route_token(const moe_layer_config *c, const float *lg, float *s, f
         ent = logf(ssum) - slog / ssum;
     }
     /* Keep the K best in a sorted list; strict '>' keeps the lower id ahead
-     * on equal logits. */
+     * on equal logits. The K-th best logit lives in a register, so the common
+     * case is one compare per expert. */
     int n = 0;
+    float kth = -INFINITY;
     for (int e = 0; e < E; e++) {
-        if (n == K && !(lg[e] > lg[ids[K - 1]])) continue;
+        const float v = lg[e];
+        if (n == K && !(v > kth)) continue;
         int j = n < K ? n++ : K - 1;
-        while (j > 0 && lg[e] > lg[ids[j - 1]]) {
+        while (j > 0 && v > lg[ids[j - 1]]) {
             ids[j] = ids[j - 1];
             j--;
         }
         ids[j] = e;
+        if (n == K) kth = lg[ids[K - 1]];
     }
     float denom = 1.0f;
     if (c->renormalize) {

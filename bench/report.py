@@ -1,0 +1,69 @@
+"""Formats bench/out/*.jsonl (written by bench/run.sh) as bench/RESULTS.md."""
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+
+
+def load(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def machine():
+    model = "unknown CPU"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    try:
+        blas = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "libopenblas0-pthread"],
+                              capture_output=True, text=True).stdout.strip()
+    except OSError:
+        blas = "?"
+    import torch
+    return (f"{model}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} "
+            f"{platform.release()}; OpenBLAS {blas} (pthread); PyTorch {torch.__version__} (Debian)")
+
+
+def main():
+    out, command = sys.argv[1], sys.argv[2]
+    sgemm = {r["core"]: r for r in load(os.path.join(out, "sgemm.jsonl"))}
+    moe = {(r["core"], r["shape"], r["pass"]): r for r in load(os.path.join(out, "moe.jsonl"))}
+    torch = {(r["core"], r["shape"], r["pass"]): r for r in load(os.path.join(out, "torch.jsonl"))}
+    print("# Benchmarks\n")
+    print(f"- Date: {datetime.date.today().isoformat()}")
+    print(f"- Machine: {machine()}")
+    print(f"- Command: `{command}` (bench/run.sh; medians of the timed repetitions)")
+    print("- Layer: SwiGLU experts, softmax top-k renormalised (Mixtral block); GFLOP/s on active expert")
+    print("  FLOPs (2·N·K·3·C·F forward, 3× for forward+backward). Peer: bench/peer_torch.py, the Hugging")
+    print("  Face MixtralSparseMoeBlock loop in PyTorch, same shapes, threads and OpenBLAS kernel.")
+    print("- Ceiling: OpenBLAS's own threaded sgemm 2048³ in the same run (`moe bench sgemm`).\n")
+    for core, s in sgemm.items():
+        ceil = s["gflops"]
+        print(f"## OpenBLAS kernel `{core}`: sgemm ceiling {ceil:.1f} GFLOP/s ({s['threads']} threads)\n")
+        print("| shape | pass | moe ms | torch ms | speed-up | moe GFLOP/s | % of sgemm |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for (c, shape, p), r in moe.items():
+            if c != core:
+                continue
+            t = torch.get((c, shape, p))
+            tms = f"{t['ms']:.1f}" if t else "–"
+            ratio = f"{t['ms'] / r['ms']:.2f}×" if t else "–"
+            print(f"| {shape} | {p} | {r['ms']:.1f} | {tms} | {ratio} | {r['gflops']:.1f} | "
+                  f"{100 * r['gflops'] / ceil:.0f}% |")
+        e8, e512 = moe.get((core, "S3-e8", "fwd")), moe.get((core, "S3-e512", "fwd"))
+        t8, t512 = torch.get((core, "S3-e8", "fwd")), torch.get((core, "S3-e512", "fwd"))
+        if e8 and e512:
+            line = f"\nCost in the number of experts: S3-e512 / S3-e8 forward = {e512['ms'] / e8['ms']:.2f}× (moe)"
+            if t8 and t512:
+                line += f", {t512['ms'] / t8['ms']:.1f}× (torch)"
+            print(line + ".\n")
+
+
+if __name__ == "__main__":
+    main()

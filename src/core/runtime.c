@@ -1,0 +1,45 @@
+#include "internal.h"
+
+#include <cblas.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+static int g_threads; /* 0: OpenMP default */
+
+void moe_set_num_threads(int n) { g_threads = n > 0 ? n : 0; }
+
+int moe_get_num_threads(void) { return g_threads > 0 ? g_threads : omp_get_max_threads(); }
+
+int moe__threads(int n) { return n > 0 ? n : moe_get_num_threads(); }
+
+/* OpenBLAS (pthread build) would start its own threads inside our OpenMP
+ * regions and oversubscribe the cores; we hand it one thread and split the
+ * work ourselves, which also makes every output element's reduction order
+ * independent of the thread count. */
+void moe__blas_single_thread(void) {
+    if (openblas_get_num_threads() != 1) openblas_set_num_threads(1);
+}
+
+/* OpenBLAS 0.3.21 (Debian 12) does not know AMD Zen 4/5 and runs its AVX2
+ * "Haswell"/"Zen" kernels there although the CPU has AVX-512; its SkylakeX
+ * kernels are about 1.9x faster on this project's machine (sgemm 2048^3,
+ * 2 threads: 238 -> 455 GFLOP/s). OpenBLAS picks its kernel when it is loaded,
+ * from OPENBLAS_CORETYPE, so only a program that has not started yet can
+ * use this hint (the CLI re-executes itself once). */
+const char *moe_blas_coretype_hint(void) {
+    if (getenv("OPENBLAS_CORETYPE")) return NULL;
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+        !__builtin_cpu_supports("avx512dq") || !__builtin_cpu_supports("avx512vl"))
+        return NULL;
+    const char *core = openblas_get_corename();
+    if (!core || (strcasecmp(core, "Haswell") != 0 && strcasecmp(core, "Zen") != 0)) return NULL;
+    return "SkylakeX";
+}
+
+const char *moe_blas_info(void) {
+    const char *core = openblas_get_corename();
+    return core ? core : "unknown";
+}
