@@ -4,6 +4,7 @@
 #   make bench      layer benchmark vs PyTorch peer -> bench/RESULTS.md
 #   make deps       install what a fresh Debian 12 machine lacks (root)
 #   make fixtures   regenerate PyTorch reference fixtures in tests/data
+#   make test-asan  the tests under AddressSanitizer + UBSan (+ leak check)
 CC      ?= cc
 ARCH    ?= -march=native
 OPT     ?= -O3
@@ -22,7 +23,7 @@ LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
 CLI_OBJ := $(CLI_SRC:%.c=$(BUILD)/obj/%.o)
 TST_OBJ := $(TST_SRC:%.c=$(BUILD)/obj/%.o)
 
-.PHONY: all lib test check bench deps fixtures clean demo
+.PHONY: all lib test check test-asan bench deps fixtures clean
 all: lib $(BUILD)/moe
 lib: $(BUILD)/libmoe.a $(BUILD)/libmoe.so
 
@@ -45,6 +46,15 @@ $(BUILD)/moe_tests: $(TST_OBJ) $(BUILD)/libmoe.a
 
 test check: $(BUILD)/moe_tests $(BUILD)/moe
 	./$(BUILD)/moe_tests
+
+# One translation unit per source, no shared objects with the normal build.
+$(BUILD)/moe_tests_asan: $(LIB_SRC) $(TST_SRC) $(wildcard src/*/*.h tests/*.h include/*.h)
+	@mkdir -p $(BUILD)
+	$(CC) -O1 -g $(ARCH) -fsanitize=address,undefined -fno-sanitize-recover=undefined \
+	  $(filter-out $(OPT) -g,$(CFLAGS)) -o $@ $(LIB_SRC) $(TST_SRC) $(LDFLAGS) $(LDLIBS)
+
+test-asan: $(BUILD)/moe_tests_asan
+	ASAN_OPTIONS=detect_leaks=1 ./$(BUILD)/moe_tests_asan
 
 bench: $(BUILD)/moe
 	bash bench/run.sh
