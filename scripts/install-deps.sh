@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian 12 machine lacks to build, test and benchmark moe.
-# Idempotent; needs root (or sudo). Python packages are for tools/ and bench/ only.
+# Idempotent; needs root (or sudo).
+#   scripts/install-deps.sh           everything (make deps)
+#   scripts/install-deps.sh --build   only what building and `make test` need (CI)
+# Python packages are for tools/ (fixtures) and bench/ (the PyTorch peer) only.
 set -euo pipefail
-pkgs=(build-essential libopenblas-dev libcjson-dev python3-torch python3-numpy)
+pkgs=(build-essential libopenblas-dev libcjson-dev)
+[ "${1:-}" = "--build" ] || pkgs+=(python3-torch python3-numpy)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
