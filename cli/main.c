@@ -1,6 +1,6 @@
 /* The moe command-line tool. Only cli/ prints and exits. */
 #include "../bench/bench.h"
-#include "moe.h"
+#include "cli.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,6 +11,11 @@ static void usage(FILE *f) {
     fprintf(f, "moe %s: sparse Mixture-of-Experts in C\n\n"
                "usage: moe <command> [flags]   (moe <command> --help for its flags)\n\n"
                "commands:\n"
+               "  train         train a MoE language model on the Brown corpus (the main job)\n"
+               "  eval          validation loss and perplexity of a trained model\n"
+               "  generate      generate text with a trained model (KV cache)\n"
+               "  info          model card: total vs active parameters, memory, FLOPs per token\n"
+               "  tokenizer     train / inspect the byte-level BPE tokenizer\n"
                "  bench layer   time the MoE layer (forward, forward+backward) on fixed shapes\n"
                "  bench sgemm   time OpenBLAS sgemm, the fp32 ceiling of this machine\n"
                "  version       print the version\n",
@@ -48,6 +53,13 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (!strcmp(argv[1], "bench")) return cmd_bench(argc - 2, argv + 2);
+    static const struct {
+        const char *name;
+        int (*fn)(int, char **);
+    } cmds[] = {{"train", moe_cli_train}, {"eval", moe_cli_eval}, {"generate", moe_cli_generate},
+                {"info", moe_cli_info}, {"tokenizer", moe_cli_tokenizer}};
+    for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++)
+        if (!strcmp(argv[1], cmds[i].name)) return cmds[i].fn(argc - 2, argv + 2);
     fprintf(stderr, "moe: unknown command '%s'\n", argv[1]);
     usage(stderr);
     return 2;

@@ -113,6 +113,8 @@ typedef struct moe_layer_config {
     float aux_coef;   /* load-balancing loss coefficient alpha. default 0.01 */
     float z_coef;     /* router z-loss coefficient. default 0.001 */
     int n_threads;    /* 0: moe_get_num_threads() */
+    int max_top_k;    /* largest k moe_layer_set_top_k may set later (sizes the
+                         buffers); 0: top_k */
 } moe_layer_config;
 
 /* Fills defaults for fields left zero (act/score keep their values, being
@@ -155,6 +157,9 @@ moe_layer *moe_layer_create(const moe_layer_config *cfg, int *err,
 void moe_layer_free(moe_layer *l);
 
 const moe_layer_config *moe_layer_get_config(const moe_layer *l);
+/* Changes k for the next calls (e.g. more or fewer experts at inference);
+ * 1 <= k <= max(top_k at creation, max_top_k). */
+int moe_layer_set_top_k(moe_layer *l, int k);
 moe_layer_params moe_layer_param_offsets(const moe_layer *l);
 float *moe_layer_params_ptr(moe_layer *l); /* [total] */
 float *moe_layer_grads_ptr(moe_layer *l);  /* [total] */
@@ -192,6 +197,212 @@ const char *moe_layer_errmsg(const moe_layer *l);
 /* FLOPs of the expert computation for N tokens (active experts only):
  * forward 2*N*K*m*C*F with m = 3 for SwiGLU, 2 otherwise. */
 double moe_layer_expert_flops(const moe_layer_config *cfg, int n_tokens);
+
+/* ---- the language model -------------------------------------------------- */
+
+#define MOE_MAX_LAYERS 256
+
+/* Configuration of a decoder-only MoE transformer (docs/model.md). Field names
+ * follow the Hugging Face Mixtral config.json keys. */
+typedef struct moe_model_config {
+    int vocab_size;              /* V */
+    int hidden_size;             /* C */
+    int intermediate_size;       /* F: one expert's hidden size */
+    int num_hidden_layers;       /* L */
+    int num_attention_heads;     /* H */
+    int num_key_value_heads;     /* G, H % G == 0 */
+    int head_dim;                /* D */
+    int max_position_embeddings; /* context length */
+    float rope_theta;
+    float rms_norm_eps;
+    int tie_word_embeddings;
+    int num_local_experts;       /* E; 0 = dense model */
+    int num_experts_per_tok;     /* K */
+    int norm_topk_prob;
+    moe_score scoring_func;
+    float routed_scaling_factor;
+    float router_aux_loss_coef;
+    float router_z_loss_coef;
+    unsigned char is_moe_layer[MOE_MAX_LAYERS];
+    int dense_intermediate_size; /* FFN size of the non-MoE layers */
+    int n_shared_experts;
+    int shared_expert_intermediate_size;
+    float initializer_range;
+} moe_model_config;
+
+/* Defaults of docs/model.md for the fields a JSON file may omit. */
+void moe_model_config_defaults(moe_model_config *c);
+/* Reads config.json (hostile input: checked types and ranges; the message
+ * names the file and the key). Missing keys take the defaults. */
+int moe_model_config_load(const char *path, moe_model_config *c, char *err, size_t errsz);
+int moe_model_config_parse(const char *json, size_t len, const char *name, moe_model_config *c, char *err,
+                           size_t errsz);
+/* Checks ranges and consistency (also done by load/parse). */
+int moe_model_config_check(const moe_model_config *c, char *err, size_t errsz);
+/* JSON text of the config (caller frees with free()); NULL when out of memory. */
+char *moe_model_config_to_json(const moe_model_config *c);
+int moe_model_config_save(const moe_model_config *c, const char *path, char *err, size_t errsz);
+int moe_model_n_moe_layers(const moe_model_config *c);
+/* Named configurations: "tiny", "tiny-dense", "small", "small-dense" (the
+ * dense ones match their MoE twin's active parameters per token). The vocab
+ * size is left at 4096; callers set it from their tokenizer. */
+int moe_model_preset(const char *name, moe_model_config *c);
+/* Names of the presets, NULL-terminated. */
+const char *const *moe_model_preset_names(void);
+
+/* Parameter counts and costs, for model cards. Active parameters are those a
+ * token touches: all but the experts it is not routed to (embeddings counted
+ * once when tied; the input embedding is a lookup, counted in total but not in
+ * the FLOPs). flops_per_token: forward matmul FLOPs per token at context ctx
+ * (attention scores over ctx/2 positions on average), 2 per multiply-add. */
+typedef struct moe_model_costs {
+    double total_params, active_params, expert_params, embedding_params;
+    double flops_per_token;
+    double weight_bytes_f32;
+} moe_model_costs;
+moe_model_costs moe_model_config_costs(const moe_model_config *c, int n_ctx);
+
+/* One parameter tensor of a model: a named view into the flat arena. */
+typedef struct moe_param_info {
+    char name[96];
+    int ndim;
+    int64_t shape[3];
+    size_t offset, numel; /* in floats, into moe_model_params() */
+    int decay;            /* AdamW weight decay applies (matrices) */
+} moe_param_info;
+
+typedef struct moe_model moe_model;
+
+/* Creates a model able to run batches of up to max_batch sequences of up to
+ * max_seq tokens (max_seq <= max_position_embeddings); all activation and
+ * work memory is sized here. want_grads = 0 for inference only. */
+moe_model *moe_model_create(const moe_model_config *cfg, int max_batch, int max_seq, int want_grads,
+                            int n_threads, int *err, char *errbuf, size_t errbuf_size);
+void moe_model_free(moe_model *m);
+const moe_model_config *moe_model_get_config(const moe_model *m);
+const char *moe_model_errmsg(const moe_model *m);
+
+/* Parameters: one flat arena (and one of gradients, same layout). */
+size_t moe_model_n_params(const moe_model *m);
+float *moe_model_params(moe_model *m);
+float *moe_model_grads(moe_model *m); /* NULL without gradients */
+int moe_model_n_tensors(const moe_model *m);
+const moe_param_info *moe_model_tensor(const moe_model *m, int i);
+const moe_param_info *moe_model_find_tensor(const moe_model *m, const char *name);
+int moe_model_init(moe_model *m, uint64_t seed);
+void moe_model_zero_grad(moe_model *m);
+
+/* tokens [B][T]; targets [B][T] or NULL (logits only). On success *loss (when
+ * targets) = mean cross-entropy + the routers' aux losses, and ce/aux are
+ * available from moe_model_last_losses. Tokens are checked against the vocab. */
+int moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t *targets, int B, int T, float *loss);
+/* Gradients of the last forward's loss (it must have had targets); accumulate. */
+int moe_model_backward(moe_model *m);
+const float *moe_model_logits(const moe_model *m); /* [B][T][V] of the last forward */
+void moe_model_last_losses(const moe_model *m, float *ce, float *aux);
+/* Routing statistics of the last forward, one per MoE layer (NULL for dense layers). */
+const moe_layer_stats *moe_model_layer_stats(const moe_model *m, int layer);
+/* Override k at inference (1..E); 0 restores the configured value. */
+int moe_model_set_experts_used(moe_model *m, int k);
+
+/* Incremental decoding with a KV cache: resets the cache, then feeds tokens
+ * one position at a time; logits [V] of the position just fed. */
+int moe_model_decode_reset(moe_model *m);
+int moe_model_decode(moe_model *m, int32_t token, const float **logits);
+
+/* Model directories (docs/model.md): config.json + model.safetensors (Hugging
+ * Face names, F32), each written atomically (temp, fsync, rename). */
+int moe_model_save(const moe_model *m, const char *dir, char *err, size_t errsz);
+/* Loads config.json and model.safetensors from dir (hostile input: every
+ * tensor's name, dtype and shape checked; F16/BF16 converted). */
+int moe_model_load(const char *dir, int max_batch, int max_seq, int want_grads, int n_threads, moe_model **out,
+                   char *err, size_t errsz);
+
+/* ---- optimiser -------------------------------------------------------------- */
+
+typedef struct moe_adamw_config {
+    float lr;           /* peak learning rate (default 3e-3) */
+    float min_lr;       /* end of the cosine (default lr / 10) */
+    float beta1, beta2; /* default 0.9, 0.95 */
+    float eps;          /* default 1e-8 */
+    float weight_decay; /* default 0.1, matrices only */
+    float grad_clip;    /* global L2 norm; 0 = off (default 1.0) */
+    int warmup_steps;   /* linear warm-up from 0 (default 0) */
+    int max_steps;      /* end of the cosine; 0 = constant lr after warm-up */
+} moe_adamw_config;
+
+moe_adamw_config moe_adamw_config_default(void);
+/* Learning rate at step (0-based): linear warm-up, then cosine to min_lr. */
+float moe_adamw_lr(const moe_adamw_config *c, int step);
+
+typedef struct moe_adamw moe_adamw;
+moe_adamw *moe_adamw_create(size_t n_params, const moe_adamw_config *c, int n_threads, int *err);
+void moe_adamw_free(moe_adamw *o);
+/* One update of params from grads (clipped first; the global norm before
+ * clipping goes to *grad_norm); the tensor table says which ranges decay.
+ * Bit-identical for any thread count, and equal in formula to
+ * torch.optim.AdamW + clip_grad_norm_. Returns MOE_ENONFINITE (and updates
+ * nothing) when the gradient norm is not finite. */
+int moe_adamw_step(moe_adamw *o, float *params, float *grads, const moe_param_info *tensors, int n_tensors,
+                   float *grad_norm);
+int moe_adamw_get_step(const moe_adamw *o);
+/* The state arrays [n_params] (for checkpoints) and the step counter. */
+float *moe_adamw_m(moe_adamw *o);
+float *moe_adamw_v(moe_adamw *o);
+void moe_adamw_set_step(moe_adamw *o, int step);
+
+/* ---- training -------------------------------------------------------------- */
+
+typedef struct moe_train_config {
+    int batch;          /* B sequences per micro-batch */
+    int seq;            /* T tokens per sequence */
+    int grad_accum;     /* micro-batches per optimizer step (default 1) */
+    int eval_batches;   /* micro-batches of validation per evaluation */
+    uint64_t seed;      /* data sampling (and init, done by the caller) */
+    int n_threads;
+    moe_adamw_config opt;
+} moe_train_config;
+
+typedef struct moe_train_step_info {
+    int step;                /* optimizer steps done after this one */
+    float loss, ce, aux;     /* means over the step's micro-batches */
+    float lr, grad_norm;
+    double tokens;           /* tokens seen so far */
+    double step_seconds;
+} moe_train_step_info;
+
+typedef struct moe_trainer moe_trainer;
+/* The trainer samples windows of seq+1 tokens from train uniformly at random
+ * (seeded) and evaluates on fixed, evenly spaced windows of val. The token
+ * arrays must outlive the trainer. */
+moe_trainer *moe_trainer_create(moe_model *m, const moe_train_config *tc, const int32_t *train, size_t n_train,
+                                const int32_t *val, size_t n_val, int *err, char *errbuf, size_t errsz);
+void moe_trainer_free(moe_trainer *t);
+int moe_trainer_step(moe_trainer *t, moe_train_step_info *info);
+/* Mean validation cross-entropy (nats/token) over the fixed windows. */
+int moe_trainer_eval(moe_trainer *t, float *val_loss);
+const char *moe_trainer_errmsg(const moe_trainer *t);
+/* Saves the model (moe_model_save) and the optimizer/sampler state
+ * (optimizer.safetensors) into dir; load_state restores the latter from a
+ * directory written by save, for a bit-exact resume. */
+int moe_trainer_save(moe_trainer *t, const char *dir, char *err, size_t errsz);
+int moe_trainer_load_state(moe_trainer *t, const char *dir, char *err, size_t errsz);
+int moe_trainer_get_step(const moe_trainer *t);
+/* Resizes the learning-rate schedule (e.g. once a time budget's step count
+ * is known from the measured speed). */
+void moe_trainer_set_schedule(moe_trainer *t, int max_steps, int warmup_steps);
+
+/* ---- reports ---------------------------------------------------------------- */
+
+/* A line chart as standalone SVG (no dependencies), written atomically. */
+typedef struct moe_plot_series {
+    const char *label;
+    const double *x, *y;
+    int n;
+    int markers; /* draw points as well */
+} moe_plot_series;
+int moe_plot_svg(const char *path, const char *title, const char *xlabel, const char *ylabel,
+                 const moe_plot_series *series, int n_series, int log_x, char *err, size_t errsz);
 
 #ifdef __cplusplus
 }

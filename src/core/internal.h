@@ -37,6 +37,9 @@ int moe__threads(int n);
 /* Makes BLAS single-threaded (the library parallelises with OpenMP around it). */
 void moe__blas_single_thread(void);
 
+/* The live configuration of an optimizer (its schedule may be resized). */
+moe_adamw_config *moe__adamw_config(moe_adamw *o);
+
 /* Deterministic RNG: splitmix64 seeding a xoshiro256** stream. */
 typedef struct moe__rng { uint64_t s[4]; } moe__rng;
 void moe__rng_seed(moe__rng *r, uint64_t seed);

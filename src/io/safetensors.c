@@ -1,5 +1,6 @@
 /* safetensors reader (mmap, hostile-input safe) and atomic writer. */
 #include "safetensors.h"
+#include "io/atomic.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -634,72 +635,21 @@ static int check_unique(const st_ctx *c, const moe__st_out *ts, int n, const cha
     return rc;
 }
 
-/* tmp holds at least strlen(path) + 2 bytes and is reused for the directory. */
-static int fsync_dir(const char *path, char *tmp) {
-    const char *slash = strrchr(path, '/');
-    if (!slash) strcpy(tmp, ".");
-    else if (slash == path) strcpy(tmp, "/");
-    else {
-        memcpy(tmp, path, (size_t)(slash - path));
-        tmp[slash - path] = '\0';
-    }
-    int fd = open(tmp, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0) return -1;
-    int rc = fsync(fd), e = errno;
-    if (rc && e == EINVAL) rc = 0; /* some filesystems cannot sync directories */
-    close(fd);
-    errno = e;
-    return rc;
-}
-
-static int write_file(const st_ctx *c, const char *path, const sbuf *h, const moe__st_out *ts,
-                      int n, char *tmp, size_t tmpsz) {
-    static _Atomic unsigned seq;
-    int fd = -1;
-    for (int tries = 0; fd < 0 && tries < 100; tries++) {
-        snprintf(tmp, tmpsz, "%s.tmp.%ld.%u", path, (long)getpid(), atomic_fetch_add(&seq, 1));
-        fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-        if (fd < 0 && errno != EEXIST) break;
-    }
-    if (fd < 0)
-        return st_fail(c, MOE_EIO, NULL, "cannot create temporary file %s: %s", tmp,
-                       strerror(errno));
-    FILE *fp = fdopen(fd, "wb");
-    if (!fp) {
-        int e = errno;
-        close(fd);
-        unlink(tmp);
-        return st_fail(c, MOE_EIO, NULL, "fdopen failed: %s", strerror(e));
-    }
+static int write_file(const st_ctx *c, const char *path, const sbuf *h, const moe__st_out *ts, int n) {
     unsigned char len8[8];
     for (int i = 0; i < 8; i++) len8[i] = (unsigned char)((uint64_t)h->len >> (8 * i));
-    errno = 0;
-    int ok = fwrite(len8, 1, 8, fp) == 8 && fwrite(h->p, 1, h->len, fp) == h->len;
-    for (int i = 0; i < n && ok; i++) {
+    moe__iov *parts = moe__calloc((size_t)n + 2, sizeof *parts);
+    if (!parts) return st_fail(c, MOE_ENOMEM, NULL, "out of memory");
+    parts[0] = (moe__iov){len8, 8};
+    parts[1] = (moe__iov){h->p, h->len};
+    for (int i = 0; i < n; i++) {
         size_t numel, nbytes = 0;
         shape_size(ts[i].shape, ts[i].ndim, ts[i].dtype, &numel, &nbytes); /* checked before */
-        ok = !nbytes || fwrite(ts[i].data, 1, nbytes, fp) == nbytes;
+        parts[i + 2] = (moe__iov){ts[i].data, nbytes};
     }
-    ok = ok && fflush(fp) == 0 && fsync(fileno(fp)) == 0;
-    int e = errno;
-    if (fclose(fp) != 0 && ok) {
-        ok = 0;
-        e = errno;
-    }
-    if (!ok) {
-        unlink(tmp);
-        return st_fail(c, MOE_EIO, NULL, "writing %s failed: %s", tmp,
-                       e ? strerror(e) : "short write");
-    }
-    if (rename(tmp, path) != 0) {
-        e = errno;
-        unlink(tmp);
-        return st_fail(c, MOE_EIO, NULL, "cannot rename %s into place: %s", tmp, strerror(e));
-    }
-    if (fsync_dir(path, tmp) != 0)
-        return st_fail(c, MOE_EIO, NULL, "written, but syncing its directory failed: %s",
-                       strerror(errno));
-    return 0;
+    int rc = moe__write_atomic(path, parts, n + 2, c->err, c->errsz);
+    moe__free(parts);
+    return rc;
 }
 
 int moe__st_write(const char *path, const moe__st_out *tensors, int n, const char *const *meta,
@@ -712,11 +662,7 @@ int moe__st_write(const char *path, const moe__st_out *tensors, int n, const cha
     sbuf h = {0};
     int rc = build_header(&c, &h, tensors, n, meta);
     if (!rc) rc = check_unique(&c, tensors, n, meta);
-    size_t tmpsz = strlen(path) + 64;
-    char *tmp = rc ? NULL : moe__malloc(tmpsz);
-    if (!rc && !tmp) rc = st_fail(&c, MOE_ENOMEM, NULL, "out of memory");
-    if (!rc) rc = write_file(&c, path, &h, tensors, n, tmp, tmpsz);
-    moe__free(tmp);
+    if (!rc) rc = write_file(&c, path, &h, tensors, n);
     moe__free(h.p);
     return rc;
 }

@@ -58,6 +58,9 @@ static int check_config(const moe_layer_config *c, char *err, size_t n) {
                             (double)c->aux_coef, (double)c->z_coef);
     if (c->n_threads < 0)
         return moe__set_err(err, n, MOE_EINVAL, "n_threads = %d: must be >= 0", c->n_threads);
+    if (c->max_top_k < 0 || c->max_top_k > c->n_experts)
+        return moe__set_err(err, n, MOE_EINVAL, "max_top_k = %d: must be in [0, n_experts = %d]", c->max_top_k,
+                            c->n_experts);
     return MOE_OK;
 }
 
@@ -101,10 +104,16 @@ moe_layer *moe_layer_create(const moe_layer_config *cfg, int *err, char *errbuf,
     l->threads = moe__threads(cfg->n_threads);
 
     const size_t N = (size_t)cfg->max_tokens, C = (size_t)cfg->d_model, F = (size_t)cfg->d_ff;
-    const size_t E = (size_t)cfg->n_experts, K = (size_t)cfg->top_k, R = N * K;
+    const size_t E = (size_t)cfg->n_experts;
+    const size_t K = (size_t)(cfg->max_top_k > cfg->top_k ? cfg->max_top_k : cfg->top_k), R = N * K;
     const size_t nchunks = (N + MOE__CHUNK - 1) / MOE__CHUNK;
     const int swiglu = cfg->act == MOE_ACT_SWIGLU;
-    l->max_tiles = moe__experts_max_tiles(cfg);
+    l->k_cap = (int)K;
+    {
+        moe_layer_config sized = *cfg;
+        sized.top_k = (int)K;
+        l->max_tiles = moe__experts_max_tiles(&sized);
+    }
     int ok = 1;
 #define ALLOC(field, count, type)                                                                  \
     do {                                                                                           \
@@ -165,6 +174,16 @@ nomem:
 }
 
 const moe_layer_config *moe_layer_get_config(const moe_layer *l) { return &l->cfg; }
+
+int moe_layer_set_top_k(moe_layer *l, int k) {
+    if (!l) return MOE_EINVAL;
+    if (k < 1 || k > l->k_cap)
+        return moe__set_err(l->err, sizeof l->err, MOE_EINVAL, "set_top_k: k = %d: must be in [1, %d]", k,
+                            l->k_cap);
+    l->cfg.top_k = k;
+    l->have_fwd = 0;
+    return MOE_OK;
+}
 moe_layer_params moe_layer_param_offsets(const moe_layer *l) { return l->off; }
 float *moe_layer_params_ptr(moe_layer *l) { return l->params; }
 float *moe_layer_grads_ptr(moe_layer *l) { return l->grads; }

@@ -21,6 +21,7 @@ struct moe_layer {
     moe_layer_config cfg;
     moe_layer_params off;
     int threads;
+    int k_cap;                      /* buffers hold N*k_cap dispatched rows */
     char err[256];
 
     float *params, *grads;          /* [total] each; owned or bound */

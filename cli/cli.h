@@ -1,0 +1,28 @@
+/* The moe CLI's commands and shared helpers. Only cli/ prints and exits. */
+#ifndef MOE_CLI_H
+#define MOE_CLI_H
+
+#include "moe.h"
+
+int moe_cli_train(int argc, char **argv);
+int moe_cli_eval(int argc, char **argv);
+int moe_cli_info(int argc, char **argv);
+int moe_cli_generate(int argc, char **argv);
+int moe_cli_tokenizer(int argc, char **argv);
+
+/* The Brown corpus tokenized: the tokenizer (trained on the train split
+ * unless tokenizer_path names one) and the train/val token streams. */
+struct moe_tokenizer;
+struct moe_shard;
+typedef struct cli_data {
+    struct moe_tokenizer *tok;
+    struct moe_shard *train, *val;
+} cli_data;
+int cli_data_load(const char *data_dir, const char *tokenizer_path, int vocab, int quiet, cli_data *d);
+void cli_data_free(cli_data *d);
+
+/* Prints the model card (text or JSON) of a configuration. */
+void cli_print_card(const moe_model_config *c, int ctx, int json);
+double cli_now(void);
+
+#endif

@@ -1,0 +1,238 @@
+/* moe eval, moe info, moe generate: use a trained model directory. */
+#include "args.h"
+#include "cli.h"
+
+#include "data/shard.h"
+#include "tokenizer/tokenizer.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static moe_model *load_model(const char *dir, int batch, int seq, int threads) {
+    char err[512];
+    moe_model *m = NULL;
+    moe_set_num_threads(threads);
+    int rc = moe_model_load(dir, batch, seq, 0, threads, &m, err, sizeof err);
+    if (rc) fprintf(stderr, "moe: %s\n", err);
+    return m;
+}
+
+int moe_cli_eval(int argc, char **argv) {
+    const char *dir = NULL, *data = "data/brown";
+    int threads = 2, batch = 8, seq = 0, batches = 0, k = 0, json = 0;
+    cli_arg args[] = {
+        {"--model", "-m", ARG_STR, &dir, "model directory (required)"},
+        {"--data", NULL, ARG_STR, &data, "Brown corpus directory"},
+        {"--threads", "-t", ARG_INT, &threads, "threads"},
+        {"--batch", NULL, ARG_INT, &batch, "sequences per batch"},
+        {"--seq", NULL, ARG_INT, &seq, "tokens per sequence (0: the context length)"},
+        {"--batches", NULL, ARG_INT, &batches, "batches to evaluate (0: the whole validation split)"},
+        {"--experts-used", NULL, ARG_INT, &k, "override k, the experts per token (0: as trained)"},
+        {"--json", NULL, ARG_BOOL, &json, "print one JSON object"},
+    };
+    int rc = cli_parse("moe eval -m DIR [--experts-used K] [--json]", args, sizeof args / sizeof args[0], argc, argv);
+    if (rc) return rc == 1 ? 0 : 2;
+    if (!dir) {
+        fprintf(stderr, "moe eval: -m DIR is required\n");
+        return 2;
+    }
+    char path[4096];
+    snprintf(path, sizeof path, "%s/tokenizer.json", dir);
+    cli_data d;
+    if (cli_data_load(data, path, 0, json, &d)) return 1;
+    moe_model *m = load_model(dir, batch, seq, threads);
+    if (!m) {
+        cli_data_free(&d);
+        return 1;
+    }
+    const moe_model_config *c = moe_model_get_config(m);
+    if (seq <= 0 || seq > c->max_position_embeddings) seq = c->max_position_embeddings;
+    if (k && moe_model_set_experts_used(m, k)) {
+        fprintf(stderr, "moe eval: %s\n", moe_model_errmsg(m));
+        return 2;
+    }
+    /* non-overlapping windows over the whole validation stream */
+    const size_t nwin = (d.val->n_tokens - 1) / (size_t)seq;
+    const size_t nb = batches > 0 && (size_t)batches * batch < nwin ? (size_t)batches : nwin / (size_t)batch;
+    int32_t *tok = malloc(sizeof(int32_t) * batch * seq), *tg = malloc(sizeof(int32_t) * batch * seq);
+    double sum = 0, t0 = cli_now();
+    for (size_t b = 0; b < nb && tok && tg; b++) {
+        for (int s = 0; s < batch; s++) {
+            const size_t off = (b * batch + s) * (size_t)seq;
+            memcpy(tok + (size_t)s * seq, d.val->tokens + off, sizeof(int32_t) * seq);
+            memcpy(tg + (size_t)s * seq, d.val->tokens + off + 1, sizeof(int32_t) * seq);
+        }
+        float ce;
+        if (moe_model_forward(m, tok, tg, batch, seq, NULL)) {
+            fprintf(stderr, "moe eval: %s\n", moe_model_errmsg(m));
+            return 1;
+        }
+        moe_model_last_losses(m, &ce, NULL);
+        sum += ce;
+    }
+    const double loss = nb ? sum / nb : NAN, ntok = (double)nb * batch * seq;
+    const int kk = k ? k : c->num_experts_per_tok;
+    if (json)
+        printf("{\"val_loss\": %.6f, \"perplexity\": %.4f, \"tokens\": %.0f, \"experts_used\": %d, \"seconds\": %.2f}\n",
+               loss, exp(loss), ntok, c->num_local_experts ? kk : 0, cli_now() - t0);
+    else
+        printf("val loss %.4f nats/token, perplexity %.2f over %.0f tokens (experts used per token: %d) in %.1f s\n", loss,
+               exp(loss), ntok, c->num_local_experts ? kk : 0, cli_now() - t0);
+    free(tok), free(tg);
+    moe_model_free(m);
+    cli_data_free(&d);
+    return 0;
+}
+
+int moe_cli_info(int argc, char **argv) {
+    const char *dir = NULL, *preset = NULL, *config = NULL;
+    int json = 0, ctx = 0;
+    cli_arg args[] = {
+        {"--model", "-m", ARG_STR, &dir, "model directory"},
+        {"--preset", NULL, ARG_STR, &preset, "or a preset (tiny, tiny-dense, small, small-dense)"},
+        {"--config", NULL, ARG_STR, &config, "or a config.json"},
+        {"--ctx", NULL, ARG_INT, &ctx, "context for the FLOPs per token (0: the model's)"},
+        {"--json", NULL, ARG_BOOL, &json, "print one JSON object"},
+    };
+    int rc = cli_parse("moe info -m DIR [--json]", args, sizeof args / sizeof args[0], argc, argv);
+    if (rc) return rc == 1 ? 0 : 2;
+    moe_model_config c;
+    char err[512], path[4096];
+    if (dir) {
+        snprintf(path, sizeof path, "%s/config.json", dir);
+        rc = moe_model_config_load(path, &c, err, sizeof err);
+    } else if (config) {
+        rc = moe_model_config_load(config, &c, err, sizeof err);
+    } else if (preset) {
+        rc = moe_model_preset(preset, &c);
+        snprintf(err, sizeof err, "unknown preset '%s'", preset);
+    } else {
+        fprintf(stderr, "moe info: give -m DIR, --preset NAME or --config FILE\n");
+        return 2;
+    }
+    if (rc) {
+        fprintf(stderr, "moe info: %s\n", err);
+        return 1;
+    }
+    cli_print_card(&c, ctx > 0 ? ctx : c.max_position_embeddings, json);
+    return 0;
+}
+
+static const float *g_prob; /* for the qsort comparator */
+static int by_prob_desc(const void *a, const void *b) {
+    const float x = g_prob[*(const int *)a], y = g_prob[*(const int *)b];
+    return x < y ? 1 : x > y ? -1 : (*(const int *)a - *(const int *)b);
+}
+
+/* Samples from logits [V] with temperature, then top-k, then top-p; greedy
+ * at temp 0 (ties to the lower id). */
+static int sample(const float *logits, int V, float temp, int top_k, float top_p, uint64_t *rng, float *prob,
+                  int *idx) {
+    int best = 0;
+    for (int v = 1; v < V; v++)
+        if (logits[v] > logits[best]) best = v;
+    if (temp <= 0) return best;
+    double sum = 0;
+    for (int v = 0; v < V; v++) {
+        prob[v] = expf((logits[v] - logits[best]) / temp);
+        idx[v] = v;
+        sum += prob[v];
+    }
+    g_prob = prob;
+    qsort(idx, (size_t)V, sizeof *idx, by_prob_desc);
+    int n = top_k > 0 && top_k < V ? top_k : V;
+    double kept = 0;
+    for (int i = 0; i < n; i++) {
+        kept += prob[idx[i]];
+        if (top_p < 1.0f && kept >= top_p * sum) {
+            n = i + 1;
+            break;
+        }
+    }
+    kept = 0;
+    for (int i = 0; i < n; i++) kept += prob[idx[i]];
+    *rng = *rng * 6364136223846793005ULL + 1442695040888963407ULL;
+    double r = (double)(*rng >> 11) / 9007199254740992.0 * kept;
+    for (int i = 0; i < n; i++) {
+        r -= prob[idx[i]];
+        if (r <= 0) return idx[i];
+    }
+    return idx[n - 1];
+}
+
+int moe_cli_generate(int argc, char **argv) {
+    const char *dir = NULL, *prompt = "";
+    int n = 64, threads = 2, top_k = 0, k = 0;
+    float temp = 0.8f, top_p = 0.95f;
+    uint64_t seed = 42;
+    cli_arg args[] = {
+        {"--model", "-m", ARG_STR, &dir, "model directory (required)"},
+        {"--prompt", "-p", ARG_STR, &prompt, "prompt text"},
+        {"--n-predict", "-n", ARG_INT, &n, "tokens to generate"},
+        {"--temp", NULL, ARG_FLOAT, &temp, "temperature (0: greedy, deterministic)"},
+        {"--top-k", NULL, ARG_INT, &top_k, "keep the k most likely tokens (0: all)"},
+        {"--top-p", NULL, ARG_FLOAT, &top_p, "nucleus sampling mass"},
+        {"--seed", NULL, ARG_U64, &seed, "sampling seed"},
+        {"--threads", "-t", ARG_INT, &threads, "threads"},
+        {"--experts-used", NULL, ARG_INT, &k, "override k, the experts per token (0: as trained)"},
+    };
+    int rc = cli_parse("moe generate -m DIR -p TEXT -n N [--temp T --top-p P --seed S]", args,
+                       sizeof args / sizeof args[0], argc, argv);
+    if (rc) return rc == 1 ? 0 : 2;
+    if (!dir) {
+        fprintf(stderr, "moe generate: -m DIR is required\n");
+        return 2;
+    }
+    char err[512], path[4096];
+    moe_tokenizer *tok;
+    snprintf(path, sizeof path, "%s/tokenizer.json", dir);
+    if (moe_tokenizer_load(path, &tok, err, sizeof err)) {
+        fprintf(stderr, "moe generate: %s\n", err);
+        return 1;
+    }
+    moe_model *m = load_model(dir, 1, 0, threads);
+    if (!m) return 1;
+    if (k && moe_model_set_experts_used(m, k)) {
+        fprintf(stderr, "moe generate: %s\n", moe_model_errmsg(m));
+        return 2;
+    }
+    const int V = moe_model_get_config(m)->vocab_size, ctx = moe_model_get_config(m)->max_position_embeddings;
+    size_t plen = strlen(prompt), np = 0;
+    int32_t *ids = malloc(sizeof(int32_t) * (plen + 2));
+    moe_tokenizer_encode(tok, prompt, plen, ids + 1, plen + 1, &np);
+    ids[0] = moe_tokenizer_eos(tok); /* documents start after an end-of-text */
+    np += 1;
+    if ((int)np > ctx) {
+        fprintf(stderr, "moe generate: the prompt is %zu tokens, the context %d\n", np, ctx);
+        return 2;
+    }
+    if (n > ctx - (int)np) n = ctx - (int)np;
+    float *prob = malloc(sizeof(float) * V);
+    int *idx = malloc(sizeof(int) * V);
+    const float *logits = NULL;
+    moe_model_decode_reset(m);
+    fputs(prompt, stdout);
+    double t0 = cli_now();
+    for (size_t i = 0; i < np && !rc; i++) rc = moe_model_decode(m, ids[i], &logits);
+    double t1 = cli_now();
+    uint64_t rng = seed * 0x9E3779B97F4A7C15ULL + 1;
+    int made = 0;
+    for (; made < n && !rc; made++) {
+        int32_t next = sample(logits, V, temp, top_k, top_p, &rng, prob, idx);
+        if (next == moe_tokenizer_eos(tok)) break;
+        size_t len;
+        const char *piece = moe_tokenizer_piece(tok, next, &len);
+        fwrite(piece, 1, len, stdout);
+        fflush(stdout);
+        rc = moe_model_decode(m, next, &logits);
+    }
+    if (rc) fprintf(stderr, "\nmoe generate: %s\n", moe_model_errmsg(m));
+    fprintf(stderr, "\n[prompt %zu tokens in %.2f s; %d tokens at %.1f tokens/s]\n", np, t1 - t0, made,
+            made / (cli_now() - t1));
+    free(prob), free(idx), free(ids);
+    moe_model_free(m);
+    moe_tokenizer_free(tok);
+    return rc ? 1 : 0;
+}

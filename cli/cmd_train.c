@@ -1,0 +1,311 @@
+/* moe train: the main job. Data -> tokenizer -> model -> AdamW steps with
+ * periodic evaluation and checkpoints -> model card, loss curve (SVG). */
+#include "args.h"
+#include "cli.h"
+
+#include "data/shard.h"
+#include "tokenizer/tokenizer.h"
+
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static volatile sig_atomic_t g_stop;
+static void on_sigint(int sig) {
+    (void)sig;
+    g_stop = 1;
+}
+
+typedef struct {
+    double *step, *val;
+    int n, cap;
+} series;
+
+static void series_add(series *s, double x, double y) {
+    if (s->n == s->cap) {
+        s->cap = s->cap ? 2 * s->cap : 256;
+        s->step = realloc(s->step, sizeof(double) * s->cap);
+        s->val = realloc(s->val, sizeof(double) * s->cap);
+        if (!s->step || !s->val) {
+            fprintf(stderr, "moe: out of memory\n");
+            exit(1);
+        }
+    }
+    s->step[s->n] = x, s->val[s->n++] = y;
+}
+
+static cJSON *series_json(const series *s) {
+    cJSON *a = cJSON_CreateArray();
+    for (int i = 0; i < s->n; i++) {
+        cJSON *p = cJSON_CreateArray();
+        cJSON_AddItemToArray(p, cJSON_CreateNumber(s->step[i]));
+        cJSON_AddItemToArray(p, cJSON_CreateNumber(s->val[i]));
+        cJSON_AddItemToArray(a, p);
+    }
+    return a;
+}
+
+/* Restores the history of a run being resumed (best effort: a missing or
+ * malformed file just starts a new curve). */
+static void history_load(const char *dir, series *tr, series *va) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/train_state.json", dir);
+    FILE *f = fopen(path, "rb");
+    if (!f) return;
+    char *buf = malloc(64 << 20);
+    size_t n = buf ? fread(buf, 1, (64 << 20) - 1, f) : 0;
+    fclose(f);
+    if (!buf) return;
+    buf[n] = 0;
+    cJSON *root = cJSON_Parse(buf);
+    free(buf);
+    series *dst[2] = {tr, va};
+    const char *keys[2] = {"train", "val"};
+    for (int k = 0; k < 2 && root; k++) {
+        cJSON *arr = cJSON_GetObjectItemCaseSensitive(root, keys[k]), *it;
+        cJSON_ArrayForEach(it, arr) {
+            if (cJSON_GetArraySize(it) == 2 && cJSON_IsNumber(cJSON_GetArrayItem(it, 0)) &&
+                cJSON_IsNumber(cJSON_GetArrayItem(it, 1)))
+                series_add(dst[k], cJSON_GetArrayItem(it, 0)->valuedouble, cJSON_GetArrayItem(it, 1)->valuedouble);
+        }
+    }
+    cJSON_Delete(root);
+}
+
+static int history_save(const char *dir, const series *tr, const series *va, int step, double tokens,
+                        const char *cmdline) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddNumberToObject(o, "step", step);
+    cJSON_AddNumberToObject(o, "tokens", tokens);
+    cJSON_AddStringToObject(o, "command", cmdline);
+    cJSON_AddItemToObject(o, "train", series_json(tr));
+    cJSON_AddItemToObject(o, "val", series_json(va));
+    char *s = cJSON_Print(o);
+    cJSON_Delete(o);
+    char path[4096], tmp[4200];
+    snprintf(path, sizeof path, "%s/train_state.json", dir);
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *f = fopen(tmp, "wb");
+    int ok = f && s && fputs(s, f) >= 0 && fflush(f) == 0 && fsync(fileno(f)) == 0;
+    if (f) ok = fclose(f) == 0 && ok;
+    free(s);
+    if (!ok || rename(tmp, path) != 0) {
+        fprintf(stderr, "moe: cannot write %s\n", path);
+        unlink(tmp);
+        return 1;
+    }
+    return 0;
+}
+
+static void fmt_time(double s, char *b, size_t n) {
+    if (!isfinite(s) || s < 0) snprintf(b, n, "--:--");
+    else if (s >= 3600) snprintf(b, n, "%d:%02d:%02d", (int)s / 3600, (int)s / 60 % 60, (int)s % 60);
+    else snprintf(b, n, "%d:%02d", (int)s / 60, (int)s % 60);
+}
+
+int moe_cli_train(int argc, char **argv) {
+    const char *preset = NULL, *config = NULL, *out = NULL, *data = "data/brown";
+    int steps = 0, threads = 2, batch = 8, seq = 0, accum = 1, eval_every = 100, eval_batches = 8,
+        warmup = -1, resume = 0, sched_steps = 0, ckpt_every = 500, log_every = 10, quiet = 0;
+    double minutes = 0;
+    uint64_t seed = 1234;
+    float lr = 3e-3f, wd = 0.1f, clip = 1.0f, min_lr_ratio = 0.1f;
+    cli_arg args[] = {
+        {"--preset", NULL, ARG_STR, &preset, "model preset: tiny, tiny-dense, small, small-dense"},
+        {"--config", NULL, ARG_STR, &config, "model config.json (Hugging Face Mixtral keys) instead of a preset"},
+        {"--out", "-o", ARG_STR, &out, "output model directory (required)"},
+        {"--data", NULL, ARG_STR, &data, "Brown corpus directory (make data)"},
+        {"--steps", NULL, ARG_INT, &steps, "optimizer steps (0: until --minutes)"},
+        {"--minutes", NULL, ARG_DOUBLE, &minutes, "wall-clock budget in minutes (0: until --steps)"},
+        {"--seed", NULL, ARG_U64, &seed, "seed of init and data sampling"},
+        {"--threads", "-t", ARG_INT, &threads, "threads"},
+        {"--batch", NULL, ARG_INT, &batch, "sequences per micro-batch"},
+        {"--seq", NULL, ARG_INT, &seq, "tokens per sequence (0: the context length)"},
+        {"--accum", NULL, ARG_INT, &accum, "micro-batches per step (gradient accumulation)"},
+        {"--lr", NULL, ARG_FLOAT, &lr, "peak learning rate"},
+        {"--min-lr-ratio", NULL, ARG_FLOAT, &min_lr_ratio, "final lr of the cosine, as a fraction of --lr"},
+        {"--warmup", NULL, ARG_INT, &warmup, "warm-up steps (-1: 5% of the schedule)"},
+        {"--schedule-steps", NULL, ARG_INT, &sched_steps, "length of the cosine (0: --steps, or an estimate from --minutes)"},
+        {"--weight-decay", NULL, ARG_FLOAT, &wd, "AdamW weight decay (matrices only)"},
+        {"--grad-clip", NULL, ARG_FLOAT, &clip, "global gradient-norm clip (0: off)"},
+        {"--eval-every", NULL, ARG_INT, &eval_every, "steps between validation runs (0: only at the end)"},
+        {"--eval-batches", NULL, ARG_INT, &eval_batches, "micro-batches per validation run"},
+        {"--ckpt-every", NULL, ARG_INT, &ckpt_every, "steps between checkpoints (0: only at the end)"},
+        {"--log-every", NULL, ARG_INT, &log_every, "steps between progress lines when not on a terminal"},
+        {"--resume", NULL, ARG_BOOL, &resume, "continue the run saved in --out (bit-exact)"},
+        {"--quiet", "-q", ARG_BOOL, &quiet, "only the summary"},
+    };
+    int rc = cli_parse("moe train [--preset NAME | --config FILE] [--steps N | --minutes M] [--seed S] [--threads T] --out DIR",
+                       args, sizeof args / sizeof args[0], argc, argv);
+    if (rc) return rc == 1 ? 0 : 2;
+    if (!out) {
+        fprintf(stderr, "moe train: --out DIR is required (see --help)\n");
+        return 2;
+    }
+    if (!steps && minutes <= 0) steps = 1000;
+    if (!!preset + !!config + resume > 1) {
+        fprintf(stderr, "moe train: give one of --preset, --config, --resume\n");
+        return 2;
+    }
+    char err[512], path[4096];
+    moe_model_config cfg;
+    if (resume) {
+        snprintf(path, sizeof path, "%s/config.json", out);
+        rc = moe_model_config_load(path, &cfg, err, sizeof err);
+    } else if (config) {
+        rc = moe_model_config_load(config, &cfg, err, sizeof err);
+    } else {
+        rc = moe_model_preset(preset ? preset : "small", &cfg);
+        if (rc) snprintf(err, sizeof err, "unknown preset '%s' (tiny, tiny-dense, small, small-dense)", preset);
+    }
+    if (rc) {
+        fprintf(stderr, "moe train: %s\n", err);
+        return rc == MOE_ENOTFOUND ? 2 : 1;
+    }
+    if (mkdir(out, 0777) != 0 && access(out, W_OK) != 0) {
+        fprintf(stderr, "moe train: cannot create %s\n", out);
+        return 1;
+    }
+
+    cli_data d;
+    snprintf(path, sizeof path, "%s/tokenizer.json", out);
+    if (cli_data_load(data, resume ? path : NULL, cfg.vocab_size, quiet, &d)) return 1;
+    cfg.vocab_size = moe_tokenizer_vocab_size(d.tok);
+    if (seq <= 0 || seq > cfg.max_position_embeddings) seq = cfg.max_position_embeddings;
+    moe_set_num_threads(threads);
+
+    moe_model *m = NULL;
+    if (resume) {
+        rc = moe_model_load(out, batch, seq, 1, threads, &m, err, sizeof err);
+    } else {
+        m = moe_model_create(&cfg, batch, seq, 1, threads, &rc, err, sizeof err);
+        if (m) moe_model_init(m, seed);
+    }
+    if (!m) {
+        fprintf(stderr, "moe train: %s\n", err);
+        cli_data_free(&d);
+        return 1;
+    }
+    if (!quiet) {
+        cli_print_card(&cfg, seq, 0);
+        fflush(stdout);
+    }
+
+    moe_train_config tc;
+    memset(&tc, 0, sizeof tc);
+    tc.batch = batch, tc.seq = seq, tc.grad_accum = accum, tc.eval_batches = eval_batches, tc.seed = seed;
+    tc.n_threads = threads;
+    tc.opt = moe_adamw_config_default();
+    tc.opt.lr = lr, tc.opt.min_lr = lr * min_lr_ratio, tc.opt.weight_decay = wd, tc.opt.grad_clip = clip;
+    /* The schedule's length: the steps asked for, or a guess from the time
+     * budget refined after the first steps (see below). */
+    tc.opt.max_steps = sched_steps > 0 ? sched_steps : steps;
+    tc.opt.warmup_steps = warmup >= 0 ? warmup : (tc.opt.max_steps > 0 ? tc.opt.max_steps / 20 : 50);
+    moe_trainer *tr = moe_trainer_create(m, &tc, d.train->tokens, d.train->n_tokens, d.val->tokens, d.val->n_tokens, &rc,
+                                         err, sizeof err);
+    if (!tr) {
+        fprintf(stderr, "moe train: %s\n", err);
+        moe_model_free(m);
+        cli_data_free(&d);
+        return 1;
+    }
+    series hist_tr = {0}, hist_va = {0};
+    if (resume) {
+        rc = moe_trainer_load_state(tr, out, err, sizeof err);
+        if (rc) {
+            fprintf(stderr, "moe train: --resume: %s\n", err);
+            return 1;
+        }
+        history_load(out, &hist_tr, &hist_va);
+        if (!quiet) fprintf(stderr, "resuming at step %d\n", moe_trainer_get_step(tr));
+    } else {
+        snprintf(path, sizeof path, "%s/tokenizer.json", out);
+        if (moe_tokenizer_save(d.tok, path, err, sizeof err)) {
+            fprintf(stderr, "moe train: %s\n", err);
+            return 1;
+        }
+    }
+    char cmdline[1024] = "moe train";
+    for (int i = 0; i < argc; i++) {
+        strncat(cmdline, " ", sizeof cmdline - strlen(cmdline) - 1);
+        strncat(cmdline, argv[i], sizeof cmdline - strlen(cmdline) - 1);
+    }
+
+    signal(SIGINT, on_sigint);
+    const int tty = isatty(STDERR_FILENO) && !quiet;
+    const double t0 = cli_now();
+    double last_val = NAN, tokens = 0;
+    const double tok_per_step = (double)batch * seq * accum;
+    int step = moe_trainer_get_step(tr), start = step, failed = 0;
+    const int target = steps > 0 ? steps : 1 << 30;
+    while (step < target && !g_stop) {
+        const double el = cli_now() - t0;
+        if (minutes > 0 && el >= minutes * 60) break;
+        moe_train_step_info si;
+        rc = moe_trainer_step(tr, &si);
+        if (rc) {
+            fprintf(stderr, "\nmoe train: %s\n", moe_trainer_errmsg(tr));
+            failed = 1;
+            break;
+        }
+        step = si.step;
+        tokens = si.tokens;
+        series_add(&hist_tr, step, si.loss);
+        const double elapsed = cli_now() - t0, tps = (step - start) * tok_per_step / elapsed;
+        if (minutes > 0 && sched_steps <= 0 && steps == 0 && step == start + 5) {
+            /* time budget: size the cosine from the measured speed */
+            int est = start + (int)(minutes * 60 / (elapsed / (step - start)));
+            if (est > step) moe_trainer_set_schedule(tr, est, warmup >= 0 ? warmup : est / 20);
+        }
+        if (eval_every > 0 && step % eval_every == 0) {
+            float vl;
+            if (!moe_trainer_eval(tr, &vl)) {
+                last_val = vl;
+                series_add(&hist_va, step, vl);
+            }
+        }
+        if (ckpt_every > 0 && step % ckpt_every == 0) {
+            if (moe_trainer_save(tr, out, err, sizeof err) || history_save(out, &hist_tr, &hist_va, step, si.tokens, cmdline))
+                fprintf(stderr, "\nmoe train: checkpoint: %s\n", err);
+        }
+        double eta = steps > 0 ? (target - step) * elapsed / (step - start) : minutes * 60 - elapsed;
+        char etas[32];
+        fmt_time(eta, etas, sizeof etas);
+        if (tty) {
+            const int width = 24;
+            double frac = steps > 0 ? (double)step / target : elapsed / (minutes * 60);
+            int fill = (int)(frac * width);
+            fprintf(stderr, "\r[%.*s%*s] step %d  loss %.4f  val %.4f  %.0f tok/s  ETA %s   ", fill,
+                    "========================", width - fill, "", step, si.loss, last_val, tps, etas);
+        } else if (!quiet && (step % log_every == 0 || step == start + 1)) {
+            fprintf(stderr, "step %d loss %.4f (ce %.4f aux %.4f) val %.4f lr %.2e gnorm %.3f %.0f tok/s ETA %s\n", step,
+                    si.loss, si.ce, si.aux, last_val, si.lr, si.grad_norm, tps, etas);
+        }
+    }
+    if (tty) fputc('\n', stderr);
+    if (g_stop) fprintf(stderr, "interrupted: saving the checkpoint\n");
+    const double train_s = cli_now() - t0;
+    float vl = NAN;
+    if (!failed && moe_trainer_eval(tr, &vl) == 0) series_add(&hist_va, step, vl);
+    int save_rc = moe_trainer_save(tr, out, err, sizeof err);
+    if (save_rc) fprintf(stderr, "moe train: checkpoint: %s\n", err);
+    save_rc |= history_save(out, &hist_tr, &hist_va, step, tokens, cmdline);
+    moe_plot_series ps[2] = {{"train loss", hist_tr.step, hist_tr.val, hist_tr.n, 0},
+                             {"val loss", hist_va.step, hist_va.val, hist_va.n, 1}};
+    snprintf(path, sizeof path, "%s/loss.svg", out);
+    if (moe_plot_svg(path, "moe train: loss", "step", "cross-entropy (nats/token)", ps, 2, 0, err, sizeof err))
+        fprintf(stderr, "moe train: %s\n", err);
+    printf("trained %d steps in %.1f s (%.0f tokens/s); val loss %.4f, perplexity %.2f\n", step - start, train_s,
+           step > start ? (step - start) * tok_per_step / train_s : 0.0, vl, exp(vl));
+    printf("saved %s (config.json, model.safetensors, tokenizer.json, optimizer.safetensors, loss.svg)\n", out);
+    free(hist_tr.step), free(hist_tr.val), free(hist_va.step), free(hist_va.val);
+    moe_trainer_free(tr);
+    moe_model_free(m);
+    cli_data_free(&d);
+    return failed || save_rc ? 1 : g_stop ? 130 : 0;
+}

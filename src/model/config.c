@@ -1,0 +1,320 @@
+/* config.json of a model: Hugging Face Mixtral keys (docs/model.md), read as
+ * hostile input (every key type- and range-checked, errors name the file and
+ * the key), written atomically. */
+#include "internal.h"
+#include "io/atomic.h"
+
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_CONFIG_BYTES (1 << 20)
+#define MAX_DIM (1 << 16)
+#define MAX_VOCAB (1 << 22)
+
+void moe_model_config_defaults(moe_model_config *c) {
+    memset(c, 0, sizeof *c);
+    c->vocab_size = 4096;
+    c->rope_theta = 10000.0f;
+    c->rms_norm_eps = 1e-5f;
+    c->num_experts_per_tok = 2;
+    c->norm_topk_prob = 1;
+    c->scoring_func = MOE_SCORE_SOFTMAX;
+    c->routed_scaling_factor = 1.0f;
+    c->router_aux_loss_coef = 0.01f;
+    c->router_z_loss_coef = 0.001f;
+    c->initializer_range = 0.02f;
+    /* 0 below means "derive" (see finish()) */
+    c->num_key_value_heads = 0;
+    c->head_dim = 0;
+    c->dense_intermediate_size = 0;
+    c->shared_expert_intermediate_size = 0;
+    for (int l = 0; l < MOE_MAX_LAYERS; l++) c->is_moe_layer[l] = 1;
+}
+
+int moe_model_n_moe_layers(const moe_model_config *c) {
+    if (c->num_local_experts <= 0) return 0;
+    int n = 0;
+    for (int l = 0; l < c->num_hidden_layers && l < MOE_MAX_LAYERS; l++) n += c->is_moe_layer[l] != 0;
+    return n;
+}
+
+/* Fills the derived defaults (head_dim, kv heads, dense/shared FFN sizes). */
+static void finish(moe_model_config *c) {
+    if (c->num_key_value_heads == 0) c->num_key_value_heads = c->num_attention_heads;
+    if (c->head_dim == 0 && c->num_attention_heads > 0) c->head_dim = c->hidden_size / c->num_attention_heads;
+    if (c->dense_intermediate_size == 0)
+        c->dense_intermediate_size =
+            c->num_local_experts > 0 ? c->num_experts_per_tok * c->intermediate_size : c->intermediate_size;
+    if (c->shared_expert_intermediate_size == 0) c->shared_expert_intermediate_size = c->intermediate_size;
+    /* flags past the last layer carry no meaning: keep them 0 so configs compare */
+    for (int l = 0; l < MOE_MAX_LAYERS; l++)
+        if (c->num_local_experts == 0 || l >= c->num_hidden_layers) c->is_moe_layer[l] = 0;
+}
+
+int moe_model_config_check(const moe_model_config *c, char *err, size_t n) {
+#define RANGE(field, lo, hi)                                                                        \
+    if (c->field < (lo) || c->field > (hi))                                                         \
+        return moe__set_err(err, n, MOE_EINVAL, "config: %s = %d: must be in [%d, %d]", #field,      \
+                            (int)c->field, (int)(lo), (int)(hi));
+    RANGE(vocab_size, 2, MAX_VOCAB)
+    RANGE(hidden_size, 1, MAX_DIM)
+    RANGE(num_hidden_layers, 1, MOE_MAX_LAYERS)
+    RANGE(num_attention_heads, 1, 1024)
+    RANGE(num_key_value_heads, 1, c->num_attention_heads)
+    RANGE(head_dim, 2, 1024)
+    RANGE(max_position_embeddings, 1, 1 << 20)
+    RANGE(num_local_experts, 0, 1 << 16)
+    RANGE(dense_intermediate_size, 1, 1 << 20)
+    RANGE(n_shared_experts, 0, 64)
+    RANGE(tie_word_embeddings, 0, 1)
+    RANGE(norm_topk_prob, 0, 1)
+    if (c->num_local_experts > 0) {
+        RANGE(intermediate_size, 1, 1 << 20)
+        RANGE(num_experts_per_tok, 1, c->num_local_experts)
+    }
+    if (c->n_shared_experts > 0) {
+        RANGE(shared_expert_intermediate_size, 1, 1 << 20)
+    }
+#undef RANGE
+    if (c->num_attention_heads % c->num_key_value_heads != 0)
+        return moe__set_err(err, n, MOE_EINVAL,
+                            "config: num_attention_heads = %d is not a multiple of num_key_value_heads = %d",
+                            c->num_attention_heads, c->num_key_value_heads);
+    if (c->head_dim % 2 != 0)
+        return moe__set_err(err, n, MOE_EINVAL, "config: head_dim = %d must be even (RoPE pairs)", c->head_dim);
+    if ((unsigned)c->scoring_func > MOE_SCORE_SIGMOID)
+        return moe__set_err(err, n, MOE_EINVAL, "config: unknown scoring_func");
+    const float fl[] = {c->rope_theta, c->rms_norm_eps, c->routed_scaling_factor, c->initializer_range};
+    const char *fn[] = {"rope_theta", "rms_norm_eps", "routed_scaling_factor", "initializer_range"};
+    for (int i = 0; i < 4; i++)
+        if (!isfinite(fl[i]) || fl[i] <= 0)
+            return moe__set_err(err, n, MOE_EINVAL, "config: %s = %g: must be finite and > 0", fn[i], (double)fl[i]);
+    if (!isfinite(c->router_aux_loss_coef) || c->router_aux_loss_coef < 0 || !isfinite(c->router_z_loss_coef) ||
+        c->router_z_loss_coef < 0)
+        return moe__set_err(err, n, MOE_EINVAL, "config: router loss coefficients must be finite and >= 0");
+    return MOE_OK;
+}
+
+/* ---- JSON in ---------------------------------------------------------------- */
+
+typedef struct {
+    const char *name;
+    char *err;
+    size_t errsz;
+} ctx;
+
+static int get_int(const ctx *x, const cJSON *root, const char *key, int *out) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
+    if (!v || cJSON_IsNull(v)) return MOE_OK;
+    if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble) || fabs(v->valuedouble) > 2147483647.0)
+        return moe__set_err(x->err, x->errsz, MOE_EFORMAT, "%s: \"%s\" must be an integer", x->name, key);
+    *out = (int)v->valuedouble;
+    return MOE_OK;
+}
+
+static int get_float(const ctx *x, const cJSON *root, const char *key, float *out) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
+    if (!v || cJSON_IsNull(v)) return MOE_OK;
+    if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble) || fabs(v->valuedouble) > 3e38)
+        return moe__set_err(x->err, x->errsz, MOE_EFORMAT, "%s: \"%s\" must be a finite number", x->name, key);
+    *out = (float)v->valuedouble;
+    return MOE_OK;
+}
+
+static int get_bool(const ctx *x, const cJSON *root, const char *key, int *out) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
+    if (!v || cJSON_IsNull(v)) return MOE_OK;
+    if (!cJSON_IsBool(v))
+        return moe__set_err(x->err, x->errsz, MOE_EFORMAT, "%s: \"%s\" must be true or false", x->name, key);
+    *out = cJSON_IsTrue(v);
+    return MOE_OK;
+}
+
+int moe_model_config_parse(const char *json, size_t len, const char *name, moe_model_config *c, char *err,
+                           size_t errsz) {
+    ctx x = {name ? name : "config", err, errsz};
+    moe_model_config_defaults(c);
+    if (len > MAX_CONFIG_BYTES)
+        return moe__set_err(err, errsz, MOE_ELIMIT, "%s: %zu bytes, more than %d", x.name, len, MAX_CONFIG_BYTES);
+    cJSON *root = cJSON_ParseWithLength(json, len);
+    if (!root) return moe__set_err(err, errsz, MOE_EFORMAT, "%s: not valid JSON", x.name);
+    int rc = MOE_OK;
+    if (!cJSON_IsObject(root)) {
+        rc = moe__set_err(err, errsz, MOE_EFORMAT, "%s: the top level must be a JSON object", x.name);
+        goto out;
+    }
+    struct {
+        const char *key;
+        int *field;
+    } ints[] = {
+        {"vocab_size", &c->vocab_size},
+        {"hidden_size", &c->hidden_size},
+        {"intermediate_size", &c->intermediate_size},
+        {"num_hidden_layers", &c->num_hidden_layers},
+        {"num_attention_heads", &c->num_attention_heads},
+        {"num_key_value_heads", &c->num_key_value_heads},
+        {"head_dim", &c->head_dim},
+        {"max_position_embeddings", &c->max_position_embeddings},
+        {"num_local_experts", &c->num_local_experts},
+        {"num_experts_per_tok", &c->num_experts_per_tok},
+        {"dense_intermediate_size", &c->dense_intermediate_size},
+        {"n_shared_experts", &c->n_shared_experts},
+        {"shared_expert_intermediate_size", &c->shared_expert_intermediate_size},
+    };
+    for (size_t i = 0; i < sizeof ints / sizeof ints[0] && !rc; i++) rc = get_int(&x, root, ints[i].key, ints[i].field);
+    struct {
+        const char *key;
+        float *field;
+    } fls[] = {
+        {"rope_theta", &c->rope_theta},
+        {"rms_norm_eps", &c->rms_norm_eps},
+        {"routed_scaling_factor", &c->routed_scaling_factor},
+        {"router_aux_loss_coef", &c->router_aux_loss_coef},
+        {"router_z_loss_coef", &c->router_z_loss_coef},
+        {"initializer_range", &c->initializer_range},
+    };
+    for (size_t i = 0; i < sizeof fls / sizeof fls[0] && !rc; i++) rc = get_float(&x, root, fls[i].key, fls[i].field);
+    if (!rc) rc = get_bool(&x, root, "tie_word_embeddings", &c->tie_word_embeddings);
+    if (!rc) rc = get_bool(&x, root, "norm_topk_prob", &c->norm_topk_prob);
+    if (rc) goto out;
+
+    const cJSON *sf = cJSON_GetObjectItemCaseSensitive(root, "scoring_func");
+    if (sf && !cJSON_IsNull(sf)) {
+        if (cJSON_IsString(sf) && !strcmp(sf->valuestring, "softmax")) c->scoring_func = MOE_SCORE_SOFTMAX;
+        else if (cJSON_IsString(sf) && !strcmp(sf->valuestring, "sigmoid")) c->scoring_func = MOE_SCORE_SIGMOID;
+        else {
+            rc = moe__set_err(err, errsz, MOE_EFORMAT, "%s: \"scoring_func\" must be \"softmax\" or \"sigmoid\"",
+                              x.name);
+            goto out;
+        }
+    }
+    const cJSON *idx = cJSON_GetObjectItemCaseSensitive(root, "moe_layer_indices");
+    if (idx && !cJSON_IsNull(idx)) {
+        if (!cJSON_IsArray(idx)) {
+            rc = moe__set_err(err, errsz, MOE_EFORMAT, "%s: \"moe_layer_indices\" must be an array", x.name);
+            goto out;
+        }
+        memset(c->is_moe_layer, 0, sizeof c->is_moe_layer);
+        const cJSON *it;
+        cJSON_ArrayForEach(it, idx) {
+            if (!cJSON_IsNumber(it) || it->valuedouble != floor(it->valuedouble) || it->valuedouble < 0 ||
+                it->valuedouble >= MOE_MAX_LAYERS || it->valuedouble >= c->num_hidden_layers) {
+                rc = moe__set_err(err, errsz, MOE_EFORMAT,
+                                  "%s: \"moe_layer_indices\" holds %g, not a layer index in [0, %d)", x.name,
+                                  cJSON_IsNumber(it) ? it->valuedouble : NAN, c->num_hidden_layers);
+                goto out;
+            }
+            c->is_moe_layer[(int)it->valuedouble] = 1;
+        }
+    }
+    finish(c);
+    rc = moe_model_config_check(c, err, errsz);
+    if (rc) {
+        /* prefix the file name to the range message */
+        char tmp[256];
+        snprintf(tmp, sizeof tmp, "%s", err ? err : "");
+        moe__set_err(err, errsz, rc, "%s: %s", x.name, tmp);
+    }
+out:
+    cJSON_Delete(root);
+    return rc;
+}
+
+int moe_model_config_load(const char *path, moe_model_config *c, char *err, size_t errsz) {
+    char *buf;
+    size_t len;
+    int rc = moe__read_file(path, MAX_CONFIG_BYTES, &buf, &len, err, errsz);
+    if (rc) return rc;
+    rc = moe_model_config_parse(buf, len, path, c, err, errsz);
+    moe__free(buf);
+    return rc;
+}
+
+/* ---- JSON out ---------------------------------------------------------------- */
+
+char *moe_model_config_to_json(const moe_model_config *c) {
+    cJSON *o = cJSON_CreateObject();
+    if (!o) return NULL;
+    cJSON *arch = cJSON_AddArrayToObject(o, "architectures");
+    cJSON_AddItemToArray(arch, cJSON_CreateString("MixtralForCausalLM"));
+    cJSON_AddStringToObject(o, "model_type", "mixtral");
+    cJSON_AddNumberToObject(o, "vocab_size", c->vocab_size);
+    cJSON_AddNumberToObject(o, "hidden_size", c->hidden_size);
+    cJSON_AddNumberToObject(o, "intermediate_size", c->intermediate_size);
+    cJSON_AddNumberToObject(o, "num_hidden_layers", c->num_hidden_layers);
+    cJSON_AddNumberToObject(o, "num_attention_heads", c->num_attention_heads);
+    cJSON_AddNumberToObject(o, "num_key_value_heads", c->num_key_value_heads);
+    cJSON_AddNumberToObject(o, "head_dim", c->head_dim);
+    cJSON_AddNumberToObject(o, "max_position_embeddings", c->max_position_embeddings);
+    cJSON_AddNumberToObject(o, "rope_theta", c->rope_theta);
+    cJSON_AddNumberToObject(o, "rms_norm_eps", c->rms_norm_eps);
+    cJSON_AddBoolToObject(o, "tie_word_embeddings", c->tie_word_embeddings);
+    cJSON_AddNumberToObject(o, "num_local_experts", c->num_local_experts);
+    cJSON_AddNumberToObject(o, "num_experts_per_tok", c->num_experts_per_tok);
+    cJSON_AddBoolToObject(o, "norm_topk_prob", c->norm_topk_prob);
+    cJSON_AddStringToObject(o, "scoring_func", c->scoring_func == MOE_SCORE_SIGMOID ? "sigmoid" : "softmax");
+    cJSON_AddNumberToObject(o, "routed_scaling_factor", c->routed_scaling_factor);
+    cJSON_AddNumberToObject(o, "router_aux_loss_coef", c->router_aux_loss_coef);
+    cJSON_AddNumberToObject(o, "router_z_loss_coef", c->router_z_loss_coef);
+    cJSON *idx = cJSON_AddArrayToObject(o, "moe_layer_indices");
+    for (int l = 0; l < c->num_hidden_layers && l < MOE_MAX_LAYERS; l++)
+        if (c->num_local_experts > 0 && c->is_moe_layer[l]) cJSON_AddItemToArray(idx, cJSON_CreateNumber(l));
+    cJSON_AddNumberToObject(o, "dense_intermediate_size", c->dense_intermediate_size);
+    cJSON_AddNumberToObject(o, "n_shared_experts", c->n_shared_experts);
+    cJSON_AddNumberToObject(o, "shared_expert_intermediate_size", c->shared_expert_intermediate_size);
+    cJSON_AddNumberToObject(o, "initializer_range", c->initializer_range);
+    cJSON_AddStringToObject(o, "hidden_act", "silu");
+    cJSON_AddStringToObject(o, "torch_dtype", "float32");
+    char *s = cJSON_Print(o);
+    cJSON_Delete(o);
+    return s;
+}
+
+int moe_model_config_save(const moe_model_config *c, const char *path, char *err, size_t errsz) {
+    char *s = moe_model_config_to_json(c);
+    if (!s) return moe__set_err(err, errsz, MOE_ENOMEM, "%s: out of memory", path);
+    moe__iov parts[2] = {{s, strlen(s)}, {"\n", 1}};
+    int rc = moe__write_atomic(path, parts, 2, err, errsz);
+    free(s);
+    return rc;
+}
+
+/* ---- costs -------------------------------------------------------------------- */
+
+moe_model_costs moe_model_config_costs(const moe_model_config *c, int n_ctx) {
+    moe_model_costs k;
+    memset(&k, 0, sizeof k);
+    const double C = c->hidden_size, V = c->vocab_size, D = c->head_dim, H = c->num_attention_heads,
+                 G = c->num_key_value_heads, F = c->intermediate_size, E = c->num_local_experts,
+                 K = c->num_experts_per_tok, Fd = c->dense_intermediate_size,
+                 Fs = (double)c->n_shared_experts * c->shared_expert_intermediate_size;
+    const double attn = C * H * D * 2 + C * G * D * 2; /* q, o and k, v */
+    double total = V * C + C;                       /* embedding, final norm */
+    double active_mm = 0;                           /* matmul params a token multiplies through */
+    if (!c->tie_word_embeddings) total += V * C;
+    active_mm += V * C; /* lm_head (or the tied embedding used as one) */
+    double flops_attn = 0;
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        total += attn + 2 * C;
+        active_mm += attn;
+        flops_attn += 2.0 * 2.0 * H * D * (n_ctx / 2.0); /* q·k and p·v over ctx/2 positions */
+        if (c->num_local_experts > 0 && c->is_moe_layer[l]) {
+            total += E * C + E * 3 * C * F + 3 * C * Fs;
+            k.expert_params += E * 3 * C * F;
+            active_mm += E * C + K * 3 * C * F + 3 * C * Fs;
+        } else {
+            total += 3 * C * Fd;
+            active_mm += 3 * C * Fd;
+        }
+    }
+    k.total_params = total;
+    k.embedding_params = c->tie_word_embeddings ? V * C : 2 * V * C;
+    /* active = everything except experts a token skips */
+    k.active_params = total - (k.expert_params - k.expert_params * (E > 0 ? K / E : 0));
+    k.flops_per_token = 2.0 * active_mm + flops_attn;
+    k.weight_bytes_f32 = 4.0 * total;
+    return k;
+}

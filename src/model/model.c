@@ -1,0 +1,544 @@
+/* The decoder-only MoE transformer of docs/model.md: parameter table (named
+ * views into one arena), forward, exact backward, and KV-cache decoding.
+ *
+ * Activations are kept per layer for backward (llm.c style). MoE feed-forward
+ * layers are moe_layer objects bound to slices of the arena; dense SwiGLU
+ * layers (and shared experts) are plain GEMMs here. All parallel work goes
+ * through deterministic kernels, so a training step gives the same bits for
+ * any thread count.
+ */
+#include "model/model_impl.h"
+
+#include "core/gemm.h"
+#include "model/ops.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+/* ---- parameter table ----------------------------------------------------------- */
+
+static int add_tensor(moe_model *m, const char *name, int ndim, int64_t d0, int64_t d1, int64_t d2) {
+    if (m->n_tensors == m->cap_tensors) {
+        int cap = m->cap_tensors ? 2 * m->cap_tensors : 64;
+        moe_param_info *t = moe__calloc((size_t)cap, sizeof *t);
+        if (!t) return MOE_ENOMEM;
+        if (m->tensors) memcpy(t, m->tensors, sizeof *t * (size_t)m->n_tensors);
+        moe__free(m->tensors);
+        m->tensors = t;
+        m->cap_tensors = cap;
+    }
+    moe_param_info *t = &m->tensors[m->n_tensors++];
+    snprintf(t->name, sizeof t->name, "%s", name);
+    t->ndim = ndim;
+    t->shape[0] = d0, t->shape[1] = d1, t->shape[2] = d2;
+    t->numel = (size_t)d0 * (size_t)(ndim > 1 ? d1 : 1) * (size_t)(ndim > 2 ? d2 : 1);
+    t->offset = m->n_params;
+    t->decay = ndim >= 2;
+    m->n_params += t->numel;
+    return MOE_OK;
+}
+
+/* dense SwiGLU weights (gate, up, down) under prefix */
+static int add_dense(moe_model *m, moe__ffn *f, const char *prefix, int C, int F) {
+    char name[96];
+    int rc = 0;
+    f->F = F;
+    snprintf(name, sizeof name, "%s.gate_proj.weight", prefix);
+    f->gate = m->n_params;
+    rc |= add_tensor(m, name, 2, F, C, 0);
+    snprintf(name, sizeof name, "%s.up_proj.weight", prefix);
+    f->up = m->n_params;
+    rc |= add_tensor(m, name, 2, F, C, 0);
+    snprintf(name, sizeof name, "%s.down_proj.weight", prefix);
+    f->down = m->n_params;
+    rc |= add_tensor(m, name, 2, C, F, 0);
+    return rc;
+}
+
+static int build_table(moe_model *m) {
+    const moe_model_config *c = &m->cfg;
+    const int C = c->hidden_size, V = c->vocab_size, D = c->head_dim, H = c->num_attention_heads,
+              G = c->num_key_value_heads, E = c->num_local_experts, F = c->intermediate_size;
+    char name[96];
+    int rc = 0;
+    m->embed = m->n_params;
+    rc |= add_tensor(m, "model.embed_tokens.weight", 2, V, C, 0);
+    for (int i = 0; i < c->num_hidden_layers && !rc; i++) {
+        moe__mlayer *L = &m->layers[i];
+#define T2(field, suffix, d0, d1)                                                                    \
+    snprintf(name, sizeof name, "model.layers.%d.%s", i, suffix);                                  \
+    L->field = m->n_params;                                                                        \
+    rc |= add_tensor(m, name, 2, d0, d1, 0);
+        snprintf(name, sizeof name, "model.layers.%d.input_layernorm.weight", i);
+        L->ln1 = m->n_params;
+        rc |= add_tensor(m, name, 1, C, 0, 0);
+        T2(wq, "self_attn.q_proj.weight", H * D, C)
+        T2(wk, "self_attn.k_proj.weight", G * D, C)
+        T2(wv, "self_attn.v_proj.weight", G * D, C)
+        T2(wo, "self_attn.o_proj.weight", C, H * D)
+#undef T2
+        snprintf(name, sizeof name, "model.layers.%d.post_attention_layernorm.weight", i);
+        L->ln2 = m->n_params;
+        rc |= add_tensor(m, name, 1, C, 0, 0);
+        L->is_moe = E > 0 && c->is_moe_layer[i];
+        if (L->is_moe) {
+            /* the moe_layer layout: wg [E][C], w1 [E][F][C], w2 [E][C][F], w3 [E][F][C] */
+            L->moe_off = m->n_params;
+            snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.gate.weight", i);
+            rc |= add_tensor(m, name, 2, E, C, 0);
+            const char *w[3] = {"w1", "w2", "w3"};
+            for (int k = 0; k < 3; k++)
+                for (int e = 0; e < E; e++) {
+                    snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.experts.%d.%s.weight", i, e, w[k]);
+                    rc |= add_tensor(m, name, 2, k == 1 ? C : F, k == 1 ? F : C, 0);
+                }
+            if (c->n_shared_experts > 0) {
+                snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.shared_expert", i);
+                rc |= add_dense(m, &L->shared, name, C, c->n_shared_experts * c->shared_expert_intermediate_size);
+                L->has_shared = 1;
+            }
+        } else {
+            snprintf(name, sizeof name, "model.layers.%d.mlp", i);
+            rc |= add_dense(m, &L->dense, name, C, c->dense_intermediate_size);
+        }
+    }
+    m->norm = m->n_params;
+    rc |= add_tensor(m, "model.norm.weight", 1, C, 0, 0);
+    if (c->tie_word_embeddings) {
+        m->lm_head = m->embed;
+    } else {
+        m->lm_head = m->n_params;
+        rc |= add_tensor(m, "lm_head.weight", 2, V, C, 0);
+    }
+    return rc;
+}
+
+/* ---- creation ------------------------------------------------------------------ */
+
+void moe_model_free(moe_model *m) {
+    if (!m) return;
+    for (int i = 0; i < m->cfg.num_hidden_layers && m->layers; i++) moe_layer_free(m->layers[i].moe);
+    moe__free(m->layers);
+    moe__free(m->tensors);
+    moe__afree(m->arena);
+    moe__free(m->tok);
+    moe__free(m->tgt);
+    moe__free(m->ce_tok);
+    moe__free(m);
+}
+
+#define ALLOC_F(ptr, count)                                                                         \
+    do {                                                                                            \
+        size_t b_;                                                                                  \
+        if (moe__mul_size((count), sizeof(float), &b_) || moe__add_size(total, (b_ + 63) & ~(size_t)63, &total)) \
+            goto too_big;                                                                           \
+        offs[nbuf] = total - ((b_ + 63) & ~(size_t)63);                                             \
+        ptrs[nbuf++] = (float **)&(ptr);                                                            \
+    } while (0)
+
+moe_model *moe_model_create(const moe_model_config *cfg, int max_batch, int max_seq, int want_grads,
+                            int n_threads, int *err, char *errbuf, size_t errsz) {
+    int rc = cfg ? moe_model_config_check(cfg, errbuf, errsz) : moe__set_err(errbuf, errsz, MOE_EINVAL, "config is NULL");
+    if (!rc && (max_batch < 1 || max_seq < 1 || max_seq > cfg->max_position_embeddings ||
+                (long long)max_batch * max_seq > (1LL << 24)))
+        rc = moe__set_err(errbuf, errsz, MOE_EINVAL,
+                          "model: batch %d x %d tokens: need batch >= 1 and 1 <= seq <= max_position_embeddings (%d)",
+                          max_batch, max_seq, cfg->max_position_embeddings);
+    if (rc) {
+        if (err) *err = rc;
+        return NULL;
+    }
+    moe_model *m = moe__calloc(1, sizeof *m);
+    if (!m) goto nomem;
+    m->cfg = *cfg;
+    m->max_B = max_batch;
+    m->max_T = max_seq;
+    m->threads = moe__threads(n_threads);
+    m->has_grads = want_grads != 0;
+    const moe_model_config *c = &m->cfg;
+    const int Lc = c->num_hidden_layers;
+    m->layers = moe__calloc((size_t)Lc, sizeof *m->layers);
+    if (!m->layers || build_table(m)) goto nomem;
+    m->n_moe = moe_model_n_moe_layers(c);
+
+    const size_t N = (size_t)max_batch * max_seq, C = (size_t)c->hidden_size, V = (size_t)c->vocab_size;
+    const size_t HD = (size_t)c->num_attention_heads * c->head_dim, GD = (size_t)c->num_key_value_heads * c->head_dim;
+    const size_t T = (size_t)max_seq, BH = (size_t)max_batch * c->num_attention_heads;
+    /* One arena: params, grads, then activations; offsets first, pointers after. */
+    size_t total = 0, offs[64 + 16 * MOE_MAX_LAYERS];
+    float **ptrs[64 + 16 * MOE_MAX_LAYERS];
+    int nbuf = 0;
+    ALLOC_F(m->params, m->n_params);
+    if (m->has_grads) ALLOC_F(m->grads, m->n_params);
+    ALLOC_F(m->act.res_final, N * C);
+    ALLOC_F(m->act.lnf, N * C);
+    ALLOC_F(m->act.rstdf, N);
+    ALLOC_F(m->act.logits, N * V);
+    ALLOC_F(m->act.rope, T * (size_t)c->head_dim);
+    ALLOC_F(m->act.ffo, N * C);
+    ALLOC_F(m->kcache, (size_t)Lc * T * GD);
+    ALLOC_F(m->vcache, (size_t)Lc * T * GD);
+    ALLOC_F(m->dec.x, C);
+    ALLOC_F(m->dec.a, C);
+    ALLOC_F(m->dec.q, HD);
+    ALLOC_F(m->dec.o, HD);
+    ALLOC_F(m->dec.y, C);
+    ALLOC_F(m->dec.scratch, T * (size_t)c->num_attention_heads + 64);
+    size_t fmax = 0; /* widest dense FFN */
+    for (int i = 0; i < Lc; i++) {
+        moe__mlayer *L = &m->layers[i];
+        ALLOC_F(L->res, N * C);
+        ALLOC_F(L->a1, N * C);
+        ALLOC_F(L->rstd1, N);
+        ALLOC_F(L->q, N * HD);
+        ALLOC_F(L->k, N * GD);
+        ALLOC_F(L->v, N * GD);
+        ALLOC_F(L->att, BH * T * T);
+        ALLOC_F(L->ao, N * HD);
+        ALLOC_F(L->res2, N * C);
+        ALLOC_F(L->a2, N * C);
+        ALLOC_F(L->rstd2, N);
+        moe__ffn *f = L->is_moe ? (L->has_shared ? &L->shared : NULL) : &L->dense;
+        if (f) {
+            ALLOC_F(f->h1, N * (size_t)f->F);
+            ALLOC_F(f->h3, N * (size_t)f->F);
+            ALLOC_F(f->act, N * (size_t)f->F);
+            if ((size_t)f->F > fmax) fmax = (size_t)f->F;
+        }
+    }
+    if (m->has_grads) {
+        ALLOC_F(m->bw.dres, N * C);
+        ALLOC_F(m->bw.dtmp, N * C);
+        ALLOC_F(m->bw.dtmp2, N * C);
+        ALLOC_F(m->bw.dq, N * HD);
+        ALLOC_F(m->bw.dk, N * GD);
+        ALLOC_F(m->bw.dv, N * GD);
+        ALLOC_F(m->bw.dao, N * HD);
+        ALLOC_F(m->bw.dlogits, N * V);
+        ALLOC_F(m->bw.att_scratch, moe__attention_scratch_size(max_seq, m->threads));
+        if (fmax) {
+            ALLOC_F(m->bw.dh1, N * fmax);
+            ALLOC_F(m->bw.dh3, N * fmax);
+            ALLOC_F(m->bw.dact, N * fmax);
+        }
+    }
+    m->arena = moe__aligned_alloc(total);
+    if (!m->arena) goto nomem;
+    memset(m->arena, 0, total);
+    for (int i = 0; i < nbuf; i++) *ptrs[i] = (float *)((char *)m->arena + offs[i]);
+    m->tok = moe__calloc(N, sizeof(int32_t));
+    m->tgt = moe__calloc(N, sizeof(int32_t));
+    m->ce_tok = moe__calloc(N, sizeof(float));
+    if (!m->tok || !m->tgt || !m->ce_tok) goto nomem;
+    moe__rope_table(m->act.rope, max_seq, c->head_dim, c->rope_theta);
+
+    for (int i = 0; i < Lc; i++) {
+        moe__mlayer *L = &m->layers[i];
+        if (!L->is_moe) continue;
+        moe_layer_config lc = moe_layer_config_default(c->hidden_size, c->intermediate_size, c->num_local_experts,
+                                                       c->num_experts_per_tok, (int)N);
+        lc.score = c->scoring_func;
+        lc.renormalize = c->norm_topk_prob;
+        lc.route_scale = c->routed_scaling_factor;
+        lc.aux_coef = c->router_aux_loss_coef / (float)m->n_moe;
+        lc.z_coef = c->router_z_loss_coef / (float)m->n_moe;
+        lc.n_threads = m->threads;
+        lc.max_top_k = m->has_grads ? 0 : c->num_local_experts; /* inference may raise k */
+        L->moe = moe_layer_create(&lc, &rc, errbuf, errsz);
+        if (!L->moe) {
+            moe_model_free(m);
+            if (err) *err = rc;
+            return NULL;
+        }
+        moe_layer_bind(L->moe, m->params + L->moe_off, m->has_grads ? m->grads + L->moe_off : NULL);
+    }
+    m->k_used = c->num_experts_per_tok;
+    if (err) *err = MOE_OK;
+    return m;
+
+too_big:
+    moe_model_free(m);
+    if (err) *err = MOE_EINVAL;
+    moe__set_err(errbuf, errsz, MOE_EINVAL, "model: sizes overflow");
+    return NULL;
+nomem:
+    moe_model_free(m);
+    if (err) *err = MOE_ENOMEM;
+    moe__set_err(errbuf, errsz, MOE_ENOMEM, "model: out of memory (batch %d x %d)", max_batch, max_seq);
+    return NULL;
+}
+#undef ALLOC_F
+
+/* ---- accessors ------------------------------------------------------------------ */
+
+const moe_model_config *moe_model_get_config(const moe_model *m) { return &m->cfg; }
+const char *moe_model_errmsg(const moe_model *m) { return m ? m->err : "model is NULL"; }
+size_t moe_model_n_params(const moe_model *m) { return m->n_params; }
+float *moe_model_params(moe_model *m) { return m->params; }
+float *moe_model_grads(moe_model *m) { return m->grads; }
+int moe_model_n_tensors(const moe_model *m) { return m->n_tensors; }
+const moe_param_info *moe_model_tensor(const moe_model *m, int i) {
+    return i >= 0 && i < m->n_tensors ? &m->tensors[i] : NULL;
+}
+const moe_param_info *moe_model_find_tensor(const moe_model *m, const char *name) {
+    for (int i = 0; i < m->n_tensors; i++)
+        if (!strcmp(m->tensors[i].name, name)) return &m->tensors[i];
+    return NULL;
+}
+const float *moe_model_logits(const moe_model *m) { return m->act.logits; }
+void moe_model_last_losses(const moe_model *m, float *ce, float *aux) {
+    if (ce) *ce = m->last_ce;
+    if (aux) *aux = m->last_aux;
+}
+const moe_layer_stats *moe_model_layer_stats(const moe_model *m, int layer) {
+    if (layer < 0 || layer >= m->cfg.num_hidden_layers || !m->layers[layer].moe) return NULL;
+    return moe_layer_get_stats(m->layers[layer].moe);
+}
+
+int moe_model_set_experts_used(moe_model *m, int k) {
+    if (!m) return MOE_EINVAL;
+    if (k == 0) k = m->cfg.num_experts_per_tok;
+    for (int i = 0; i < m->cfg.num_hidden_layers; i++) {
+        if (!m->layers[i].moe) continue;
+        int rc = moe_layer_set_top_k(m->layers[i].moe, k);
+        if (rc) return moe__set_err(m->err, sizeof m->err, rc, "experts used: %s", moe_layer_errmsg(m->layers[i].moe));
+    }
+    m->k_used = k;
+    m->have_fwd = 0;
+    return MOE_OK;
+}
+
+void moe_model_zero_grad(moe_model *m) {
+    if (m && m->grads) memset(m->grads, 0, sizeof(float) * m->n_params);
+}
+
+int moe_model_init(moe_model *m, uint64_t seed) {
+    const moe_model_config *c = &m->cfg;
+    const double sd = c->initializer_range, sd_out = sd / sqrt(2.0 * c->num_hidden_layers);
+    moe__rng rng;
+    moe__rng_seed(&rng, seed);
+    for (int i = 0; i < m->n_tensors; i++) {
+        const moe_param_info *t = &m->tensors[i];
+        float *p = m->params + t->offset;
+        if (t->ndim == 1) {
+            for (size_t j = 0; j < t->numel; j++) p[j] = 1.0f;
+            continue;
+        }
+        /* residual-branch outputs get GPT-2's 1/sqrt(2L) */
+        const int out = strstr(t->name, "o_proj") || strstr(t->name, ".w2.") || strstr(t->name, "down_proj");
+        const double s = out ? sd_out : sd;
+        for (size_t j = 0; j < t->numel; j++) p[j] = (float)(moe__rng_normal(&rng) * s);
+    }
+    m->have_fwd = 0;
+    return MOE_OK;
+}
+
+/* ---- dense SwiGLU FFN --------------------------------------------------------- */
+
+/* out [N][C] (=, or += when accumulate) down(silu(gate x) * up x) */
+static void ffn_forward(moe_model *m, moe__ffn *f, const float *x, int N, float *out, int accumulate) {
+    const int C = m->cfg.hidden_size, F = f->F, th = m->threads;
+    const float *P = m->params;
+    moe__gemm(0, 1, N, F, C, 1.0f, x, C, P + f->gate, C, 0.0f, f->h1, F, th);
+    moe__gemm(0, 1, N, F, C, 1.0f, x, C, P + f->up, C, 0.0f, f->h3, F, th);
+    moe__swiglu_forward(f->act, f->h1, f->h3, (size_t)N * F, th);
+    moe__gemm(0, 1, N, C, F, 1.0f, f->act, F, P + f->down, F, accumulate ? 1.0f : 0.0f, out, C, th);
+}
+
+/* dx [N][C] += d/dx of the FFN given dy; weight grads accumulate */
+static void ffn_backward(moe_model *m, moe__ffn *f, const float *x, const float *dy, int N, float *dx) {
+    const int C = m->cfg.hidden_size, F = f->F, th = m->threads;
+    const float *P = m->params;
+    float *Gr = m->grads;
+    float *dact = m->bw.dact, *dh1 = m->bw.dh1, *dh3 = m->bw.dh3;
+    moe__gemm(0, 0, N, F, C, 1.0f, dy, C, P + f->down, F, 0.0f, dact, F, th);       /* dact = dy down */
+    moe__gemm(1, 0, C, F, N, 1.0f, dy, C, f->act, F, 1.0f, Gr + f->down, F, th);    /* ddown += dy^T act */
+    moe__swiglu_backward(dh1, dh3, dact, f->h1, f->h3, (size_t)N * F, th);
+    moe__gemm(1, 0, F, C, N, 1.0f, dh1, F, x, C, 1.0f, Gr + f->gate, C, th);
+    moe__gemm(1, 0, F, C, N, 1.0f, dh3, F, x, C, 1.0f, Gr + f->up, C, th);
+    moe__gemm(0, 0, N, C, F, 1.0f, dh1, F, P + f->gate, C, 1.0f, dx, C, th);
+    moe__gemm(0, 0, N, C, F, 1.0f, dh3, F, P + f->up, C, 1.0f, dx, C, th);
+}
+
+/* ---- forward ------------------------------------------------------------------- */
+
+int moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t *targets, int B, int T, float *loss) {
+    if (!m || !tokens) return MOE_EINVAL;
+    m->err[0] = '\0';
+    m->have_fwd = 0;
+    const moe_model_config *c = &m->cfg;
+    if (B < 1 || B > m->max_B || T < 1 || T > m->max_T)
+        return moe__set_err(m->err, sizeof m->err, MOE_ESHAPE, "forward: batch %d x %d, model sized for %d x %d", B, T,
+                            m->max_B, m->max_T);
+    const int N = B * T, C = c->hidden_size, V = c->vocab_size, H = c->num_attention_heads,
+              G = c->num_key_value_heads, D = c->head_dim, th = m->threads;
+    const int HD = H * D, GD = G * D;
+    for (int n = 0; n < N; n++) {
+        if (tokens[n] < 0 || tokens[n] >= V || (targets && (targets[n] < 0 || targets[n] >= V)))
+            return moe__set_err(m->err, sizeof m->err, MOE_EINVAL, "forward: token %d at position %d is outside [0, %d)",
+                                tokens[n] < 0 || tokens[n] >= V ? tokens[n] : targets[n], n, V);
+        m->tok[n] = tokens[n];
+        if (targets) m->tgt[n] = targets[n];
+    }
+    const float *P = m->params;
+    moe__embedding_forward(m->layers[0].res, m->tok, P + m->embed, N, C, th);
+    for (int i = 0; i < c->num_hidden_layers; i++) {
+        moe__mlayer *L = &m->layers[i];
+        float *out = i + 1 < c->num_hidden_layers ? m->layers[i + 1].res : m->act.res_final;
+        moe__rmsnorm_forward(L->a1, L->rstd1, L->res, P + L->ln1, N, C, c->rms_norm_eps, th);
+        moe__gemm(0, 1, N, HD, C, 1.0f, L->a1, C, P + L->wq, C, 0.0f, L->q, HD, th);
+        moe__gemm(0, 1, N, GD, C, 1.0f, L->a1, C, P + L->wk, C, 0.0f, L->k, GD, th);
+        moe__gemm(0, 1, N, GD, C, 1.0f, L->a1, C, P + L->wv, C, 0.0f, L->v, GD, th);
+        moe__rope_forward(L->q, m->act.rope, B, T, H, D, 0, th);
+        moe__rope_forward(L->k, m->act.rope, B, T, G, D, 0, th);
+        moe__attention_forward(L->ao, L->att, L->q, L->k, L->v, B, T, H, G, D, th);
+        memcpy(L->res2, L->res, sizeof(float) * (size_t)N * C);
+        moe__gemm(0, 1, N, C, HD, 1.0f, L->ao, HD, P + L->wo, HD, 1.0f, L->res2, C, th);
+        moe__rmsnorm_forward(L->a2, L->rstd2, L->res2, P + L->ln2, N, C, c->rms_norm_eps, th);
+        memcpy(out, L->res2, sizeof(float) * (size_t)N * C);
+        if (L->is_moe) {
+            int rc = moe_layer_forward(L->moe, L->a2, N, m->act.ffo);
+            if (rc)
+                return moe__set_err(m->err, sizeof m->err, rc, "layer %d MoE: %s", i, moe_layer_errmsg(L->moe));
+            for (size_t j = 0; j < (size_t)N * C; j++) out[j] += m->act.ffo[j];
+            if (L->has_shared) ffn_forward(m, &L->shared, L->a2, N, out, 1);
+        } else {
+            ffn_forward(m, &L->dense, L->a2, N, out, 1);
+        }
+    }
+    moe__rmsnorm_forward(m->act.lnf, m->act.rstdf, m->act.res_final, P + m->norm, N, C, c->rms_norm_eps, th);
+    moe__gemm(0, 1, N, V, C, 1.0f, m->act.lnf, C, P + m->lm_head, C, 0.0f, m->act.logits, V, th);
+    m->B = B, m->T = T;
+    m->have_targets = targets != NULL;
+    if (targets) {
+        /* dlogits of the mean CE are made here (fused); backward uses them */
+        moe__xent_forward_backward(m->has_grads ? m->bw.dlogits : NULL, m->ce_tok, m->act.logits, m->tgt, N, V,
+                                   1.0f / N, th);
+        double ce = 0;
+        for (int n = 0; n < N; n++) ce += m->ce_tok[n];
+        double aux = 0;
+        for (int i = 0; i < c->num_hidden_layers; i++)
+            if (m->layers[i].moe) {
+                const moe_layer_stats *st = moe_layer_get_stats(m->layers[i].moe);
+                aux += (double)st->aux_loss + st->z_loss;
+            }
+        m->last_ce = (float)(ce / N);
+        m->last_aux = (float)aux;
+        if (loss) *loss = (float)(ce / N + aux);
+        if (!isfinite(m->last_ce))
+            return moe__set_err(m->err, sizeof m->err, MOE_ENONFINITE, "forward: the loss is %g", (double)m->last_ce);
+    }
+    m->have_fwd = 1;
+    return MOE_OK;
+}
+
+/* ---- backward ------------------------------------------------------------------- */
+
+int moe_model_backward(moe_model *m) {
+    if (!m) return MOE_EINVAL;
+    if (!m->has_grads) return moe__set_err(m->err, sizeof m->err, MOE_ESTATE, "backward: model created without gradients");
+    if (!m->have_fwd || !m->have_targets)
+        return moe__set_err(m->err, sizeof m->err, MOE_ESTATE, "backward: needs a forward with targets first");
+    const moe_model_config *c = &m->cfg;
+    const int B = m->B, T = m->T, N = B * T, C = c->hidden_size, V = c->vocab_size, H = c->num_attention_heads,
+              G = c->num_key_value_heads, D = c->head_dim, th = m->threads;
+    const int HD = H * D, GD = G * D;
+    const float *P = m->params;
+    float *Gr = m->grads, *dres = m->bw.dres;
+
+    /* head: dlnf = dlogits Wlm; dWlm += dlogits^T lnf */
+    float *dlnf = m->bw.dtmp;
+    moe__gemm(0, 0, N, C, V, 1.0f, m->bw.dlogits, V, P + m->lm_head, C, 0.0f, dlnf, C, th);
+    moe__gemm(1, 0, V, C, N, 1.0f, m->bw.dlogits, V, m->act.lnf, C, 1.0f, Gr + m->lm_head, C, th);
+    memset(dres, 0, sizeof(float) * (size_t)N * C);
+    moe__rmsnorm_backward(dres, Gr + m->norm, dlnf, m->act.res_final, P + m->norm, m->act.rstdf, N, C,
+                          th);
+
+    for (int i = c->num_hidden_layers - 1; i >= 0; i--) {
+        moe__mlayer *L = &m->layers[i];
+        /* FFN: out = res2 + ffn(a2): dres flows to res2 unchanged, plus through a2 */
+        float *da2 = m->bw.dtmp;
+        if (L->is_moe) {
+            int rc = moe_layer_backward(L->moe, dres, da2);
+            if (rc) return moe__set_err(m->err, sizeof m->err, rc, "layer %d MoE backward: %s", i, moe_layer_errmsg(L->moe));
+            if (L->has_shared) ffn_backward(m, &L->shared, L->a2, dres, N, da2);
+        } else {
+            memset(da2, 0, sizeof(float) * (size_t)N * C);
+            ffn_backward(m, &L->dense, L->a2, dres, N, da2);
+        }
+        moe__rmsnorm_backward(dres, Gr + L->ln2, da2, L->res2, P + L->ln2, L->rstd2, N, C, th);
+
+        /* attention: res2 = res + ao Wo^T */
+        moe__gemm(0, 0, N, HD, C, 1.0f, dres, C, P + L->wo, HD, 0.0f, m->bw.dao, HD, th);
+        moe__gemm(1, 0, C, HD, N, 1.0f, dres, C, L->ao, HD, 1.0f, Gr + L->wo, HD, th);
+        memset(m->bw.dq, 0, sizeof(float) * (size_t)N * HD);
+        memset(m->bw.dk, 0, sizeof(float) * (size_t)N * GD);
+        memset(m->bw.dv, 0, sizeof(float) * (size_t)N * GD);
+        moe__attention_backward(m->bw.dq, m->bw.dk, m->bw.dv, m->bw.dao, L->att, L->q, L->k, L->v, B, T, H, G, D,
+                                m->bw.att_scratch, th);
+        moe__rope_backward(m->bw.dq, m->act.rope, B, T, H, D, 0, th);
+        moe__rope_backward(m->bw.dk, m->act.rope, B, T, G, D, 0, th);
+        float *da1 = m->bw.dtmp;
+        moe__gemm(0, 0, N, C, HD, 1.0f, m->bw.dq, HD, P + L->wq, C, 0.0f, da1, C, th);
+        moe__gemm(0, 0, N, C, GD, 1.0f, m->bw.dk, GD, P + L->wk, C, 1.0f, da1, C, th);
+        moe__gemm(0, 0, N, C, GD, 1.0f, m->bw.dv, GD, P + L->wv, C, 1.0f, da1, C, th);
+        moe__gemm(1, 0, HD, C, N, 1.0f, m->bw.dq, HD, L->a1, C, 1.0f, Gr + L->wq, C, th);
+        moe__gemm(1, 0, GD, C, N, 1.0f, m->bw.dk, GD, L->a1, C, 1.0f, Gr + L->wk, C, th);
+        moe__gemm(1, 0, GD, C, N, 1.0f, m->bw.dv, GD, L->a1, C, 1.0f, Gr + L->wv, C, th);
+        moe__rmsnorm_backward(dres, Gr + L->ln1, da1, L->res, P + L->ln1, L->rstd1, N, C, th);
+    }
+    moe__embedding_backward(Gr + m->embed, dres, m->tok, N, C, th);
+    return MOE_OK;
+}
+
+/* ---- decoding with a KV cache ----------------------------------------------------- */
+
+int moe_model_decode_reset(moe_model *m) {
+    if (!m) return MOE_EINVAL;
+    m->pos = 0;
+    return MOE_OK;
+}
+
+int moe_model_decode(moe_model *m, int32_t token, const float **logits) {
+    if (!m) return MOE_EINVAL;
+    const moe_model_config *c = &m->cfg;
+    const int C = c->hidden_size, V = c->vocab_size, H = c->num_attention_heads, G = c->num_key_value_heads,
+              D = c->head_dim, th = m->threads;
+    const int HD = H * D, GD = G * D;
+    if (token < 0 || token >= V)
+        return moe__set_err(m->err, sizeof m->err, MOE_EINVAL, "decode: token %d is outside [0, %d)", token, V);
+    if (m->pos >= m->max_T)
+        return moe__set_err(m->err, sizeof m->err, MOE_ELIMIT, "decode: context full (%d positions)", m->max_T);
+    const float *P = m->params;
+    float *x = m->dec.x, *a = m->dec.a;
+    float rstd;
+    memcpy(x, P + m->embed + (size_t)token * C, sizeof(float) * C);
+    for (int i = 0; i < c->num_hidden_layers; i++) {
+        moe__mlayer *L = &m->layers[i];
+        float *kc = m->kcache + (size_t)i * m->max_T * GD, *vc = m->vcache + (size_t)i * m->max_T * GD;
+        moe__rmsnorm_forward(a, &rstd, x, P + L->ln1, 1, C, c->rms_norm_eps, 1);
+        moe__gemm(0, 1, 1, HD, C, 1.0f, a, C, P + L->wq, C, 0.0f, m->dec.q, HD, th);
+        moe__gemm(0, 1, 1, GD, C, 1.0f, a, C, P + L->wk, C, 0.0f, kc + (size_t)m->pos * GD, GD, th);
+        moe__gemm(0, 1, 1, GD, C, 1.0f, a, C, P + L->wv, C, 0.0f, vc + (size_t)m->pos * GD, GD, th);
+        moe__rope_forward(m->dec.q, m->act.rope, 1, 1, H, D, m->pos, 1);
+        moe__rope_forward(kc + (size_t)m->pos * GD, m->act.rope, 1, 1, G, D, m->pos, 1);
+        moe__attention_decode(m->dec.o, m->dec.q, kc, vc, m->pos + 1, H, G, D, m->dec.scratch);
+        moe__gemm(0, 1, 1, C, HD, 1.0f, m->dec.o, HD, P + L->wo, HD, 1.0f, x, C, th);
+        moe__rmsnorm_forward(a, &rstd, x, P + L->ln2, 1, C, c->rms_norm_eps, 1);
+        if (L->is_moe) {
+            int rc = moe_layer_forward(L->moe, a, 1, m->dec.y);
+            if (rc) return moe__set_err(m->err, sizeof m->err, rc, "layer %d MoE: %s", i, moe_layer_errmsg(L->moe));
+            for (int j = 0; j < C; j++) x[j] += m->dec.y[j];
+            if (L->has_shared) ffn_forward(m, &L->shared, a, 1, x, 1);
+        } else {
+            ffn_forward(m, &L->dense, a, 1, x, 1);
+        }
+    }
+    moe__rmsnorm_forward(a, &rstd, x, P + m->norm, 1, C, c->rms_norm_eps, 1);
+    moe__gemm(0, 1, 1, V, C, 1.0f, a, C, P + m->lm_head, C, 0.0f, m->act.logits, V, th);
+    m->pos++;
+    m->have_fwd = 0; /* the training activations no longer match */
+    if (logits) *logits = m->act.logits;
+    return MOE_OK;
+}

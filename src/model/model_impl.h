@@ -1,0 +1,71 @@
+/* The model's state, shared by model.c and the checkpoint / training code. */
+#ifndef MOE_MODEL_IMPL_H
+#define MOE_MODEL_IMPL_H
+
+#include "internal.h"
+
+/* A dense SwiGLU FFN: weight offsets into the arena and its activations. */
+typedef struct moe__ffn {
+    int F;                      /* hidden size */
+    size_t gate, up, down;      /* [F][C], [F][C], [C][F] */
+    float *h1, *h3, *act;       /* [N][F] */
+} moe__ffn;
+
+typedef struct moe__mlayer {
+    size_t ln1, wq, wk, wv, wo, ln2;
+    int is_moe, has_shared;
+    size_t moe_off;             /* start of the moe_layer's parameter block */
+    moe_layer *moe;             /* MoE FFN (bound to the arena) */
+    moe__ffn dense;             /* dense FFN when !is_moe */
+    moe__ffn shared;            /* shared experts when has_shared */
+    /* saved activations, N = B*T */
+    float *res;                 /* [N][C] input of the layer */
+    float *a1, *rstd1;          /* [N][C], [N] */
+    float *q, *k, *v;           /* [N][H*D], [N][G*D] x2, after RoPE */
+    float *att;                 /* [B][H][T][T] probabilities */
+    float *ao;                  /* [N][H*D] attention output */
+    float *res2;                /* [N][C] after attention */
+    float *a2, *rstd2;          /* [N][C], [N] */
+} moe__mlayer;
+
+struct moe_model {
+    moe_model_config cfg;
+    int max_B, max_T, threads, has_grads, n_moe, k_used;
+    char err[256];
+
+    moe_param_info *tensors;
+    int n_tensors, cap_tensors;
+    size_t n_params;
+    size_t embed, norm, lm_head; /* offsets (lm_head == embed when tied) */
+    moe__mlayer *layers;         /* [L] */
+
+    void *arena;                 /* everything below lives in it */
+    float *params, *grads;       /* [n_params] */
+    struct {
+        float *res_final, *lnf, *rstdf; /* [N][C], [N][C], [N] */
+        float *logits;                  /* [N][V] */
+        float *rope;                    /* [T][D] cos | sin table */
+        float *ffo;                     /* [N][C] MoE output */
+    } act;
+    struct {
+        float *dres, *dtmp, *dtmp2;     /* [N][C] */
+        float *dq, *dk, *dv, *dao;      /* [N][H*D], [N][G*D] x2, [N][H*D] */
+        float *dlogits;                 /* [N][V] */
+        float *att_scratch;             /* moe__attention_scratch_size(T, threads) */
+        float *dh1, *dh3, *dact;        /* [N][Fmax] */
+    } bw;
+    float *kcache, *vcache;             /* [L][T][G*D] */
+    struct {
+        float *x, *a, *y;               /* [C] */
+        float *q, *o;                   /* [H*D] */
+        float *scratch;                 /* [T*H + 64] */
+    } dec;
+    int pos;                            /* decode position */
+
+    int32_t *tok, *tgt;                 /* [N] of the last forward */
+    float *ce_tok;                      /* [N] per-token cross-entropy */
+    int B, T, have_fwd, have_targets;
+    float last_ce, last_aux;
+};
+
+#endif

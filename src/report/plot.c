@@ -1,0 +1,136 @@
+/* Line charts as SVG text: axes with rounded ticks, one polyline per series,
+ * a legend. Enough for loss curves and the experiments' plots. */
+#include "internal.h"
+#include "io/atomic.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+typedef struct {
+    char *p;
+    size_t len, cap;
+    int oom;
+} sbuf;
+
+static void sb_printf(sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void sb_printf(sbuf *b, const char *fmt, ...) {
+    if (b->oom) return;
+    for (;;) {
+        va_list ap;
+        va_start(ap, fmt);
+        int n = vsnprintf(b->p ? b->p + b->len : NULL, b->p ? b->cap - b->len : 0, fmt, ap);
+        va_end(ap);
+        if (n < 0) {
+            b->oom = 1;
+            return;
+        }
+        if (b->p && b->len + (size_t)n < b->cap) {
+            b->len += (size_t)n;
+            return;
+        }
+        size_t cap = (b->cap + (size_t)n + 1) * 2;
+        char *q = moe__malloc(cap);
+        if (!q) {
+            b->oom = 1;
+            return;
+        }
+        if (b->p) memcpy(q, b->p, b->len);
+        moe__free(b->p);
+        b->p = q, b->cap = cap;
+    }
+}
+
+/* XML-escapes a label into b */
+static void sb_text(sbuf *b, const char *s) {
+    for (; s && *s; s++) {
+        switch (*s) {
+        case '<': sb_printf(b, "&lt;"); break;
+        case '>': sb_printf(b, "&gt;"); break;
+        case '&': sb_printf(b, "&amp;"); break;
+        case '"': sb_printf(b, "&quot;"); break;
+        default: sb_printf(b, "%c", *s);
+        }
+    }
+}
+
+static double nice_step(double range, int target) {
+    double raw = range / target, mag = pow(10, floor(log10(raw))), f = raw / mag;
+    return (f < 1.5 ? 1 : f < 3 ? 2 : f < 7 ? 5 : 10) * mag;
+}
+
+static const char *COLORS[] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"};
+
+int moe_plot_svg(const char *path, const char *title, const char *xlabel, const char *ylabel,
+                 const moe_plot_series *s, int ns, int log_x, char *err, size_t errsz) {
+    double x0 = INFINITY, x1 = -INFINITY, y0 = INFINITY, y1 = -INFINITY;
+    for (int k = 0; k < ns; k++)
+        for (int i = 0; i < s[k].n; i++) {
+            double x = log_x ? log10(s[k].x[i]) : s[k].x[i], y = s[k].y[i];
+            if (!isfinite(x) || !isfinite(y)) continue;
+            x0 = fmin(x0, x), x1 = fmax(x1, x), y0 = fmin(y0, y), y1 = fmax(y1, y);
+        }
+    if (!(x0 <= x1)) x0 = 0, x1 = 1, y0 = 0, y1 = 1;
+    if (x1 == x0) x1 = x0 + 1;
+    if (y1 == y0) y1 = y0 + 1;
+    const double pad = (y1 - y0) * 0.05;
+    y0 -= pad, y1 += pad;
+    const int W = 720, H = 440, L = 70, R = 20, T = 40, Bm = 55;
+    const double pw = W - L - R, ph = H - T - Bm;
+#define PX(x) (L + ((x) - x0) / (x1 - x0) * pw)
+#define PY(y) (T + (y1 - (y)) / (y1 - y0) * ph)
+    sbuf b = {0};
+    sb_printf(&b, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" "
+                  "font-size=\"12\">\n<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n", W, H);
+    sb_printf(&b, "<text x=\"%d\" y=\"22\" font-size=\"15\" text-anchor=\"middle\">", W / 2);
+    sb_text(&b, title);
+    sb_printf(&b, "</text>\n");
+    /* grid and ticks */
+    double ys = nice_step(y1 - y0, 6);
+    for (double y = ceil(y0 / ys) * ys; y <= y1; y += ys)
+        sb_printf(&b, "<line x1=\"%d\" x2=\"%d\" y1=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/><text x=\"%d\" y=\"%.1f\" "
+                      "text-anchor=\"end\">%g</text>\n", L, W - R, PY(y), PY(y), L - 6, PY(y) + 4, y);
+    double xs = log_x ? 1 : nice_step(x1 - x0, 8);
+    for (double x = ceil(x0 / xs) * xs; x <= x1 + 1e-9; x += xs)
+        sb_printf(&b, "<line x1=\"%.1f\" x2=\"%.1f\" y1=\"%d\" y2=\"%d\" stroke=\"#ddd\"/><text x=\"%.1f\" y=\"%d\" "
+                      "text-anchor=\"middle\">%g</text>\n", PX(x), PX(x), T, H - Bm, PX(x), H - Bm + 16,
+                  log_x ? pow(10, x) : x);
+    sb_printf(&b, "<rect x=\"%d\" y=\"%d\" width=\"%.0f\" height=\"%.0f\" fill=\"none\" stroke=\"#333\"/>\n", L, T, pw, ph);
+    sb_printf(&b, "<text x=\"%.0f\" y=\"%d\" text-anchor=\"middle\">", L + pw / 2, H - 12);
+    sb_text(&b, xlabel);
+    sb_printf(&b, "</text>\n<text x=\"16\" y=\"%.0f\" text-anchor=\"middle\" transform=\"rotate(-90 16 %.0f)\">",
+              T + ph / 2, T + ph / 2);
+    sb_text(&b, ylabel);
+    sb_printf(&b, "</text>\n");
+    for (int k = 0; k < ns; k++) {
+        const char *col = COLORS[k % 8];
+        sb_printf(&b, "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"1.6\" points=\"", col);
+        for (int i = 0; i < s[k].n; i++) {
+            double x = log_x ? log10(s[k].x[i]) : s[k].x[i], y = s[k].y[i];
+            if (isfinite(x) && isfinite(y)) sb_printf(&b, "%.1f,%.1f ", PX(x), PY(y));
+        }
+        sb_printf(&b, "\"/>\n");
+        if (s[k].markers)
+            for (int i = 0; i < s[k].n; i++) {
+                double x = log_x ? log10(s[k].x[i]) : s[k].x[i], y = s[k].y[i];
+                if (isfinite(x) && isfinite(y))
+                    sb_printf(&b, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3\" fill=\"%s\"/>\n", PX(x), PY(y), col);
+            }
+        sb_printf(&b, "<rect x=\"%d\" y=\"%d\" width=\"14\" height=\"3\" fill=\"%s\"/><text x=\"%d\" y=\"%d\">",
+                  W - R - 190, T + 14 + 18 * k, col, W - R - 170, T + 19 + 18 * k);
+        sb_text(&b, s[k].label);
+        sb_printf(&b, "</text>\n");
+    }
+    sb_printf(&b, "</svg>\n");
+#undef PX
+#undef PY
+    if (b.oom) {
+        moe__free(b.p);
+        return moe__set_err(err, errsz, MOE_ENOMEM, "%s: out of memory", path);
+    }
+    moe__iov part = {b.p, b.len};
+    int rc = moe__write_atomic(path, &part, 1, err, errsz);
+    moe__free(b.p);
+    return rc;
+}

@@ -1,0 +1,227 @@
+/* Training: micro-batch sampling, gradient accumulation, AdamW steps,
+ * evaluation on fixed validation windows, and the state a bit-exact resume
+ * needs (AdamW moments, step, sampler RNG). */
+#include "io/safetensors.h"
+#include "model/model_impl.h"
+
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+struct moe_trainer {
+    moe_model *m;
+    moe_train_config tc;
+    const int32_t *train, *val;
+    size_t n_train, n_val;
+    moe_adamw *opt;
+    moe__rng rng;
+    int32_t *tok, *tgt; /* [B][T] */
+    double tokens;
+    char err[256];
+};
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+moe_trainer *moe_trainer_create(moe_model *m, const moe_train_config *tc, const int32_t *train, size_t n_train,
+                                const int32_t *val, size_t n_val, int *err, char *errbuf, size_t errsz) {
+    int rc = MOE_OK;
+    if (!m || !tc || !train || !m->has_grads)
+        rc = moe__set_err(errbuf, errsz, MOE_EINVAL, "trainer: needs a model with gradients and training tokens");
+    else if (tc->batch < 1 || tc->batch > m->max_B || tc->seq < 2 || tc->seq > m->max_T || tc->grad_accum < 1)
+        rc = moe__set_err(errbuf, errsz, MOE_EINVAL, "trainer: batch %d x seq %d (accum %d) does not fit the model (%d x %d)",
+                          tc->batch, tc->seq, tc->grad_accum, m->max_B, m->max_T);
+    else if (n_train < (size_t)tc->seq + 2 || (val && n_val < (size_t)tc->seq + 2))
+        rc = moe__set_err(errbuf, errsz, MOE_EINVAL, "trainer: %zu training / %zu validation tokens: fewer than seq + 2",
+                          n_train, n_val);
+    if (rc) {
+        if (err) *err = rc;
+        return NULL;
+    }
+    moe_trainer *t = moe__calloc(1, sizeof *t);
+    if (!t) goto nomem;
+    t->m = m;
+    t->tc = *tc;
+    t->train = train, t->n_train = n_train, t->val = val, t->n_val = val ? n_val : 0;
+    t->tok = moe__calloc((size_t)tc->batch * tc->seq, sizeof(int32_t));
+    t->tgt = moe__calloc((size_t)tc->batch * tc->seq, sizeof(int32_t));
+    t->opt = moe_adamw_create(m->n_params, &tc->opt, tc->n_threads, &rc);
+    if (!t->tok || !t->tgt || !t->opt) goto nomem;
+    moe__rng_seed(&t->rng, tc->seed ^ 0x5eed0da7aULL);
+    if (err) *err = MOE_OK;
+    return t;
+nomem:
+    moe_trainer_free(t);
+    if (err) *err = MOE_ENOMEM;
+    moe__set_err(errbuf, errsz, MOE_ENOMEM, "trainer: out of memory");
+    return NULL;
+}
+
+void moe_trainer_free(moe_trainer *t) {
+    if (!t) return;
+    moe_adamw_free(t->opt);
+    moe__free(t->tok);
+    moe__free(t->tgt);
+    moe__free(t);
+}
+
+const char *moe_trainer_errmsg(const moe_trainer *t) { return t ? t->err : "trainer is NULL"; }
+int moe_trainer_get_step(const moe_trainer *t) { return moe_adamw_get_step(t->opt); }
+
+void moe_trainer_set_schedule(moe_trainer *t, int max_steps, int warmup_steps) {
+    moe_adamw_config *c = moe__adamw_config(t->opt);
+    c->max_steps = max_steps;
+    c->warmup_steps = warmup_steps;
+    t->tc.opt = *c;
+}
+
+/* B windows of T+1 tokens at offsets drawn from the sampler */
+static void sample(moe_trainer *t) {
+    const int B = t->tc.batch, T = t->tc.seq;
+    const uint64_t span = t->n_train - (size_t)T - 1;
+    for (int b = 0; b < B; b++) {
+        const size_t off = (size_t)(moe__rng_u64(&t->rng) % span);
+        memcpy(t->tok + (size_t)b * T, t->train + off, sizeof(int32_t) * T);
+        memcpy(t->tgt + (size_t)b * T, t->train + off + 1, sizeof(int32_t) * T);
+    }
+}
+
+int moe_trainer_step(moe_trainer *t, moe_train_step_info *info) {
+    const double t0 = now_s();
+    const int B = t->tc.batch, T = t->tc.seq, A = t->tc.grad_accum;
+    moe_model *m = t->m;
+    moe_model_zero_grad(m);
+    double loss = 0, ce = 0, aux = 0;
+    for (int a = 0; a < A; a++) {
+        sample(t);
+        float l, c, x;
+        int rc = moe_model_forward(m, t->tok, t->tgt, B, T, &l);
+        if (!rc) rc = moe_model_backward(m);
+        if (rc) return moe__set_err(t->err, sizeof t->err, rc, "step %d: %s", moe_adamw_get_step(t->opt), m->err);
+        moe_model_last_losses(m, &c, &x);
+        loss += l, ce += c, aux += x;
+    }
+    if (A > 1) { /* the mean over micro-batches: scale the summed gradients */
+        const float s = 1.0f / A;
+        for (size_t i = 0; i < m->n_params; i++) m->grads[i] *= s;
+    }
+    const float lr = moe_adamw_lr(moe__adamw_config(t->opt), moe_adamw_get_step(t->opt));
+    float gn;
+    int rc = moe_adamw_step(t->opt, m->params, m->grads, m->tensors, m->n_tensors, &gn);
+    if (rc)
+        return moe__set_err(t->err, sizeof t->err, rc, "step %d: gradient norm is %g (NaN/Inf gradients)",
+                            moe_adamw_get_step(t->opt), (double)gn);
+    t->tokens += (double)A * B * T;
+    if (info) {
+        info->step = moe_adamw_get_step(t->opt);
+        info->loss = (float)(loss / A), info->ce = (float)(ce / A), info->aux = (float)(aux / A);
+        info->lr = lr, info->grad_norm = gn;
+        info->tokens = t->tokens;
+        info->step_seconds = now_s() - t0;
+    }
+    return MOE_OK;
+}
+
+int moe_trainer_eval(moe_trainer *t, float *val_loss) {
+    if (!t->val) return moe__set_err(t->err, sizeof t->err, MOE_ESTATE, "eval: no validation tokens");
+    const int B = t->tc.batch, T = t->tc.seq, nb = t->tc.eval_batches > 0 ? t->tc.eval_batches : 1;
+    const size_t nwin = (size_t)nb * B, span = t->n_val - (size_t)T - 1;
+    double sum = 0;
+    for (int k = 0; k < nb; k++) {
+        for (int b = 0; b < B; b++) {
+            const size_t w = (size_t)k * B + b, off = nwin > 1 ? w * span / (nwin - 1) : 0;
+            memcpy(t->tok + (size_t)b * T, t->val + off, sizeof(int32_t) * T);
+            memcpy(t->tgt + (size_t)b * T, t->val + off + 1, sizeof(int32_t) * T);
+        }
+        float ce;
+        int rc = moe_model_forward(t->m, t->tok, t->tgt, B, T, NULL);
+        if (rc) return moe__set_err(t->err, sizeof t->err, rc, "eval: %s", t->m->err);
+        moe_model_last_losses(t->m, &ce, NULL);
+        sum += ce;
+    }
+    *val_loss = (float)(sum / nb);
+    return MOE_OK;
+}
+
+/* ---- state ------------------------------------------------------------------- */
+
+int moe_trainer_save(moe_trainer *t, const char *dir, char *err, size_t errsz) {
+    int rc = moe_model_save(t->m, dir, err, errsz);
+    if (rc) return rc;
+    moe_model *m = t->m;
+    const int n = m->n_tensors;
+    moe__st_out *o = moe__calloc((size_t)2 * n, sizeof *o);
+    char *names = moe__calloc((size_t)2 * n, 100);
+    if (!o || !names) {
+        moe__free(o), moe__free(names);
+        return moe__set_err(err, errsz, MOE_ENOMEM, "%s: out of memory", dir);
+    }
+    for (int i = 0; i < 2 * n; i++) {
+        const moe_param_info *pi = &m->tensors[i % n];
+        char *nm = names + (size_t)i * 100;
+        snprintf(nm, 100, "%s.%s", i < n ? "m" : "v", pi->name);
+        o[i].name = nm;
+        o[i].dtype = MOE__DT_F32;
+        o[i].ndim = pi->ndim;
+        for (int d = 0; d < pi->ndim; d++) o[i].shape[d] = pi->shape[d];
+        o[i].data = (i < n ? moe_adamw_m(t->opt) : moe_adamw_v(t->opt)) + pi->offset;
+    }
+    char step[32], rng[4][32], tokens[32];
+    snprintf(step, sizeof step, "%d", moe_adamw_get_step(t->opt));
+    for (int k = 0; k < 4; k++) snprintf(rng[k], sizeof rng[k], "%016" PRIx64, t->rng.s[k]);
+    snprintf(tokens, sizeof tokens, "%.0f", t->tokens);
+    const char *meta[] = {"step", step, "rng0", rng[0], "rng1", rng[1], "rng2", rng[2], "rng3", rng[3],
+                          "tokens", tokens, NULL};
+    char path[4096];
+    snprintf(path, sizeof path, "%s/optimizer.safetensors", dir);
+    rc = moe__st_write(path, o, 2 * n, meta, err, errsz);
+    moe__free(o), moe__free(names);
+    return rc;
+}
+
+int moe_trainer_load_state(moe_trainer *t, const char *dir, char *err, size_t errsz) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/optimizer.safetensors", dir);
+    moe__st_file *f;
+    int rc = moe__st_open(path, &f, err, errsz);
+    if (rc) return rc;
+    moe_model *m = t->m;
+    char name[128];
+    for (int i = 0; i < 2 * m->n_tensors && !rc; i++) {
+        const moe_param_info *pi = &m->tensors[i % m->n_tensors];
+        snprintf(name, sizeof name, "%s.%s", i < m->n_tensors ? "m" : "v", pi->name);
+        const moe__st_tensor *st = moe__st_find(f, name);
+        if (!st || st->numel != pi->numel)
+            rc = moe__set_err(err, errsz, MOE_EFORMAT, "%s: tensor \"%s\" missing or of the wrong size", path, name);
+        else
+            rc = moe__st_read_f32(st, (i < m->n_tensors ? moe_adamw_m(t->opt) : moe_adamw_v(t->opt)) + pi->offset,
+                                  pi->numel);
+    }
+    const char *keys[] = {"step", "rng0", "rng1", "rng2", "rng3", "tokens"};
+    const char *vals[6];
+    for (int k = 0; k < 6 && !rc; k++) {
+        vals[k] = moe__st_meta(f, keys[k]);
+        if (!vals[k]) rc = moe__set_err(err, errsz, MOE_EFORMAT, "%s: metadata \"%s\" missing", path, keys[k]);
+    }
+    if (!rc) {
+        char *end;
+        long step = strtol(vals[0], &end, 10);
+        if (*end || step < 0 || step > 1L << 30) rc = moe__set_err(err, errsz, MOE_EFORMAT, "%s: bad step", path);
+        for (int k = 0; k < 4 && !rc; k++) {
+            t->rng.s[k] = strtoull(vals[1 + k], &end, 16);
+            if (*end || strlen(vals[1 + k]) != 16) rc = moe__set_err(err, errsz, MOE_EFORMAT, "%s: bad rng state", path);
+        }
+        if (!rc) {
+            moe_adamw_set_step(t->opt, (int)step);
+            t->tokens = strtod(vals[5], NULL);
+        }
+    }
+    moe__st_close(f);
+    return rc;
+}
