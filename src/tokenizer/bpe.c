@@ -245,21 +245,28 @@ static inline int byte_class(unsigned char c) {
 
 size_t moe__bpe_chunk_end(const unsigned char *s, size_t len, size_t i) {
     if (i >= len) return len;
-    size_t j;
+    /* Scanning stops at the chunk limit, so a long run costs O(run), not O(run^2). */
+    const size_t max = MOE_TOKENIZER_MAX_CHUNK;
+    size_t lim = len - i > max ? i + max : len, j;
     int c = byte_class(s[i]);
     if (s[i] == ' ' && i + 1 < len && byte_class(s[i + 1]) != C_SPACE) {
         int k = byte_class(s[i + 1]); /* " word", " 123", " ?!" */
         j = i + 2;
-        while (j < len && byte_class(s[j]) == k) j++;
+        while (j < lim && byte_class(s[j]) == k) j++;
     } else if (c == C_SPACE) {
+        size_t wlim = len - i > max + 1 ? i + max + 1 : len;
         j = i + 1;
-        while (j < len && byte_class(s[j]) == C_SPACE) j++;
-        if (j < len && j - i >= 2 && s[j - 1] == ' ') j--; /* leave the space to the word */
+        while (j < wlim && byte_class(s[j]) == C_SPACE) j++;
+        if (j < len && byte_class(s[j]) == C_SPACE) {
+            j = i + max; /* the run goes on past the limit */
+        } else {
+            if (j < len && j - i >= 2 && s[j - 1] == ' ') j--; /* leave the space to the word */
+            if (j - i > max) j = i + max;
+        }
     } else {
         j = i + 1;
-        while (j < len && byte_class(s[j]) == c) j++;
+        while (j < lim && byte_class(s[j]) == c) j++;
     }
-    if (j - i > MOE_TOKENIZER_MAX_CHUNK) j = i + MOE_TOKENIZER_MAX_CHUNK;
     return j;
 }
 

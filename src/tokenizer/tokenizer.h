@@ -30,6 +30,8 @@
 #ifndef MOE_TOKENIZER_H
 #define MOE_TOKENIZER_H
 
+#include "moe.h" /* error codes */
+
 #include <stddef.h>
 #include <stdint.h>
 
