@@ -331,8 +331,9 @@ static moe_corpus *dt_small_corpus(void) {
     for (int i = 0; i < 24; i++) {
         moe_doc *d = &c->docs[i];
         d->genre = i < 12 ? 0 : i < 20 ? 4 : 14;
+        int k = i < 12 ? i + 1 : i < 20 ? i - 11 : i - 19;
         snprintf(d->id, sizeof d->id, "c%c%02d", "ae r"[i < 12 ? 0 : i < 20 ? 1 : 3],
-                 i < 12 ? i + 1 : i < 20 ? i - 11 : i - 19);
+                 (k % 100 + 100) % 100);
         d->text = malloc(2000);
         size_t n = 0;
         int nw = 20 + i * 7;
@@ -588,4 +589,142 @@ TEST(data_shard_brown) {
     free(texts);
     free(lens);
     moe_corpus_free(c);
+}
+
+/* ---- allocation failures ------------------------------------------------------ */
+
+static long dt_fail_at = -1, dt_allocs;
+static void *dt_alloc(size_t n, void *ctx) {
+    (void)ctx;
+    long k = __atomic_fetch_add(&dt_allocs, 1, __ATOMIC_RELAXED);
+    return k == dt_fail_at ? NULL : malloc(n);
+}
+static void dt_free(void *p, void *ctx) {
+    (void)ctx;
+    free(p);
+}
+
+/* Every allocation of the corpus loader, the trainer, the tokenizer loader and
+ * the shard builder fails once in turn: each call must return MOE_ENOMEM (or
+ * succeed) and leak nothing (checked under ASan). */
+TEST(data_alloc_failures) {
+    char dir[64], err[512], path[160];
+    if (!dt_make_dir(dir)) {
+        CHECK_MSG(0, "mkdtemp failed");
+        return;
+    }
+    dt_write_str(dir, "ca01", "\tThe/at jury/nn said/vbd ``/`` no/at ''/'' ./.\n\n\tIt/pps is/bez ./.\n");
+    dt_write_str(dir, "ca02", "\tA/at second/od document/nn ./.\n");
+    snprintf(path, sizeof path, "%s/tok.json", dir);
+    moe_allocator a = {dt_alloc, dt_free, NULL};
+    int saw_nomem = 0;
+    for (int stage = 0; stage < 4; stage++) {
+        for (long k = 0;; k++) {
+            moe_corpus *c = NULL;
+            moe_tokenizer *t = NULL;
+            moe_shard *s = NULL;
+            /* set-up outside the sweep: the earlier stages without failures */
+            int rc = moe_corpus_load_brown(dir, &c, err, sizeof err);
+            const char *texts[2] = {c ? c->docs[0].text : "", c ? c->docs[1].text : ""};
+            size_t lens[2] = {c ? c->docs[0].len : 0, c ? c->docs[1].len : 0};
+            if (!rc && stage >= 2) rc = moe_tokenizer_train(texts, lens, 2, 280, &t, err, sizeof err);
+            if (!rc && stage == 2) rc = moe_tokenizer_save(t, path, err, sizeof err);
+            if (rc) {
+                CHECK_MSG(0, "set-up failed: %s", err);
+                moe_corpus_free(c);
+                moe_tokenizer_free(t);
+                break;
+            }
+            if (stage == 0) moe_corpus_free(c), c = NULL;
+            if (stage == 2) moe_tokenizer_free(t), t = NULL;
+            dt_allocs = 0;
+            dt_fail_at = k;
+            moe_set_allocator(&a);
+            moe_corpus *c2 = NULL;
+            moe_tokenizer *t2 = NULL;
+            switch (stage) {
+            case 0: rc = moe_corpus_load_brown(dir, &c2, err, sizeof err); break;
+            case 1: rc = moe_tokenizer_train(texts, lens, 2, 280, &t2, err, sizeof err); break;
+            case 2: rc = moe_tokenizer_load(path, &t2, err, sizeof err); break;
+            case 3: rc = moe_shard_build(c, t, 0, &s, err, sizeof err); break;
+            }
+            long used = dt_allocs;
+            moe_set_allocator(NULL);
+            dt_fail_at = -1;
+            CHECK_MSG(rc == 0 || rc == MOE_ENOMEM, "stage %d, failing allocation %ld: %s (%s)",
+                      stage, k, moe_err_name(rc), err);
+            if (rc == MOE_ENOMEM) {
+                saw_nomem = 1;
+                CHECK(c2 == NULL && t2 == NULL && s == NULL);
+            }
+            /* objects made with the failing hooks are freed with them */
+            moe_set_allocator(&a);
+            moe_corpus_free(c2);
+            moe_tokenizer_free(t2);
+            moe_shard_free(s);
+            moe_set_allocator(NULL);
+            moe_corpus_free(c);
+            moe_tokenizer_free(t);
+            if (rc == 0 && k >= used) break; /* every allocation has failed once */
+            if (k > 100000) {
+                CHECK_MSG(0, "stage %d: no end", stage);
+                break;
+            }
+        }
+    }
+    CHECK(saw_nomem);
+    dt_remove_dir(dir);
+}
+
+/* Random corruptions of a valid shard and random tagged text: errors, never crashes. */
+TEST(data_fuzz) {
+    char dir[64], err[512], path[128];
+    if (!dt_make_dir(dir)) {
+        CHECK_MSG(0, "mkdtemp failed");
+        return;
+    }
+    snprintf(path, sizeof path, "%s/s.bin", dir);
+    unsigned char orig[256], b[256];
+    uint64_t off[3] = {0, 3, 5};
+    uint32_t genre[3] = {0, 14, 3}, tok[7] = {1, 2, 9, 3, 9, 0, 9};
+    size_t n = dt_shard_bytes(orig, "MOESHRD1", 1, 10, 7, 3, off, genre, 3, tok, 7);
+    uint64_t h = 5;
+    int ok = 0;
+    for (int trial = 0; trial < 500; trial++) {
+        memcpy(b, orig, n);
+        size_t m = n;
+        h = h * 6364136223846793005ULL + 1442695040888963407ULL;
+        size_t at = (h >> 33) % n;
+        if (trial % 4 == 3) m = at;
+        else b[at] ^= (unsigned char)(1u << ((h >> 20) % 8));
+        dt_write(dir, "s.bin", b, m);
+        moe_shard *s = NULL;
+        int rc = moe_shard_load(path, &s, err, sizeof err);
+        if (rc == 0) {
+            ok++;
+            CHECK(s->n_docs >= 1 && s->doc_off[0] == 0 && s->tokens[s->n_tokens - 1] == s->vocab_size - 1);
+            for (size_t k = 0; k < s->n_tokens; k++) CHECK(s->tokens[k] < s->vocab_size);
+        } else {
+            CHECK(s == NULL && strstr(err, "s.bin"));
+        }
+        moe_shard_free(s);
+    }
+    CHECK(ok < 500);
+    /* random tagged-ish text */
+    static const char pieces[] = "ab/ \t\n`'()./,\xc3\xa9\xff\0-hl";
+    char text[600];
+    for (int trial = 0; trial < 500; trial++) {
+        size_t m = 0, len = (size_t)(trial % 600);
+        for (; m < len; m++) {
+            h = h * 6364136223846793005ULL + 1442695040888963407ULL;
+            text[m] = pieces[(h >> 33) % (sizeof pieces - 1)];
+        }
+        char *out = NULL;
+        size_t out_len = 0;
+        int rc = moe_corpus_clean_brown("fuzz", text, m, &out, &out_len, err, sizeof err);
+        if (rc == 0) CHECK(out && strlen(out) == out_len && out_len > 0);
+        else CHECK(rc == MOE_EFORMAT && out == NULL);
+        free(out);
+    }
+    dt_remove_dir(dir);
 }

@@ -722,3 +722,58 @@ TEST(tokenizer_brown_4096) {
     free(lens);
     moe_corpus_free(c);
 }
+
+/* Random corruptions of a valid file: the loader returns an error or a
+ * tokenizer that still round-trips; it never crashes (run under ASan). */
+TEST(tokenizer_load_fuzz) {
+    char dir[64], err[512], path[128];
+    if (!tk_make_dir(dir)) {
+        CHECK_MSG(0, "mkdtemp failed");
+        return;
+    }
+    snprintf(path, sizeof path, "%s/t.json", dir);
+    char *text = tk_synthetic(8000, 77);
+    moe_tokenizer *t = tk_train1(text, 320);
+    free(text);
+    if (!t || moe_tokenizer_save(t, path, err, sizeof err)) {
+        moe_tokenizer_free(t);
+        tk_remove_dir(dir);
+        return;
+    }
+    moe_tokenizer_free(t);
+    FILE *fp = fopen(path, "rb");
+    char orig[8192], buf[8192];
+    size_t n = fread(orig, 1, sizeof orig, fp);
+    fclose(fp);
+    tk_rng = 123;
+    static const char alphabet[] = "[]{},:\"0123456789-.e ";
+    int loaded = 0;
+    for (int trial = 0; trial < 400; trial++) {
+        memcpy(buf, orig, n);
+        size_t m = n;
+        int edits = 1 + (int)(tk_rand() % 3);
+        for (int e = 0; e < edits; e++) {
+            size_t at = tk_rand() % m;
+            switch (tk_rand() % 3) {
+            case 0: buf[at] = alphabet[tk_rand() % (sizeof alphabet - 1)]; break;
+            case 1: m = at; break;                         /* truncate */
+            default: buf[at] = (char)tk_rand(); break;     /* any byte */
+            }
+            if (m == 0) break;
+        }
+        fp = fopen(path, "wb");
+        fwrite(buf, 1, m, fp);
+        fclose(fp);
+        moe_tokenizer *u = NULL;
+        int rc = moe_tokenizer_load(path, &u, err, sizeof err);
+        if (rc == 0) {
+            loaded++;
+            CHECK(tk_roundtrip(u, "The quick brown fox, 1234!", 26));
+        } else {
+            CHECK(u == NULL && strstr(err, "t.json"));
+        }
+        moe_tokenizer_free(u);
+    }
+    CHECK(loaded < 400);
+    tk_remove_dir(dir);
+}
