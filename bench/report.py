@@ -35,6 +35,8 @@ def main():
     sgemm = {r["core"]: r for r in load(os.path.join(out, "sgemm.jsonl"))}
     moe = {(r["core"], r["shape"], r["pass"]): r for r in load(os.path.join(out, "moe.jsonl"))}
     torch = {(r["core"], r["shape"], r["pass"]): r for r in load(os.path.join(out, "torch.jsonl"))}
+    tpath = os.path.join(out, "train.jsonl")
+    trains = load(tpath) if os.path.exists(tpath) else []
     print("# Benchmarks\n")
     print(f"- Date: {datetime.date.today().isoformat()}")
     print(f"- Machine: {machine()}")
@@ -42,7 +44,9 @@ def main():
     print("- Layer: SwiGLU experts, softmax top-k renormalised (Mixtral block); GFLOP/s on active expert")
     print("  FLOPs (2·N·K·3·C·F forward, 3× for forward+backward). Peer: bench/peer_torch.py, the Hugging")
     print("  Face MixtralSparseMoeBlock loop in PyTorch, same shapes, threads and OpenBLAS kernel.")
-    print("- Ceiling: OpenBLAS's own threaded sgemm 2048³ in the same run (`moe bench sgemm`).\n")
+    print("- Ceiling: OpenBLAS's own threaded sgemm 2048³ in the same run (`moe bench sgemm`).")
+    print("- Training: `moe bench train` vs `bench/peer_train_torch.py` (tools/model_twin.py, the Hugging Face")
+    print("  style Mixtral twin of the C model) on random tokens, the `small` preset (`moe info --preset small --print-config`).\n")
     for core, s in sgemm.items():
         ceil = s["gflops"]
         print(f"## OpenBLAS kernel `{core}`: sgemm ceiling {ceil:.1f} GFLOP/s ({s['threads']} threads)\n")
@@ -58,6 +62,16 @@ def main():
                   f"{100 * r['gflops'] / ceil:.0f}% |")
         e8, e512 = moe.get((core, "S3-e8", "fwd")), moe.get((core, "S3-e512", "fwd"))
         t8, t512 = torch.get((core, "S3-e8", "fwd")), torch.get((core, "S3-e512", "fwd"))
+        tr = [r for r in trains if r.get("core") == core]
+        tm = next((r for r in tr if r["impl"] == "moe"), None)
+        tt = next((r for r in tr if r["impl"] == "torch"), None)
+        if tm and tt:
+            print(f"\nTraining the `small` preset ({tm['params'] / 1e6:.1f}M parameters, 8 experts top-2), batch "
+                  f"{tm['batch']}×{tm['seq']}, {tm['threads']} threads, forward + backward + AdamW: moe "
+                  f"{tm['tokens_per_s']:.0f} tokens/s ({tm['ms_per_step']:.0f} ms/step, peak RSS "
+                  f"{tm['peak_rss_mb']:.0f} MB), PyTorch twin {tt['tokens_per_s']:.0f} tokens/s "
+                  f"({tt['ms_per_step']:.0f} ms/step, peak RSS {tt['peak_rss_mb']:.0f} MB): "
+                  f"**{tm['tokens_per_s'] / tt['tokens_per_s']:.2f}×**.")
         if e8 and e512:
             line = f"\nCost in the number of experts: S3-e512 / S3-e8 forward = {e512['ms'] / e8['ms']:.2f}× (moe)"
             if t8 and t512:

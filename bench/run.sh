@@ -34,6 +34,12 @@ for core in "${cores[@]}"; do
         "$PY" bench/peer_torch.py --pass $pass --threads "$THREADS" --reps "$REPS" --warmup "$WARMUP" --json \
             | sed "s/}$/, \"core\": \"$core\"}/" | tee -a "$out/torch.jsonl"
     done
+    # training steps of the small preset vs its PyTorch twin, same batch
+    $MOE info --preset small --print-config > "$out/small.json"
+    $MOE bench train --preset small --batch 8 --seq 256 --steps "$((REPS * 2))" --warmup "$WARMUP" \
+        --threads "$THREADS" --json | tee -a "$out/train.jsonl"
+    "$PY" bench/peer_train_torch.py --config "$out/small.json" --batch 8 --seq 256 --steps "$REPS" \
+        --warmup "$WARMUP" --threads "$THREADS" --json | sed "s/}$/, \"core\": \"$core\"}/" | tee -a "$out/train.jsonl"
 done
 "$PY" bench/report.py "$out" "THREADS=$THREADS REPS=$REPS WARMUP=$WARMUP make bench" > bench/RESULTS.md.tmp
 mv bench/RESULTS.md.tmp bench/RESULTS.md

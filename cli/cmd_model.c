@@ -88,9 +88,10 @@ int moe_cli_eval(int argc, char **argv) {
 
 int moe_cli_info(int argc, char **argv) {
     const char *dir = NULL, *preset = NULL, *config = NULL;
-    int json = 0, ctx = 0;
+    int json = 0, ctx = 0, print_config = 0;
     cli_arg args[] = {
         {"--model", "-m", ARG_STR, &dir, "model directory"},
+        {"--print-config", NULL, ARG_BOOL, &print_config, "print the config.json instead of the card"},
         {"--preset", NULL, ARG_STR, &preset, "or a preset (tiny, tiny-dense, small, small-dense)"},
         {"--config", NULL, ARG_STR, &config, "or a config.json"},
         {"--ctx", NULL, ARG_INT, &ctx, "context for the FLOPs per token (0: the model's)"},
@@ -115,6 +116,13 @@ int moe_cli_info(int argc, char **argv) {
     if (rc) {
         fprintf(stderr, "moe info: %s\n", err);
         return 1;
+    }
+    if (print_config) {
+        char *js = moe_model_config_to_json(&c);
+        if (!js) return 1;
+        puts(js);
+        free(js);
+        return 0;
     }
     cli_print_card(&c, ctx > 0 ? ctx : c.max_position_embeddings, json);
     return 0;

@@ -1,6 +1,7 @@
 /* Brown corpus loader: directory scan, text validation, tag stripping and
  * light detokenisation, and the train/validation split. */
 #include "data/corpus.h"
+#include "strbuf.h"
 
 #include "internal.h"
 #include "io/atomic.h"
@@ -105,31 +106,6 @@ static int check_text(const unsigned char *s, size_t n, size_t *bad, const char 
 
 /* ---- cleaning -------------------------------------------------------------- */
 
-typedef struct obuf {
-    char *p;
-    size_t len, cap;
-    int oom;
-} obuf;
-
-static void put(obuf *o, const char *s, size_t n) {
-    if (o->oom) return;
-    if (o->len + n + 1 > o->cap) {
-        size_t c = o->cap ? o->cap : 4096;
-        while (c < o->len + n + 1) c *= 2;
-        char *q = moe__malloc(c);
-        if (!q) {
-            o->oom = 1;
-            return;
-        }
-        if (o->len) memcpy(q, o->p, o->len);
-        moe__free(o->p);
-        o->p = q;
-        o->cap = c;
-    }
-    memcpy(o->p + o->len, s, n);
-    o->len += n;
-}
-
 static int is_ws(char c) { return c == ' ' || c == '\t' || c == '\r' || c == '\v' || c == '\f'; }
 
 static int word_is(const char *w, size_t n, const char *lit) {
@@ -166,7 +142,7 @@ int moe_corpus_clean_brown(const char *name, const char *src, size_t len, char *
     if (check_text((const unsigned char *)src, len, &bad, &why))
         return moe__set_err(err, errsz, MOE_EFORMAT, "%s: byte 0x%02x at offset %zu: %s", name,
                             (unsigned char)src[bad], bad, why);
-    obuf o = {0};
+    moe__sb o = {0};
     int pending_blank = 0, prev_headline = 0, no_space_next = 0, open_single = 0;
     size_t line_no = 0;
     for (size_t ls = 0; ls < len;) {
@@ -228,10 +204,10 @@ int moe_corpus_clean_brown(const char *name, const char *src, size_t len, char *
                 attach = attaches_left(w, wn);
             }
             if (o.len > 0) {
-                if (para_break) put(&o, "\n\n", 2);
-                else if (!attach && !no_space_next) put(&o, " ", 1);
+                if (para_break) moe__sb_put(&o, "\n\n", 2);
+                else if (!attach && !no_space_next) moe__sb_put(&o, " ", 1);
             }
-            put(&o, w, wn);
+            moe__sb_put(&o, w, wn);
             para_break = 0;
             no_space_next = opens;
             first = 0;
@@ -251,7 +227,6 @@ int moe_corpus_clean_brown(const char *name, const char *src, size_t len, char *
         moe__free(o.p);
         return moe__set_err(err, errsz, MOE_EFORMAT, "%s: no words (empty document)", name);
     }
-    o.p[o.len] = '\0';
     *text = o.p;
     *text_len = o.len;
     return 0;

@@ -1,6 +1,7 @@
 /* safetensors reader (mmap, hostile-input safe) and atomic writer. */
 #include "safetensors.h"
 #include "io/atomic.h"
+#include "strbuf.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -497,54 +498,27 @@ int moe__st_read_f32(const moe__st_tensor *t, float *dst, size_t n) {
 
 /* ---- writer ---------------------------------------------------------------- */
 
-typedef struct sbuf {
-    char *p;
-    size_t len, cap;
-    int oom;
-} sbuf;
-
-static void sb_put(sbuf *b, const char *s, size_t n) {
-    if (b->oom || n == 0) return;
-    if (n > b->cap - b->len) {
-        size_t cap = b->cap ? b->cap : 256;
-        while (cap - b->len < n) {
-            if (cap > SIZE_MAX / 2) { b->oom = 1; return; }
-            cap *= 2;
-        }
-        char *p = moe__malloc(cap);
-        if (!p) { b->oom = 1; return; }
-        if (b->len) memcpy(p, b->p, b->len);
-        moe__free(b->p);
-        b->p = p;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-}
-
-static void sb_str(sbuf *b, const char *s) { sb_put(b, s, strlen(s)); }
-
-static void sb_u64(sbuf *b, uint64_t v) {
+static void sb_u64(moe__sb *b, uint64_t v) {
     char t[24];
-    sb_put(b, t, (size_t)snprintf(t, sizeof t, "%" PRIu64, v));
+    moe__sb_put(b, t, (size_t)snprintf(t, sizeof t, "%" PRIu64, v));
 }
 
-static void sb_json(sbuf *b, const char *s) {
-    sb_put(b, "\"", 1);
+static void sb_json(moe__sb *b, const char *s) {
+    moe__sb_put(b, "\"", 1);
     for (; *s; s++) {
         unsigned char ch = (unsigned char)*s;
         char t[8];
         if (ch == '"' || ch == '\\') {
             t[0] = '\\';
             t[1] = (char)ch;
-            sb_put(b, t, 2);
+            moe__sb_put(b, t, 2);
         } else if (ch < 0x20) {
-            sb_put(b, t, (size_t)snprintf(t, sizeof t, "\\u%04x", ch));
+            moe__sb_put(b, t, (size_t)snprintf(t, sizeof t, "\\u%04x", ch));
         } else {
-            sb_put(b, (const char *)&ch, 1);
+            moe__sb_put(b, (const char *)&ch, 1);
         }
     }
-    sb_put(b, "\"", 1);
+    moe__sb_put(b, "\"", 1);
 }
 
 /* Returns 0 with *nbytes set, or a code after writing the message. */
@@ -566,21 +540,21 @@ static int out_check(const st_ctx *c, const moe__st_out *o, size_t *nbytes) {
     return 0;
 }
 
-static int build_header(const st_ctx *c, sbuf *h, const moe__st_out *ts, int n,
+static int build_header(const st_ctx *c, moe__sb *h, const moe__st_out *ts, int n,
                         const char *const *meta) {
-    sb_str(h, "{");
+    moe__sb_str(h, "{");
     if (meta && meta[0]) {
-        sb_str(h, "\"__metadata__\":{");
+        moe__sb_str(h, "\"__metadata__\":{");
         for (int i = 0; meta[i]; i += 2) {
             if (!meta[i + 1])
                 return st_fail(c, MOE_EINVAL, NULL, "metadata key \"%.128s\" has a NULL value",
                                meta[i]);
-            if (i) sb_str(h, ",");
+            if (i) moe__sb_str(h, ",");
             sb_json(h, meta[i]);
-            sb_str(h, ":");
+            moe__sb_str(h, ":");
             sb_json(h, meta[i + 1]);
         }
-        sb_str(h, "}");
+        moe__sb_str(h, "}");
     }
     uint64_t off = 0;
     for (int i = 0; i < n; i++) {
@@ -588,26 +562,26 @@ static int build_header(const st_ctx *c, sbuf *h, const moe__st_out *ts, int n,
         size_t nbytes;
         int rc = out_check(c, o, &nbytes);
         if (rc) return rc;
-        if (i || (meta && meta[0])) sb_str(h, ",");
+        if (i || (meta && meta[0])) moe__sb_str(h, ",");
         sb_json(h, o->name);
-        sb_str(h, ":{\"dtype\":\"");
-        sb_str(h, k_dtypes[o->dtype].name);
-        sb_str(h, "\",\"shape\":[");
+        moe__sb_str(h, ":{\"dtype\":\"");
+        moe__sb_str(h, k_dtypes[o->dtype].name);
+        moe__sb_str(h, "\",\"shape\":[");
         for (int d = 0; d < o->ndim; d++) {
-            if (d) sb_str(h, ",");
+            if (d) moe__sb_str(h, ",");
             sb_u64(h, (uint64_t)o->shape[d]);
         }
-        sb_str(h, "],\"data_offsets\":[");
+        moe__sb_str(h, "],\"data_offsets\":[");
         sb_u64(h, off);
-        sb_str(h, ",");
+        moe__sb_str(h, ",");
         if (nbytes > MOE__ST_MAX_INT - off)
             return st_fail(c, MOE_ELIMIT, o->name, "data area exceeds 2^53 bytes");
         off += nbytes;
         sb_u64(h, off);
-        sb_str(h, "]}");
+        moe__sb_str(h, "]}");
     }
-    sb_str(h, "}");
-    while (h->len % 8) sb_str(h, " "); /* 8 + len is then a multiple of 8 */
+    moe__sb_str(h, "}");
+    while (h->len % 8) moe__sb_str(h, " "); /* 8 + len is then a multiple of 8 */
     if (h->oom) return st_fail(c, MOE_ENOMEM, NULL, "out of memory");
     if (h->len > MOE__ST_MAX_HEADER)
         return st_fail(c, MOE_ELIMIT, NULL, "header of %zu bytes exceeds the limit", h->len);
@@ -635,7 +609,7 @@ static int check_unique(const st_ctx *c, const moe__st_out *ts, int n, const cha
     return rc;
 }
 
-static int write_file(const st_ctx *c, const char *path, const sbuf *h, const moe__st_out *ts, int n) {
+static int write_file(const st_ctx *c, const char *path, const moe__sb *h, const moe__st_out *ts, int n) {
     unsigned char len8[8];
     for (int i = 0; i < 8; i++) len8[i] = (unsigned char)((uint64_t)h->len >> (8 * i));
     moe__iov *parts = moe__calloc((size_t)n + 2, sizeof *parts);
@@ -659,7 +633,7 @@ int moe__st_write(const char *path, const moe__st_out *tensors, int n, const cha
     st_ctx c = {path, err, errsz};
     if (n > MOE__ST_MAX_TENSORS)
         return st_fail(&c, MOE_ELIMIT, NULL, "more than %d tensors", MOE__ST_MAX_TENSORS);
-    sbuf h = {0};
+    moe__sb h = {0};
     int rc = build_header(&c, &h, tensors, n, meta);
     if (!rc) rc = check_unique(&c, tensors, n, meta);
     if (!rc) rc = write_file(&c, path, &h, tensors, n);

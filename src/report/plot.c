@@ -2,55 +2,22 @@
  * a legend. Enough for loss curves and the experiments' plots. */
 #include "internal.h"
 #include "io/atomic.h"
+#include "strbuf.h"
 
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 
-typedef struct {
-    char *p;
-    size_t len, cap;
-    int oom;
-} sbuf;
-
-static void sb_printf(sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void sb_printf(sbuf *b, const char *fmt, ...) {
-    if (b->oom) return;
-    for (;;) {
-        va_list ap;
-        va_start(ap, fmt);
-        int n = vsnprintf(b->p ? b->p + b->len : NULL, b->p ? b->cap - b->len : 0, fmt, ap);
-        va_end(ap);
-        if (n < 0) {
-            b->oom = 1;
-            return;
-        }
-        if (b->p && b->len + (size_t)n < b->cap) {
-            b->len += (size_t)n;
-            return;
-        }
-        size_t cap = (b->cap + (size_t)n + 1) * 2;
-        char *q = moe__malloc(cap);
-        if (!q) {
-            b->oom = 1;
-            return;
-        }
-        if (b->p) memcpy(q, b->p, b->len);
-        moe__free(b->p);
-        b->p = q, b->cap = cap;
-    }
-}
-
 /* XML-escapes a label into b */
-static void sb_text(sbuf *b, const char *s) {
+static void sb_text(moe__sb *b, const char *s) {
     for (; s && *s; s++) {
         switch (*s) {
-        case '<': sb_printf(b, "&lt;"); break;
-        case '>': sb_printf(b, "&gt;"); break;
-        case '&': sb_printf(b, "&amp;"); break;
-        case '"': sb_printf(b, "&quot;"); break;
-        default: sb_printf(b, "%c", *s);
+        case '<': moe__sb_printf(b, "&lt;"); break;
+        case '>': moe__sb_printf(b, "&gt;"); break;
+        case '&': moe__sb_printf(b, "&amp;"); break;
+        case '"': moe__sb_printf(b, "&quot;"); break;
+        default: moe__sb_printf(b, "%c", *s);
         }
     }
 }
@@ -80,57 +47,57 @@ int moe_plot_svg(const char *path, const char *title, const char *xlabel, const 
     const double pw = W - L - R, ph = H - T - Bm;
 #define PX(x) (L + ((x) - x0) / (x1 - x0) * pw)
 #define PY(y) (T + (y1 - (y)) / (y1 - y0) * ph)
-    sbuf b = {0};
-    sb_printf(&b, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" "
+    moe__sb b = {0};
+    moe__sb_printf(&b, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" "
                   "font-size=\"12\">\n<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n", W, H);
-    sb_printf(&b, "<text x=\"%d\" y=\"22\" font-size=\"15\" text-anchor=\"middle\">", W / 2);
+    moe__sb_printf(&b, "<text x=\"%d\" y=\"22\" font-size=\"15\" text-anchor=\"middle\">", W / 2);
     sb_text(&b, title);
-    sb_printf(&b, "</text>\n");
+    moe__sb_printf(&b, "</text>\n");
     /* grid and ticks */
     double ys = nice_step(y1 - y0, 6);
     for (double y = ceil(y0 / ys) * ys; y <= y1; y += ys)
-        sb_printf(&b, "<line x1=\"%d\" x2=\"%d\" y1=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/><text x=\"%d\" y=\"%.1f\" "
+        moe__sb_printf(&b, "<line x1=\"%d\" x2=\"%d\" y1=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/><text x=\"%d\" y=\"%.1f\" "
                       "text-anchor=\"end\">%g</text>\n", L, W - R, PY(y), PY(y), L - 6, PY(y) + 4, y);
     double xs = log_x ? 1 : nice_step(x1 - x0, 8);
     for (double x = ceil(x0 / xs) * xs; x <= x1 + 1e-9; x += xs)
-        sb_printf(&b, "<line x1=\"%.1f\" x2=\"%.1f\" y1=\"%d\" y2=\"%d\" stroke=\"#ddd\"/><text x=\"%.1f\" y=\"%d\" "
+        moe__sb_printf(&b, "<line x1=\"%.1f\" x2=\"%.1f\" y1=\"%d\" y2=\"%d\" stroke=\"#ddd\"/><text x=\"%.1f\" y=\"%d\" "
                       "text-anchor=\"middle\">%g</text>\n", PX(x), PX(x), T, H - Bm, PX(x), H - Bm + 16,
                   log_x ? pow(10, x) : x);
-    sb_printf(&b, "<rect x=\"%d\" y=\"%d\" width=\"%.0f\" height=\"%.0f\" fill=\"none\" stroke=\"#333\"/>\n", L, T, pw, ph);
-    sb_printf(&b, "<text x=\"%.0f\" y=\"%d\" text-anchor=\"middle\">", L + pw / 2, H - 12);
+    moe__sb_printf(&b, "<rect x=\"%d\" y=\"%d\" width=\"%.0f\" height=\"%.0f\" fill=\"none\" stroke=\"#333\"/>\n", L, T, pw, ph);
+    moe__sb_printf(&b, "<text x=\"%.0f\" y=\"%d\" text-anchor=\"middle\">", L + pw / 2, H - 12);
     sb_text(&b, xlabel);
-    sb_printf(&b, "</text>\n<text x=\"16\" y=\"%.0f\" text-anchor=\"middle\" transform=\"rotate(-90 16 %.0f)\">",
+    moe__sb_printf(&b, "</text>\n<text x=\"16\" y=\"%.0f\" text-anchor=\"middle\" transform=\"rotate(-90 16 %.0f)\">",
               T + ph / 2, T + ph / 2);
     sb_text(&b, ylabel);
-    sb_printf(&b, "</text>\n");
+    moe__sb_printf(&b, "</text>\n");
     for (int k = 0; k < ns; k++) {
         const char *col = COLORS[k % 8];
-        sb_printf(&b, "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"1.6\" points=\"", col);
+        moe__sb_printf(&b, "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"1.6\" points=\"", col);
         for (int i = 0; i < s[k].n; i++) {
             double x = log_x ? log10(s[k].x[i]) : s[k].x[i], y = s[k].y[i];
-            if (isfinite(x) && isfinite(y)) sb_printf(&b, "%.1f,%.1f ", PX(x), PY(y));
+            if (isfinite(x) && isfinite(y)) moe__sb_printf(&b, "%.1f,%.1f ", PX(x), PY(y));
         }
-        sb_printf(&b, "\"/>\n");
+        moe__sb_printf(&b, "\"/>\n");
         if (s[k].markers)
             for (int i = 0; i < s[k].n; i++) {
                 double x = log_x ? log10(s[k].x[i]) : s[k].x[i], y = s[k].y[i];
                 if (isfinite(x) && isfinite(y))
-                    sb_printf(&b, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3\" fill=\"%s\"/>\n", PX(x), PY(y), col);
+                    moe__sb_printf(&b, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3\" fill=\"%s\"/>\n", PX(x), PY(y), col);
             }
-        sb_printf(&b, "<rect x=\"%d\" y=\"%d\" width=\"14\" height=\"3\" fill=\"%s\"/><text x=\"%d\" y=\"%d\">",
+        moe__sb_printf(&b, "<rect x=\"%d\" y=\"%d\" width=\"14\" height=\"3\" fill=\"%s\"/><text x=\"%d\" y=\"%d\">",
                   W - R - 190, T + 14 + 18 * k, col, W - R - 170, T + 19 + 18 * k);
         sb_text(&b, s[k].label);
-        sb_printf(&b, "</text>\n");
+        moe__sb_printf(&b, "</text>\n");
     }
-    sb_printf(&b, "</svg>\n");
+    moe__sb_printf(&b, "</svg>\n");
 #undef PX
 #undef PY
     if (b.oom) {
-        moe__free(b.p);
+        moe__sb_free(&b);
         return moe__set_err(err, errsz, MOE_ENOMEM, "%s: out of memory", path);
     }
     moe__iov part = {b.p, b.len};
     int rc = moe__write_atomic(path, &part, 1, err, errsz);
-    moe__free(b.p);
+    moe__sb_free(&b);
     return rc;
 }
