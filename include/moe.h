@@ -99,6 +99,13 @@ typedef enum moe_score {
 
 /* Layer configuration. Zero-initialise, set what you need, then call
  * moe_layer_config_default() for the rest, or start from it. */
+/* What happens to (token, expert) pairs beyond an expert's capacity. */
+typedef enum moe_drop_policy {
+    MOE_DROP_ARRIVAL = 0,     /* keep the first pairs in token order (Switch, GShard) */
+    MOE_DROP_PROBABILITY = 1, /* keep the pairs with the highest router probability
+                                 (ties: the earlier pair); "batch prioritized" routing */
+} moe_drop_policy;
+
 typedef struct moe_layer_config {
     int d_model;      /* C */
     int d_ff;         /* F: hidden size of one expert */
@@ -115,6 +122,12 @@ typedef struct moe_layer_config {
     int n_threads;    /* 0: moe_get_num_threads() */
     int max_top_k;    /* largest k moe_layer_set_top_k may set later (sizes the
                          buffers); 0: top_k */
+    float capacity_factor; /* > 0: each expert takes at most
+                              capacity = ceil(capacity_factor * N * K / E) pairs per
+                              call in training; the others are dropped (their token
+                              gets nothing from that expert: in a model, the
+                              residual carries it). 0 (default): dropless. */
+    moe_drop_policy drop_policy;
 } moe_layer_config;
 
 /* Fills defaults for fields left zero (act/score keep their values, being
@@ -142,7 +155,10 @@ typedef struct moe_layer_stats {
     float load_max_over_mean;
     float router_entropy;   /* mean over tokens of the entropy (nats) of the
                                normalised scores */
-    float aux_loss;         /* aux_coef * E * sum_i f_i P_i, f_i = count_i/(N K) */
+    float aux_loss;         /* aux_coef * E * sum_i f_i P_i, f_i = count_i/(N K),
+                               counted before capacity drops (as Switch/GShard) */
+    float dropped_fraction; /* pairs dropped by the capacity limit / (N K) */
+    int capacity;           /* per-expert capacity of the call, 0 when dropless */
     float z_loss;           /* z_coef * mean_t logsumexp(logits_t)^2 */
 } moe_layer_stats;
 
@@ -157,6 +173,9 @@ moe_layer *moe_layer_create(const moe_layer_config *cfg, int *err,
 void moe_layer_free(moe_layer *l);
 
 const moe_layer_config *moe_layer_get_config(const moe_layer *l);
+/* Training mode (default 1) applies the capacity limit; evaluation (0) never
+ * drops tokens. */
+void moe_layer_set_training(moe_layer *l, int training);
 /* Changes k for the next calls (e.g. more or fewer experts at inference);
  * 1 <= k <= max(top_k at creation, max_top_k). */
 int moe_layer_set_top_k(moe_layer *l, int k);
@@ -223,6 +242,8 @@ typedef struct moe_model_config {
     float routed_scaling_factor;
     float router_aux_loss_coef;
     float router_z_loss_coef;
+    float capacity_factor;       /* 0: dropless (default); see moe_layer_config */
+    moe_drop_policy drop_policy;
     unsigned char is_moe_layer[MOE_MAX_LAYERS];
     int dense_intermediate_size; /* FFN size of the non-MoE layers */
     int n_shared_experts;
@@ -302,6 +323,8 @@ const float *moe_model_logits(const moe_model *m); /* [B][T][V] of the last forw
 void moe_model_last_losses(const moe_model *m, float *ce, float *aux);
 /* Routing statistics of the last forward, one per MoE layer (NULL for dense layers). */
 const moe_layer_stats *moe_model_layer_stats(const moe_model *m, int layer);
+/* Training mode of every MoE layer (capacity drops only in training). */
+void moe_model_set_training(moe_model *m, int training);
 /* Override k at inference (1..E); 0 restores the configured value. */
 int moe_model_set_experts_used(moe_model *m, int k);
 

@@ -1,6 +1,9 @@
 #include "test.h"
 
+#include <dirent.h>
 #include <stdarg.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -38,6 +41,36 @@ void moe_test_fail(const char *file, int line, const char *fmt, ...) {
 void moe_test_skip(const char *why) {
     g_skipped_now = 1;
     printf("    skipped: %s\n", why);
+}
+
+char *moe_test_tmpdir(char *buf, const char *tag) {
+    snprintf(buf, 64, "/tmp/moe_%.20s_XXXXXX", tag);
+    return mkdtemp(buf);
+}
+
+int moe_test_count_entries(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return -1;
+    int n = 0;
+    for (struct dirent *e; (e = readdir(d));)
+        if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) n++;
+    closedir(d);
+    return n;
+}
+
+void moe_test_rmdir(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return;
+    char p[1024];
+    struct stat st;
+    for (struct dirent *e; (e = readdir(d));) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+        if (lstat(p, &st) == 0 && S_ISDIR(st.st_mode)) moe_test_rmdir(p);
+        else unlink(p);
+    }
+    closedir(d);
+    rmdir(dir);
 }
 
 const char *moe_test_data_dir(void) {

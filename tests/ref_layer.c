@@ -34,23 +34,26 @@ static double act_of(moe_act a, double h1, double h3) {
     return 0;
 }
 
+/* Routing of every token first (the capacity rule needs all of it), then
+ * the capacity decisions, then the experts over the kept slots. */
 double ref_layer_objective(const moe_layer_config *c, const moe_layer_params *off, const double *p,
                            const double *x, int n, const double *dy, double *y, int *ids, double *w,
                            double *aux_out, double *z_out) {
     const int C = c->d_model, F = c->d_ff, E = c->n_experts, K = c->top_k;
-    double *lg = calloc(E, sizeof *lg), *s = calloc(E, sizeof *s), *h = calloc(F, sizeof *h);
-    double *yt = calloc(C, sizeof *yt), *P = calloc(E, sizeof *P);
-    int *ord = calloc(E, sizeof *ord), *count = calloc(E, sizeof *count);
+    double *lg = calloc(E, sizeof *lg), *h = calloc(F, sizeof *h), *P = calloc(E, sizeof *P);
+    double *yt = calloc(C, sizeof *yt);
+    double *S = calloc((size_t)n * E + 1, sizeof *S), *G = calloc((size_t)n * K + 1, sizeof *G);
+    int *ord = calloc(E, sizeof *ord), *count = calloc(E, sizeof *count), *ID = calloc((size_t)n * K + 1, sizeof *ID);
+    char *keep = calloc((size_t)n * K + 1, 1);
     double obj = 0, zsum = 0;
     for (int t = 0; t < n; t++) {
-        const double *xt = x + (size_t)t * C;
-        logits_of(c, p + off->wg, xt, lg);
+        logits_of(c, p + off->wg, x + (size_t)t * C, lg);
         double mx = lg[0], sum = 0;
         for (int e = 1; e < E; e++) mx = fmax(mx, lg[e]);
         for (int e = 0; e < E; e++) sum += exp(lg[e] - mx);
         const double lse = mx + log(sum);
         zsum += lse * lse;
-        double ssum = 0;
+        double ssum = 0, *s = S + (size_t)t * E;
         for (int e = 0; e < E; e++) {
             s[e] = c->score == MOE_SCORE_SOFTMAX ? exp(lg[e] - lse) : 1 / (1 + exp(-lg[e]));
             ssum += s[e];
@@ -60,13 +63,47 @@ double ref_layer_objective(const moe_layer_config *c, const moe_layer_params *of
         double den = 0;
         for (int j = 0; j < K; j++) den += s[ord[j]];
         if (!c->renormalize) den = 1;
+        for (int j = 0; j < K; j++) {
+            ID[(size_t)t * K + j] = ord[j];
+            G[(size_t)t * K + j] = c->route_scale * s[ord[j]] / den;
+            count[ord[j]]++;
+        }
+    }
+    /* capacity: per expert, the first cap slots in (token, slot) order, or
+     * the cap with the highest probability (ties: the earlier slot) */
+    const int R = n * K;
+    for (int i = 0; i < R; i++) keep[i] = 1;
+    if (c->capacity_factor > 0 && n > 0) {
+        int cap = (int)ceil((double)c->capacity_factor * n * K / E);
+        if (cap < 1) cap = 1;
+        for (int e = 0; e < E; e++) {
+            if (count[e] <= cap) continue;
+            for (int kept = 0, i = 0; i < R; i++) {
+                if (ID[i] != e) continue;
+                if (c->drop_policy == MOE_DROP_ARRIVAL) {
+                    keep[i] = kept++ < cap;
+                } else { /* rank among this expert's slots */
+                    int better = 0;
+                    const double si = S[(size_t)(i / K) * E + e];
+                    for (int k = 0; k < R; k++) {
+                        if (ID[k] != e || k == i) continue;
+                        const double sk = S[(size_t)(k / K) * E + e];
+                        better += sk > si || (sk == si && k < i);
+                    }
+                    keep[i] = better < cap;
+                }
+            }
+        }
+    }
+    for (int t = 0; t < n; t++) {
+        const double *xt = x + (size_t)t * C;
         memset(yt, 0, sizeof(double) * C);
         for (int j = 0; j < K; j++) {
-            const int e = ord[j];
-            const double g = c->route_scale * s[e] / den;
-            count[e]++;
+            const int e = ID[(size_t)t * K + j];
+            const double g = G[(size_t)t * K + j];
             if (ids) ids[(size_t)t * K + j] = e;
             if (w) w[(size_t)t * K + j] = g;
+            if (!keep[(size_t)t * K + j]) continue;
             const double *w1 = p + off->w1 + (size_t)e * F * C, *w2 = p + off->w2 + (size_t)e * C * F;
             const double *w3 = c->act == MOE_ACT_SWIGLU ? p + off->w3 + (size_t)e * F * C : NULL;
             for (int f = 0; f < F; f++) {
@@ -94,7 +131,7 @@ double ref_layer_objective(const moe_layer_config *c, const moe_layer_params *of
     const double z = n > 0 ? c->z_coef * zsum / n : 0;
     if (aux_out) *aux_out = aux;
     if (z_out) *z_out = z;
-    free(lg), free(s), free(h), free(yt), free(P), free(ord), free(count);
+    free(lg), free(h), free(P), free(yt), free(S), free(G), free(ord), free(count), free(ID), free(keep);
     return obj + aux + z;
 }
 

@@ -12,6 +12,12 @@ void moe_test_fail(const char *file, int line, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 /* Directory of committed fixtures (tests/data), overridable by MOE_TEST_DATA. */
 const char *moe_test_data_dir(void);
+/* A fresh directory /tmp/moe_<tag>_XXXXXX in buf (>= 64 bytes), or NULL. */
+char *moe_test_tmpdir(char *buf, const char *tag);
+/* Entries of a directory (without . and ..), -1 when it cannot be read. */
+int moe_test_count_entries(const char *dir);
+/* Removes a directory and everything below it. */
+void moe_test_rmdir(const char *dir);
 /* Marks the current test as skipped (e.g. an optional file is absent). */
 void moe_test_skip(const char *why);
 

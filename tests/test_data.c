@@ -15,24 +15,6 @@
 
 /* ---- helpers --------------------------------------------------------------- */
 
-static char *dt_make_dir(char *buf) {
-    strcpy(buf, "/tmp/moe_data_XXXXXX");
-    return mkdtemp(buf);
-}
-
-static void dt_remove_dir(const char *dir) {
-    DIR *d = opendir(dir);
-    if (!d) return;
-    char p[512];
-    for (struct dirent *e; (e = readdir(d));) {
-        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
-        snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
-        if (rmdir(p) != 0) unlink(p);
-    }
-    closedir(d);
-    rmdir(dir);
-}
-
 static int dt_write(const char *dir, const char *name, const void *buf, size_t n) {
     char path[512];
     snprintf(path, sizeof path, "%s/%s", dir, name);
@@ -154,7 +136,7 @@ TEST(data_clean_hostile) {
 
 TEST(data_load_dir) {
     char dir[64];
-    if (!dt_make_dir(dir)) {
+    if (!moe_test_tmpdir(dir, "data")) {
         CHECK_MSG(0, "mkdtemp failed");
         return;
     }
@@ -186,7 +168,7 @@ TEST(data_load_dir) {
     }
     moe_corpus_free(c);
     moe_corpus_free(NULL);
-    dt_remove_dir(dir);
+    moe_test_rmdir(dir);
 }
 
 TEST(data_load_errors) {
@@ -196,7 +178,7 @@ TEST(data_load_errors) {
                  MOE_ENOTFOUND);
     CHECK(c == NULL && strstr(err, "/nonexistent/moe/brown"));
     CHECK_EQ_INT(moe_corpus_load_brown(NULL, &c, err, sizeof err), MOE_EINVAL);
-    if (!dt_make_dir(dir)) {
+    if (!moe_test_tmpdir(dir, "data")) {
         CHECK_MSG(0, "mkdtemp failed");
         return;
     }
@@ -245,7 +227,7 @@ TEST(data_load_errors) {
         if (i == 1) rmdir(path);
         else unlink(path);
     }
-    dt_remove_dir(dir);
+    moe_test_rmdir(dir);
 }
 
 /* ---- split rule --------------------------------------------------------------- */
@@ -371,7 +353,7 @@ TEST(data_shard_roundtrip) {
     char err[512], dir[64], path[128];
     moe_tokenizer *t = NULL;
     CHECK_EQ_INT(moe_tokenizer_train(texts, lens, 24, 300, &t, err, sizeof err), 0);
-    if (!t || !dt_make_dir(dir)) {
+    if (!t || !moe_test_tmpdir(dir, "data")) {
         moe_tokenizer_free(t);
         dt_free_small(c);
         return;
@@ -427,7 +409,7 @@ TEST(data_shard_roundtrip) {
     moe_shard_free(NULL);
     moe_tokenizer_free(t);
     dt_free_small(c);
-    dt_remove_dir(dir);
+    moe_test_rmdir(dir);
 }
 
 /* Builds shard bytes: header, table, tokens. */
@@ -457,7 +439,7 @@ __attribute__((noinline)) static size_t dt_shard_bytes(unsigned char *b, const c
 
 TEST(data_shard_hostile) {
     char dir[64], err[512], path[128];
-    if (!dt_make_dir(dir)) {
+    if (!moe_test_tmpdir(dir, "data")) {
         CHECK_MSG(0, "mkdtemp failed");
         return;
     }
@@ -551,7 +533,7 @@ TEST(data_shard_hostile) {
     snprintf(path, sizeof path, "%s/bad.bin", dir);
     CHECK_EQ_INT(moe_shard_save(&bad, path, err, sizeof err), MOE_EINVAL);
     CHECK(access(path, F_OK) != 0);
-    dt_remove_dir(dir);
+    moe_test_rmdir(dir);
 }
 
 TEST(data_shard_brown) {
@@ -609,7 +591,7 @@ static void dt_free(void *p, void *ctx) {
  * succeed) and leak nothing (checked under ASan). */
 TEST(data_alloc_failures) {
     char dir[64], err[512], path[160];
-    if (!dt_make_dir(dir)) {
+    if (!moe_test_tmpdir(dir, "data")) {
         CHECK_MSG(0, "mkdtemp failed");
         return;
     }
@@ -673,13 +655,13 @@ TEST(data_alloc_failures) {
         }
     }
     CHECK(saw_nomem);
-    dt_remove_dir(dir);
+    moe_test_rmdir(dir);
 }
 
 /* Random corruptions of a valid shard and random tagged text: errors, never crashes. */
 TEST(data_fuzz) {
     char dir[64], err[512], path[128];
-    if (!dt_make_dir(dir)) {
+    if (!moe_test_tmpdir(dir, "data")) {
         CHECK_MSG(0, "mkdtemp failed");
         return;
     }
@@ -726,5 +708,5 @@ TEST(data_fuzz) {
         else CHECK(rc == MOE_EFORMAT && out == NULL);
         free(out);
     }
-    dt_remove_dir(dir);
+    moe_test_rmdir(dir);
 }

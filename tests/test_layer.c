@@ -451,3 +451,69 @@ TEST(router_tie_break_lower_id_wins) {
     }
     moe_layer_free(l);
 }
+
+/* ---- capacity (Switch) ------------------------------------------------------ */
+
+/* E = 2, K = 1, four tokens that all prefer expert 0 with probabilities
+ * increasing in v = 0.5, 2, 1, 3; capacity_factor 1 gives capacity
+ * ceil(1 * 4 * 1 / 2) = 2. Arrival keeps tokens 0, 1; probability keeps 1, 3. */
+static void capacity_case(moe_drop_policy pol, const int *kept_tokens) {
+    moe_layer_config c = moe_layer_config_default(2, 3, 2, 1, 4);
+    c.capacity_factor = 1.0f;
+    c.drop_policy = pol;
+    c.renormalize = 0;
+    moe_layer *l = moe_layer_create(&c, NULL, NULL, 0);
+    moe_layer_init(l, 3, 1.0f);
+    float *p = moe_layer_params_ptr(l);
+    p[0] = 1, p[1] = 0, p[2] = -1, p[3] = 0; /* wg: logit0 = v, logit1 = -v */
+    const float v[4] = {0.5f, 2.0f, 1.0f, 3.0f};
+    float x[8], y[8];
+    for (int t = 0; t < 4; t++) x[2 * t] = v[t], x[2 * t + 1] = 0.3f;
+    CHECK(moe_layer_forward(l, x, 4, y) == 0);
+    const moe_layer_stats *st = moe_layer_get_stats(l);
+    CHECK_EQ_INT(st->capacity, 2);
+    CHECK_CLOSE(st->dropped_fraction, 0.5, 0, 0);
+    CHECK_EQ_INT(st->expert_count[0], 4); /* routed, before drops: what the aux loss counts */
+    for (int t = 0; t < 4; t++) {
+        const int kept = t == kept_tokens[0] || t == kept_tokens[1];
+        const int zero = y[2 * t] == 0.0f && y[2 * t + 1] == 0.0f;
+        CHECK_MSG(kept != zero, "policy %d: token %d %s", pol, t, kept ? "dropped" : "kept");
+    }
+    /* evaluation never drops */
+    moe_layer_set_training(l, 0);
+    CHECK(moe_layer_forward(l, x, 4, y) == 0);
+    CHECK_CLOSE(moe_layer_get_stats(l)->dropped_fraction, 0, 0, 0);
+    for (int t = 0; t < 4; t++) CHECK(y[2 * t] != 0.0f || y[2 * t + 1] != 0.0f);
+    moe_layer_free(l);
+}
+
+TEST(capacity_drops_by_arrival_and_by_probability) {
+    const int arrival[2] = {0, 1}, prob[2] = {1, 3};
+    capacity_case(MOE_DROP_ARRIVAL, arrival);
+    capacity_case(MOE_DROP_PROBABILITY, prob);
+}
+
+TEST(capacity_forward_and_gradients_match_reference) {
+    const float cfs[] = {0.5f, 1.0f, 1.25f};
+    uint64_t seed = 500;
+    for (int pol = 0; pol < 2; pol++)
+        for (int i = 0; i < 3; i++) {
+            moe_layer_config c = small_cfg(MOE_ACT_SWIGLU, MOE_SCORE_SOFTMAX, 1, 4, 2);
+            c.capacity_factor = cfs[i];
+            c.drop_policy = (moe_drop_policy)pol;
+            check_forward(c, 37, seed++, 2e-5);
+            c.d_model = 6, c.d_ff = 7;
+            check_gradients(c, 9, seed++);
+        }
+}
+
+TEST(capacity_rejects_bad_config) {
+    char msg[256];
+    moe_layer_config c = moe_layer_config_default(8, 8, 4, 2, 16);
+    c.capacity_factor = -1;
+    CHECK_EQ_INT(create_err(c, msg, sizeof msg), MOE_EINVAL);
+    c.capacity_factor = NAN;
+    CHECK_EQ_INT(create_err(c, msg, sizeof msg), MOE_EINVAL);
+    c.capacity_factor = 1, c.drop_policy = (moe_drop_policy)5;
+    CHECK_EQ_INT(create_err(c, msg, sizeof msg), MOE_EINVAL);
+}

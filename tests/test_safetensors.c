@@ -12,34 +12,6 @@
 
 /* ---- helpers --------------------------------------------------------------- */
 
-static char *make_dir(char *buf) {
-    strcpy(buf, "/tmp/moe_st_XXXXXX");
-    return mkdtemp(buf);
-}
-
-static int count_entries(const char *dir) {
-    DIR *d = opendir(dir);
-    if (!d) return -1;
-    int n = 0;
-    for (struct dirent *e; (e = readdir(d));)
-        if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) n++;
-    closedir(d);
-    return n;
-}
-
-static void remove_dir(const char *dir) {
-    DIR *d = opendir(dir);
-    if (!d) return;
-    char p[512];
-    for (struct dirent *e; (e = readdir(d));) {
-        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
-        snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
-        unlink(p);
-    }
-    closedir(d);
-    rmdir(dir);
-}
-
 static int write_bytes(const char *path, const void *buf, size_t len) {
     FILE *fp = fopen(path, "wb");
     if (!fp) return -1;
@@ -131,7 +103,7 @@ static void count_free(void *p, void *ctx) {
 
 TEST(st_roundtrip_f32_i32_f16_meta) {
     char dirbuf[64], path[256], err[512] = "";
-    const char *dir = make_dir(dirbuf);
+    const char *dir = moe_test_tmpdir(dirbuf, "st");
     CHECK(dir != NULL);
     if (!dir) return;
     snprintf(path, sizeof path, "%s/m.safetensors", dir);
@@ -152,7 +124,7 @@ TEST(st_roundtrip_f32_i32_f16_meta) {
     const char *meta[] = {"format", "pt", "note", "back\\slash \"q\" \t tab", NULL};
     int rc = moe__st_write(path, outs, 5, meta, err, sizeof err);
     CHECK_MSG(rc == 0, "write: %s %s", moe_err_name(rc), err);
-    CHECK_EQ_INT(count_entries(dir), 1); /* no temp file left behind */
+    CHECK_EQ_INT(moe_test_count_entries(dir), 1); /* no temp file left behind */
 
     size_t len = 0;
     unsigned char *raw = read_bytes(path, &len);
@@ -168,7 +140,7 @@ TEST(st_roundtrip_f32_i32_f16_meta) {
     moe__st_file *f = NULL;
     rc = moe__st_open(path, &f, err, sizeof err);
     CHECK_MSG(rc == 0, "open: %s %s", moe_err_name(rc), err);
-    if (rc) { remove_dir(dir); return; }
+    if (rc) { moe_test_rmdir(dir); return; }
     CHECK_EQ_INT(moe__st_count(f), 5);
     for (int i = 0; i < 5; i++) { /* written order == data offset order */
         const moe__st_tensor *t = moe__st_get(f, i);
@@ -203,12 +175,12 @@ TEST(st_roundtrip_f32_i32_f16_meta) {
     CHECK(moe__st_meta_at(f, 1, &k, &v) == 0 && k && !strcmp(k, "note") && v && !strcmp(v, meta[3]));
     CHECK(moe__st_meta_at(f, 2, &k, &v) == MOE_EINVAL);
     moe__st_close(f);
-    remove_dir(dir);
+    moe_test_rmdir(dir);
 }
 
 TEST(st_read_f32_conversions) {
     char dirbuf[64], path[256], err[512] = "";
-    const char *dir = make_dir(dirbuf);
+    const char *dir = moe_test_tmpdir(dirbuf, "st");
     CHECK(dir != NULL);
     if (!dir) return;
     snprintf(path, sizeof path, "%s/c.safetensors", dir);
@@ -230,7 +202,7 @@ TEST(st_read_f32_conversions) {
     moe__st_file *f = NULL;
     rc = moe__st_open(path, &f, err, sizeof err);
     CHECK_MSG(rc == 0, "open: %s", err);
-    if (rc) { remove_dir(dir); return; }
+    if (rc) { moe_test_rmdir(dir); return; }
     float out[10];
     CHECK(moe__st_read_f32(moe__st_find(f, "h"), out, 10) == 0);
     for (int i = 0; i < 9; i++)
@@ -262,12 +234,12 @@ TEST(st_read_f32_conversions) {
         moe__st_close(f);
     }
     free(buf);
-    remove_dir(dir);
+    moe_test_rmdir(dir);
 }
 
 TEST(st_zero_tensors_and_meta_only) {
     char dirbuf[64], path[256], err[512] = "";
-    const char *dir = make_dir(dirbuf);
+    const char *dir = moe_test_tmpdir(dirbuf, "st");
     CHECK(dir != NULL);
     if (!dir) return;
     snprintf(path, sizeof path, "%s/z.safetensors", dir);
@@ -296,12 +268,12 @@ TEST(st_zero_tensors_and_meta_only) {
         moe__st_close(f);
     }
     free(buf);
-    remove_dir(dir);
+    moe_test_rmdir(dir);
 }
 
 TEST(st_rejects_truncated_and_bad_lengths) {
     char dirbuf[64];
-    const char *dir = make_dir(dirbuf);
+    const char *dir = moe_test_tmpdir(dirbuf, "st");
     CHECK(dir != NULL);
     if (!dir) return;
     unsigned char b[64] = {0};
@@ -332,12 +304,12 @@ TEST(st_rejects_truncated_and_bad_lengths) {
     CHECK(f == NULL && strstr(err, "<memory>"));
     free(z);
     CHECK_EQ_INT(moe__st_open_mem(NULL, 0, &f, err, sizeof err), MOE_EFORMAT);
-    remove_dir(dir);
+    moe_test_rmdir(dir);
 }
 
 TEST(st_rejects_malformed_headers) {
     char dirbuf[64];
-    const char *dir = make_dir(dirbuf);
+    const char *dir = moe_test_tmpdir(dirbuf, "st");
     CHECK(dir != NULL);
     if (!dir) return;
 #define T(dt, shape, offs) "{\"dtype\":\"" dt "\",\"shape\":" shape ",\"data_offsets\":" offs "}"
@@ -390,7 +362,7 @@ TEST(st_rejects_malformed_headers) {
 #undef T
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
         expect_bad(dir, cases[i].what, cases[i].hdr, cases[i].data, cases[i].code, cases[i].needle);
-    remove_dir(dir);
+    moe_test_rmdir(dir);
 }
 
 TEST(st_open_missing_file) {
@@ -404,7 +376,7 @@ TEST(st_open_missing_file) {
 
 TEST(st_write_errors) {
     char dirbuf[64], path[256], err[512] = "";
-    const char *dir = make_dir(dirbuf);
+    const char *dir = moe_test_tmpdir(dirbuf, "st");
     CHECK(dir != NULL);
     if (!dir) return;
     float x[2] = {1, 2};
@@ -438,13 +410,13 @@ TEST(st_write_errors) {
     const char *meta_dup[] = {"k", "1", "k", "2", NULL};
     CHECK_EQ_INT(moe__st_write(path, &one, 1, meta_dup, err, sizeof err), MOE_EINVAL);
     CHECK_EQ_INT(moe__st_write(path, NULL, 1, NULL, err, sizeof err), MOE_EINVAL);
-    CHECK_EQ_INT(count_entries(dir), 0); /* nothing created by any failure */
-    remove_dir(dir);
+    CHECK_EQ_INT(moe_test_count_entries(dir), 0); /* nothing created by any failure */
+    moe_test_rmdir(dir);
 }
 
 TEST(st_write_replaces_existing) {
     char dirbuf[64], path[256], err[512] = "";
-    const char *dir = make_dir(dirbuf);
+    const char *dir = moe_test_tmpdir(dirbuf, "st");
     CHECK(dir != NULL);
     if (!dir) return;
     snprintf(path, sizeof path, "%s/m.safetensors", dir);
@@ -465,14 +437,14 @@ TEST(st_write_replaces_existing) {
     CHECK(moe__st_open(path, &f, err, sizeof err) == 0);
     CHECK(f && moe__st_find(f, "w") && !moe__st_find(f, "v"));
     moe__st_close(f);
-    CHECK_EQ_INT(count_entries(dir), 1);
-    remove_dir(dir);
+    CHECK_EQ_INT(moe_test_count_entries(dir), 1);
+    moe_test_rmdir(dir);
 }
 
 /* RLIMIT_FSIZE makes write() fail with EFBIG part-way, like a full disk. */
 TEST(st_write_short_write_keeps_old_file) {
     char dirbuf[64], path[256], err[512] = "";
-    const char *dir = make_dir(dirbuf);
+    const char *dir = moe_test_tmpdir(dirbuf, "st");
     CHECK(dir != NULL);
     if (!dir) return;
     snprintf(path, sizeof path, "%s/m.safetensors", dir);
@@ -497,14 +469,14 @@ TEST(st_write_short_write_keeps_old_file) {
     unsigned char *b = read_bytes(path, &len);
     CHECK(b && len == 12 && !memcmp(b, "old contents", 12));
     free(b);
-    CHECK_EQ_INT(count_entries(dir), 1); /* temp file removed */
-    remove_dir(dir);
+    CHECK_EQ_INT(moe_test_count_entries(dir), 1); /* temp file removed */
+    moe_test_rmdir(dir);
 }
 
 /* Every error path must free what it allocated: count live allocations. */
 TEST(st_no_leaks_on_any_path) {
     char dirbuf[64], path[256], err[512];
-    const char *dir = make_dir(dirbuf);
+    const char *dir = moe_test_tmpdir(dirbuf, "st");
     CHECK(dir != NULL);
     if (!dir) return;
     snprintf(path, sizeof path, "%s/m.safetensors", dir);
@@ -536,14 +508,14 @@ TEST(st_no_leaks_on_any_path) {
     long live = g_live;
     moe_set_allocator(NULL);
     CHECK_EQ_INT(live, 0);
-    remove_dir(dir);
+    moe_test_rmdir(dir);
 }
 
 /* Random corruptions of a valid file must fail cleanly or parse to something
  * whose tensors are readable; run under ASan this finds out-of-bounds reads. */
 TEST(st_fuzz_mutations) {
     char dirbuf[64], path[256], err[512];
-    const char *dir = make_dir(dirbuf);
+    const char *dir = moe_test_tmpdir(dirbuf, "st");
     CHECK(dir != NULL);
     if (!dir) return;
     snprintf(path, sizeof path, "%s/m.safetensors", dir);
@@ -557,7 +529,7 @@ TEST(st_fuzz_mutations) {
     size_t len = 0;
     unsigned char *orig = read_bytes(path, &len);
     CHECK(orig != NULL);
-    if (!orig) { remove_dir(dir); return; }
+    if (!orig) { moe_test_rmdir(dir); return; }
     static const char alphabet[] = "{}[]\",:0123456789-.eE \\u";
     moe__rng rng;
     moe__rng_seed(&rng, 1234);
@@ -599,5 +571,5 @@ TEST(st_fuzz_mutations) {
     CHECK_EQ_INT(live, 0);
     CHECK(parsed > 0); /* some mutations (e.g. in data) leave the file valid */
     free(orig);
-    remove_dir(dir);
+    moe_test_rmdir(dir);
 }

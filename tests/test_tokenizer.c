@@ -13,34 +13,6 @@
 
 /* ---- helpers --------------------------------------------------------------- */
 
-static char *tk_make_dir(char *buf) {
-    strcpy(buf, "/tmp/moe_tok_XXXXXX");
-    return mkdtemp(buf);
-}
-
-static int tk_count_entries(const char *dir) {
-    DIR *d = opendir(dir);
-    if (!d) return -1;
-    int n = 0;
-    for (struct dirent *e; (e = readdir(d));)
-        if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) n++;
-    closedir(d);
-    return n;
-}
-
-static void tk_remove_dir(const char *dir) {
-    DIR *d = opendir(dir);
-    if (!d) return;
-    char p[512];
-    for (struct dirent *e; (e = readdir(d));) {
-        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
-        snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
-        if (rmdir(p) != 0) unlink(p);
-    }
-    closedir(d);
-    rmdir(dir);
-}
-
 static int tk_write(const char *path, const char *s) {
     FILE *fp = fopen(path, "wb");
     if (!fp) return -1;
@@ -522,7 +494,7 @@ TEST(tokenizer_compression_synthetic) {
 
 TEST(tokenizer_save_load_roundtrip) {
     char dir[64];
-    if (!tk_make_dir(dir)) {
+    if (!moe_test_tmpdir(dir, "tok")) {
         CHECK_MSG(0, "mkdtemp failed");
         return;
     }
@@ -532,7 +504,7 @@ TEST(tokenizer_save_load_roundtrip) {
     snprintf(path, sizeof path, "%s/tokenizer.json", dir);
     if (t) {
         CHECK_EQ_INT(moe_tokenizer_save(t, path, err, sizeof err), 0);
-        CHECK_EQ_INT(tk_count_entries(dir), 1); /* no temporary file left */
+        CHECK_EQ_INT(moe_test_count_entries(dir), 1); /* no temporary file left */
         CHECK_EQ_INT(moe_tokenizer_load(path, &u, err, sizeof err), 0);
     }
     if (t && u) {
@@ -561,12 +533,12 @@ TEST(tokenizer_save_load_roundtrip) {
         }
         /* saving again over the file replaces it */
         CHECK_EQ_INT(moe_tokenizer_save(u, path, err, sizeof err), 0);
-        CHECK_EQ_INT(tk_count_entries(dir), 1);
+        CHECK_EQ_INT(moe_test_count_entries(dir), 1);
     }
     moe_tokenizer_free(t);
     moe_tokenizer_free(u);
     free(text);
-    tk_remove_dir(dir);
+    moe_test_rmdir(dir);
 }
 
 /* Writes s to dir/name and loads it; returns the code, err gets the message. */
@@ -583,7 +555,7 @@ static int tk_load_str(const char *dir, const char *s, char *err, size_t errsz) 
 
 TEST(tokenizer_load_hostile) {
     char dir[64];
-    if (!tk_make_dir(dir)) {
+    if (!moe_test_tmpdir(dir, "tok")) {
         CHECK_MSG(0, "mkdtemp failed");
         return;
     }
@@ -680,7 +652,7 @@ TEST(tokenizer_load_hostile) {
     }
     CHECK(t == NULL);
     CHECK_EQ_INT(moe_tokenizer_load(NULL, &t, err, sizeof err), MOE_EINVAL);
-    tk_remove_dir(dir);
+    moe_test_rmdir(dir);
 }
 
 /* ---- the real corpus (skipped when data/brown is absent) -------------------- */
@@ -727,7 +699,7 @@ TEST(tokenizer_brown_4096) {
  * tokenizer that still round-trips; it never crashes (run under ASan). */
 TEST(tokenizer_load_fuzz) {
     char dir[64], err[512], path[128];
-    if (!tk_make_dir(dir)) {
+    if (!moe_test_tmpdir(dir, "tok")) {
         CHECK_MSG(0, "mkdtemp failed");
         return;
     }
@@ -737,7 +709,7 @@ TEST(tokenizer_load_fuzz) {
     free(text);
     if (!t || moe_tokenizer_save(t, path, err, sizeof err)) {
         moe_tokenizer_free(t);
-        tk_remove_dir(dir);
+        moe_test_rmdir(dir);
         return;
     }
     moe_tokenizer_free(t);
@@ -775,5 +747,5 @@ TEST(tokenizer_load_fuzz) {
         moe_tokenizer_free(u);
     }
     CHECK(loaded < 400);
-    tk_remove_dir(dir);
+    moe_test_rmdir(dir);
 }

@@ -45,14 +45,7 @@ static moe_train_config tiny_train(void) {
 
 static char *tmpdir(void) {
     static char d[64];
-    snprintf(d, sizeof d, "/tmp/moe_train_XXXXXX");
-    return mkdtemp(d);
-}
-
-static void rmdir_all(const char *d) {
-    char cmd[256];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", d);
-    if (system(cmd) != 0) fprintf(stderr, "cannot remove %s\n", d);
+    return moe_test_tmpdir(d, "train");
 }
 
 TEST(train_resume_is_bit_exact) {
@@ -97,7 +90,7 @@ TEST(train_resume_is_bit_exact) {
     printf("    20 steps: loss %.4f -> %.4f, resumed run identical\n", full[0], full[19]);
     moe_trainer_free(t);
     moe_model_free(m);
-    rmdir_all(dir);
+    moe_test_rmdir(dir);
     free(tr), free(va);
 }
 
@@ -131,7 +124,7 @@ TEST(checkpoint_roundtrip_same_logits) {
     CHECK(moe_model_load(dir, 1, 8, 0, 1, &bad, err, sizeof err) == MOE_EIO);
     moe_model_free(a);
     moe_model_free(b);
-    rmdir_all(dir);
+    moe_test_rmdir(dir);
 }
 
 /* Gradients of 2 accumulated micro-batches of 2 sequences equal those of one

@@ -5,46 +5,98 @@
  */
 #include "layer/layer_impl.h"
 
+#include <math.h>
+#include <stdlib.h>
 #include <string.h>
+
+static int by_prio(const void *a, const void *b) {
+    const struct moe__prio *x = a, *y = b;
+    if (x->s != y->s) return x->s > y->s ? -1 : 1;
+    return (x->slot > y->slot) - (x->slot < y->slot);
+}
+
+/* keep[] for every slot: all, or per expert the first `cap` in token order
+ * (arrival) or the `cap` with the highest router probability. */
+static void apply_capacity(moe_layer *l, int n, int cap) {
+    const int E = l->cfg.n_experts, K = l->cfg.top_k, R = n * K;
+    memset(l->keep, 1, (size_t)R);
+    if (cap <= 0) return;
+    int *off = l->seg_off; /* pre-drop segments, as a cursor */
+    off[0] = 0;
+    for (int e = 0; e < E; e++) off[e + 1] = off[e] + l->counts[e];
+    for (int i = 0; i < R; i++) l->order[off[l->topk_ids[i]]++] = i;
+    for (int e = E; e > 0; e--) off[e] = off[e - 1];
+    off[0] = 0;
+    for (int e = 0; e < E; e++) {
+        const int m = l->counts[e], *list = l->order + off[e];
+        if (m <= cap) continue;
+        if (l->cfg.drop_policy == MOE_DROP_ARRIVAL) {
+            for (int r = cap; r < m; r++) l->keep[list[r]] = 0;
+        } else {
+            for (int r = 0; r < m; r++)
+                l->prio[r] = (struct moe__prio){l->scores[(size_t)(list[r] / K) * E + e], list[r]};
+            qsort(l->prio, (size_t)m, sizeof *l->prio, by_prio);
+            for (int r = cap; r < m; r++) l->keep[l->prio[r].slot] = 0;
+        }
+    }
+}
 
 void moe__dispatch_build(moe_layer *l, int n) {
     const int E = l->cfg.n_experts, K = l->cfg.top_k;
     const int R = n * K;
+    int cap = 0;
+    if (l->training && l->cfg.capacity_factor > 0 && n > 0) {
+        const double c = ceil((double)l->cfg.capacity_factor * n * K / E);
+        cap = c < 1 ? 1 : c > R ? R : (int)c;
+    }
+    apply_capacity(l, n, cap);
+    memset(l->kept, 0, sizeof(int) * (size_t)E);
+    int dropped = 0;
+    for (int i = 0; i < R; i++) {
+        if (l->keep[i]) l->kept[l->topk_ids[i]]++;
+        else dropped++;
+    }
     int *off = l->seg_off;
-    /* counts were taken by the router; prefix sum gives the segment starts */
     off[0] = 0;
-    for (int e = 0; e < E; e++) off[e + 1] = off[e] + l->counts[e];
+    for (int e = 0; e < E; e++) off[e + 1] = off[e] + l->kept[e];
     /* Placing pairs in (token, slot) order keeps each segment sorted by token:
      * the sort is stable and the same on every run. off[] is used as the
      * cursor and then restored. */
     for (int i = 0; i < R; i++) {
-        const int e = l->topk_ids[i];
-        const int row = off[e]++;
+        if (!l->keep[i]) {
+            l->row_of_slot[i] = -1;
+            continue;
+        }
+        const int row = off[l->topk_ids[i]]++;
         l->row_of_slot[i] = row;
         l->slot_of_row[row] = i;
     }
     for (int e = E; e > 0; e--) off[e] = off[e - 1];
     off[0] = 0;
+    l->stats.capacity = cap;
+    l->stats.dropped_fraction = R ? (float)dropped / R : 0.0f;
 }
 
 void moe__dispatch_gather(moe_layer *l, const float *x) {
-    const int C = l->cfg.d_model, K = l->cfg.top_k, R = l->n * K;
+    const int C = l->cfg.d_model, K = l->cfg.top_k, R = l->seg_off[l->cfg.n_experts];
 #pragma omp parallel for schedule(static) num_threads(l->threads)
     for (int r = 0; r < R; r++)
         memcpy(l->xg + (size_t)r * C, x + (size_t)(l->slot_of_row[r] / K) * C, sizeof(float) * (size_t)C);
 }
 
-/* y[t] = sum_j w_tj out[row(t,j)], j ascending */
+/* y[t] = sum_j w_tj out[row(t,j)], j ascending, over the kept slots (a
+ * token whose every slot was dropped gets 0). */
 void moe__dispatch_combine(moe_layer *l, float *y) {
     const int C = l->cfg.d_model, K = l->cfg.top_k, n = l->n;
 #pragma omp parallel for schedule(static) num_threads(l->threads)
     for (int t = 0; t < n; t++) {
         float *yt = y + (size_t)t * C;
         const float *w = l->topk_w + (size_t)t * K;
-        const float *o0 = l->out + (size_t)l->row_of_slot[(size_t)t * K] * C;
-        for (int c = 0; c < C; c++) yt[c] = w[0] * o0[c];
-        for (int j = 1; j < K; j++) {
-            const float *oj = l->out + (size_t)l->row_of_slot[(size_t)t * K + j] * C;
+        memset(yt, 0, sizeof(float) * (size_t)C);
+        for (int j = 0; j < K; j++) {
+            const int row = l->row_of_slot[(size_t)t * K + j];
+            if (row < 0) continue;
+            const float *oj = l->out + (size_t)row * C;
             const float wj = w[j];
             for (int c = 0; c < C; c++) yt[c] += wj * oj[c];
         }
@@ -59,7 +111,12 @@ void moe__dispatch_backward(moe_layer *l, const float *dy) {
     for (int t = 0; t < n; t++) {
         const float *dyt = dy + (size_t)t * C;
         for (int j = 0; j < K; j++) {
-            const size_t row = (size_t)l->row_of_slot[(size_t)t * K + j];
+            const int r = l->row_of_slot[(size_t)t * K + j];
+            if (r < 0) { /* dropped: no output, no gradient to its gate */
+                l->dgate[(size_t)t * K + j] = 0.0f;
+                continue;
+            }
+            const size_t row = (size_t)r;
             const float *o = l->out + row * C;
             float *d = l->dout + row * C;
             const float w = l->topk_w[(size_t)t * K + j];
@@ -73,15 +130,17 @@ void moe__dispatch_backward(moe_layer *l, const float *dy) {
     }
 }
 
-/* dx[t] = sum_j dxg[row(t,j)], j ascending (overwrites dx). */
+/* dx[t] = sum_j dxg[row(t,j)], j ascending, kept slots (overwrites dx). */
 void moe__dispatch_scatter_dx(moe_layer *l, float *dx) {
     const int C = l->cfg.d_model, K = l->cfg.top_k, n = l->n;
 #pragma omp parallel for schedule(static) num_threads(l->threads)
     for (int t = 0; t < n; t++) {
         float *d = dx + (size_t)t * C;
-        memcpy(d, l->dxg + (size_t)l->row_of_slot[(size_t)t * K] * C, sizeof(float) * (size_t)C);
-        for (int j = 1; j < K; j++) {
-            const float *g = l->dxg + (size_t)l->row_of_slot[(size_t)t * K + j] * C;
+        memset(d, 0, sizeof(float) * (size_t)C);
+        for (int j = 0; j < K; j++) {
+            const int row = l->row_of_slot[(size_t)t * K + j];
+            if (row < 0) continue;
+            const float *g = l->dxg + (size_t)row * C;
             for (int c = 0; c < C; c++) d[c] += g[c];
         }
     }

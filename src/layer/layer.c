@@ -58,6 +58,11 @@ static int check_config(const moe_layer_config *c, char *err, size_t n) {
                             (double)c->aux_coef, (double)c->z_coef);
     if (c->n_threads < 0)
         return moe__set_err(err, n, MOE_EINVAL, "n_threads = %d: must be >= 0", c->n_threads);
+    if (!isfinite(c->capacity_factor) || c->capacity_factor < 0 || c->capacity_factor > 1e6)
+        return moe__set_err(err, n, MOE_EINVAL, "capacity_factor = %g: must be 0 (dropless) or a positive number",
+                            (double)c->capacity_factor);
+    if ((unsigned)c->drop_policy > MOE_DROP_PROBABILITY)
+        return moe__set_err(err, n, MOE_EINVAL, "drop_policy = %d: unknown", (int)c->drop_policy);
     if (c->max_top_k < 0 || c->max_top_k > c->n_experts)
         return moe__set_err(err, n, MOE_EINVAL, "max_top_k = %d: must be in [0, n_experts = %d]", c->max_top_k,
                             c->n_experts);
@@ -85,7 +90,7 @@ void moe_layer_free(moe_layer *l) {
     void *bufs[] = {l->own_params, l->own_grads, l->x,      l->logits, l->scores, l->lse,   l->topk_ids,
                     l->topk_w,     l->part,      l->counts, l->psum,   l->daux,   l->seg_off,
                     l->row_of_slot, l->slot_of_row, l->xg,  l->h1,     l->h3,     l->act,   l->out,
-                    l->dout,       l->dh1,       l->dh3,    l->dxg,    l->dgate,  l->dlogits, l->tiles, l->small_ws};
+                    l->dout,       l->dh1,       l->dh3,    l->dxg,    l->dgate,  l->dlogits, l->tiles, l->small_ws, l->kept, l->keep, l->order, l->prio};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) moe__afree(bufs[i]);
     moe__free(l);
 }
@@ -136,6 +141,10 @@ moe_layer *moe_layer_create(const moe_layer_config *cfg, int *err, char *errbuf,
     ALLOC(seg_off, E + 1, int);
     ALLOC(row_of_slot, R, int);
     ALLOC(slot_of_row, R, int);
+    ALLOC(kept, E, int);
+    ALLOC(keep, R, unsigned char);
+    ALLOC(order, R, int);
+    ALLOC(prio, R, struct moe__prio);
     ALLOC(xg, R * C, float);
     ALLOC(h1, R * F, float);
     ALLOC(act, R * F, float);
@@ -159,6 +168,7 @@ moe_layer *moe_layer_create(const moe_layer_config *cfg, int *err, char *errbuf,
     memset(l->own_params, 0, sizeof(float) * l->off.total);
     memset(l->own_grads, 0, sizeof(float) * l->off.total);
     memset(l->counts, 0, sizeof(int) * E);
+    l->training = 1;
     l->params = l->own_params;
     l->grads = l->own_grads;
     l->stats.expert_count = l->counts;
@@ -174,6 +184,10 @@ nomem:
 }
 
 const moe_layer_config *moe_layer_get_config(const moe_layer *l) { return &l->cfg; }
+
+void moe_layer_set_training(moe_layer *l, int training) {
+    if (l) l->training = training != 0;
+}
 
 int moe_layer_set_top_k(moe_layer *l, int k) {
     if (!l) return MOE_EINVAL;

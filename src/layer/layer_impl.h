@@ -45,8 +45,13 @@ struct moe_layer {
 
     /* dispatch, R = N*K */
     int *seg_off;                   /* [E+1] */
-    int *row_of_slot;               /* [R] slot t*K+j -> sorted row */
-    int *slot_of_row;               /* [R] sorted row -> slot */
+    int *row_of_slot;               /* [R] slot t*K+j -> sorted row, -1 when dropped */
+    int *slot_of_row;               /* [R] sorted row -> slot (first R_kept rows) */
+    int *kept;                      /* [E] pairs each expert computes (<= counts) */
+    unsigned char *keep;            /* [R] capacity decision per slot */
+    int *order;                     /* [R] scratch: slots sorted by expert, pre-drop */
+    struct moe__prio { float s; int slot; } *prio; /* [R] scratch: probability policy */
+    int training;
 
     /* experts, sorted rows */
     float *xg;                      /* [R][C] gathered input */

@@ -92,6 +92,8 @@ int moe_model_config_check(const moe_model_config *c, char *err, size_t n) {
     for (int i = 0; i < 4; i++)
         if (!isfinite(fl[i]) || fl[i] <= 0)
             return moe__set_err(err, n, MOE_EINVAL, "config: %s = %g: must be finite and > 0", fn[i], (double)fl[i]);
+    if (!isfinite(c->capacity_factor) || c->capacity_factor < 0)
+        return moe__set_err(err, n, MOE_EINVAL, "config: capacity_factor must be finite and >= 0 (0: dropless)");
     if (!isfinite(c->router_aux_loss_coef) || c->router_aux_loss_coef < 0 || !isfinite(c->router_z_loss_coef) ||
         c->router_z_loss_coef < 0)
         return moe__set_err(err, n, MOE_EINVAL, "config: router loss coefficients must be finite and >= 0");
@@ -175,6 +177,7 @@ int moe_model_config_parse(const char *json, size_t len, const char *name, moe_m
         {"router_aux_loss_coef", &c->router_aux_loss_coef},
         {"router_z_loss_coef", &c->router_z_loss_coef},
         {"initializer_range", &c->initializer_range},
+        {"capacity_factor", &c->capacity_factor},
     };
     for (size_t i = 0; i < sizeof fls / sizeof fls[0] && !rc; i++) rc = get_float(&x, root, fls[i].key, fls[i].field);
     if (!rc) rc = get_bool(&x, root, "tie_word_embeddings", &c->tie_word_embeddings);
@@ -187,6 +190,16 @@ int moe_model_config_parse(const char *json, size_t len, const char *name, moe_m
         else if (cJSON_IsString(sf) && !strcmp(sf->valuestring, "sigmoid")) c->scoring_func = MOE_SCORE_SIGMOID;
         else {
             rc = moe__set_err(err, errsz, MOE_EFORMAT, "%s: \"scoring_func\" must be \"softmax\" or \"sigmoid\"",
+                              x.name);
+            goto out;
+        }
+    }
+    const cJSON *dp = cJSON_GetObjectItemCaseSensitive(root, "drop_policy");
+    if (dp && !cJSON_IsNull(dp)) {
+        if (cJSON_IsString(dp) && !strcmp(dp->valuestring, "arrival")) c->drop_policy = MOE_DROP_ARRIVAL;
+        else if (cJSON_IsString(dp) && !strcmp(dp->valuestring, "probability")) c->drop_policy = MOE_DROP_PROBABILITY;
+        else {
+            rc = moe__set_err(err, errsz, MOE_EFORMAT, "%s: \"drop_policy\" must be \"arrival\" or \"probability\"",
                               x.name);
             goto out;
         }
@@ -259,6 +272,8 @@ char *moe_model_config_to_json(const moe_model_config *c) {
     cJSON_AddNumberToObject(o, "routed_scaling_factor", c->routed_scaling_factor);
     cJSON_AddNumberToObject(o, "router_aux_loss_coef", c->router_aux_loss_coef);
     cJSON_AddNumberToObject(o, "router_z_loss_coef", c->router_z_loss_coef);
+    cJSON_AddNumberToObject(o, "capacity_factor", c->capacity_factor);
+    cJSON_AddStringToObject(o, "drop_policy", c->drop_policy == MOE_DROP_PROBABILITY ? "probability" : "arrival");
     cJSON *idx = cJSON_AddArrayToObject(o, "moe_layer_indices");
     for (int l = 0; l < c->num_hidden_layers && l < MOE_MAX_LAYERS; l++)
         if (c->num_local_experts > 0 && c->is_moe_layer[l]) cJSON_AddItemToArray(idx, cJSON_CreateNumber(l));

@@ -245,6 +245,8 @@ moe_model *moe_model_create(const moe_model_config *cfg, int max_batch, int max_
         lc.z_coef = c->router_z_loss_coef / (float)m->n_moe;
         lc.n_threads = m->threads;
         lc.max_top_k = m->has_grads ? 0 : c->num_local_experts; /* inference may raise k */
+        lc.capacity_factor = c->capacity_factor;
+        lc.drop_policy = c->drop_policy;
         L->moe = moe_layer_create(&lc, &rc, errbuf, errsz);
         if (!L->moe) {
             moe_model_free(m);
@@ -252,6 +254,7 @@ moe_model *moe_model_create(const moe_model_config *cfg, int max_batch, int max_
             return NULL;
         }
         moe_layer_bind(L->moe, m->params + L->moe_off, m->has_grads ? m->grads + L->moe_off : NULL);
+        if (!m->has_grads) moe_layer_set_training(L->moe, 0); /* inference never drops */
     }
     m->k_used = c->num_experts_per_tok;
     if (err) *err = MOE_OK;
@@ -307,6 +310,11 @@ int moe_model_set_experts_used(moe_model *m, int k) {
     m->k_used = k;
     m->have_fwd = 0;
     return MOE_OK;
+}
+
+void moe_model_set_training(moe_model *m, int training) {
+    for (int i = 0; m && i < m->cfg.num_hidden_layers; i++)
+        if (m->layers[i].moe) moe_layer_set_training(m->layers[i].moe, training);
 }
 
 void moe_model_zero_grad(moe_model *m) {

@@ -133,6 +133,7 @@ int moe_trainer_eval(moe_trainer *t, float *val_loss) {
     const int B = t->tc.batch, T = t->tc.seq, nb = t->tc.eval_batches > 0 ? t->tc.eval_batches : 1;
     const size_t nwin = (size_t)nb * B, span = t->n_val - (size_t)T - 1;
     double sum = 0;
+    moe_model_set_training(t->m, 0); /* evaluation never drops tokens */
     for (int k = 0; k < nb; k++) {
         for (int b = 0; b < B; b++) {
             const size_t w = (size_t)k * B + b, off = nwin > 1 ? w * span / (nwin - 1) : 0;
@@ -141,10 +142,14 @@ int moe_trainer_eval(moe_trainer *t, float *val_loss) {
         }
         float ce;
         int rc = moe_model_forward(t->m, t->tok, t->tgt, B, T, NULL);
-        if (rc) return moe__set_err(t->err, sizeof t->err, rc, "eval: %s", t->m->err);
+        if (rc) {
+            moe_model_set_training(t->m, 1);
+            return moe__set_err(t->err, sizeof t->err, rc, "eval: %s", t->m->err);
+        }
         moe_model_last_losses(t->m, &ce, NULL);
         sum += ce;
     }
+    moe_model_set_training(t->m, 1);
     *val_loss = (float)(sum / nb);
     return MOE_OK;
 }
