@@ -47,13 +47,22 @@ static void fill_normal(float *v, size_t n, uint64_t seed) {
 
 typedef struct {
     double ms, ms_min, gflops;
-    double load_max_over_mean;
+    double load_max_over_mean, dropped;
+    double route_share; /* (router + dispatch + combine) / forward, median run */
 } bench_result;
 
-static int run_layer(const bench_shape *s, int fwdbwd, int threads, int warmup, int reps, bench_result *out,
-                     char *err, size_t errsz) {
+/* Routing schemes of `--router` (issue 3 adds the rest to the layer). */
+static const char *const ROUTERS[] = {"topk", "switch", NULL};
+
+static int run_layer(const bench_shape *s, const char *router, int fwdbwd, int threads, int warmup, int reps,
+                     bench_result *out, char *err, size_t errsz) {
     moe_layer_config c = moe_layer_config_default(s->c, s->f, s->e, s->k, s->n);
     c.n_threads = threads;
+    if (!strcmp(router, "switch")) { /* Switch: top-1, raw probability, capacity factor 1.25 */
+        c.top_k = 1;
+        c.renormalize = 0;
+        c.capacity_factor = 1.25f;
+    }
     int rc;
     moe_layer *l = moe_layer_create(&c, &rc, err, errsz);
     if (!l) return rc;
@@ -61,7 +70,7 @@ static int run_layer(const bench_shape *s, int fwdbwd, int threads, int warmup, 
     const size_t nc = (size_t)s->n * s->c;
     float *x = malloc(sizeof(float) * nc), *y = malloc(sizeof(float) * nc);
     float *dy = malloc(sizeof(float) * nc), *dx = malloc(sizeof(float) * nc);
-    double *t = malloc(sizeof(double) * (size_t)reps);
+    double *t = malloc(sizeof(double) * (size_t)reps), *share = malloc(sizeof(double) * (size_t)reps);
     if (!x || !y || !dy || !dx || !t) {
         rc = MOE_ENOMEM;
         snprintf(err, errsz, "out of memory");
@@ -77,25 +86,37 @@ static int run_layer(const bench_shape *s, int fwdbwd, int threads, int warmup, 
             snprintf(err, errsz, "%s", moe_layer_errmsg(l));
             goto out;
         }
-        if (i >= warmup) t[i - warmup] = now_ms() - t0;
+        if (i >= warmup) {
+            const moe_layer_stats *st = moe_layer_get_stats(l);
+            const double f = st->ms_router + st->ms_dispatch + st->ms_experts + st->ms_combine;
+            t[i - warmup] = now_ms() - t0;
+            share[i - warmup] = (st->ms_router + st->ms_dispatch + st->ms_combine) / f;
+        }
     }
     qsort(t, (size_t)reps, sizeof *t, cmp_double);
+    qsort(share, (size_t)reps, sizeof *share, cmp_double);
+    out->route_share = share[reps / 2];
+    out->dropped = moe_layer_get_stats(l)->dropped_fraction;
     out->ms = t[reps / 2];
     out->ms_min = t[0];
-    out->gflops = moe_layer_expert_flops(&c, s->n) * (fwdbwd ? 3 : 1) / (out->ms * 1e6);
+    /* active FLOPs of the pairs computed (after any capacity drops) */
+    out->gflops = moe_layer_expert_flops(&c, s->n) * (1.0 - moe_layer_get_stats(l)->dropped_fraction) *
+                  (fwdbwd ? 3 : 1) / (out->ms * 1e6);
     out->load_max_over_mean = moe_layer_get_stats(l)->load_max_over_mean;
 out:
-    free(x), free(y), free(dy), free(dx), free(t);
+    free(x), free(y), free(dy), free(dx), free(t), free(share);
     moe_layer_free(l);
     return rc;
 }
 
 static void usage_layer(FILE *f) {
     fprintf(f,
-            "usage: moe bench layer [--shape NAME]... [--pass fwd|fwdbwd] [--threads T] [--json]\n"
-            "                       [--reps R] [--warmup W]\n"
+            "usage: moe bench layer [--shape NAME]... [--pass fwd|fwdbwd] [--router NAME] [--threads T]\n"
+            "                       [--json] [--reps R] [--warmup W]\n"
             "  --shape NAME   S1, S2, S3-e8, S3-e64, S3-e512, or all (default: all)\n"
             "  --pass P       fwd (default) or fwdbwd\n"
+            "  --router NAME  topk (default: softmax top-k renormalised) or switch (top-1,\n"
+            "                 capacity factor 1.25, arrival drops)\n"
             "  --threads T    OpenMP threads (default: 2)\n"
             "  --reps R       timed repetitions, median reported (default: 5)\n"
             "  --warmup W     untimed repetitions first (default: 2)\n"
@@ -116,6 +137,7 @@ static int parse_pos(const char *s) {
 
 int moe_bench_layer_main(int argc, char **argv) {
     int sel[NSHAPES] = {0}, any = 0, fwdbwd = 0, threads = 2, json = 0, reps = 5, warmup = 2;
+    const char *router = "topk";
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
@@ -134,6 +156,15 @@ int moe_bench_layer_main(int argc, char **argv) {
                 fprintf(stderr, "moe bench layer: unknown shape '%s' (see --help)\n", v);
                 return 2;
             }
+            i++;
+        } else if (!strcmp(a, "--router")) {
+            int ok = 0;
+            for (int r = 0; ROUTERS[r]; r++) ok |= !strcmp(v, ROUTERS[r]);
+            if (!ok) {
+                fprintf(stderr, "moe bench layer: unknown router '%s' (topk, switch)\n", v);
+                return 2;
+            }
+            router = v;
             i++;
         } else if (!strcmp(a, "--pass")) {
             if (strcmp(v, "fwd") && strcmp(v, "fwdbwd")) {
@@ -162,13 +193,13 @@ int moe_bench_layer_main(int argc, char **argv) {
     if (!json)
         printf("OpenBLAS kernel: %s\n", moe_blas_info());
     if (!json)
-        printf("%-8s %-6s %5s %5s %5s %4s %2s %3s %10s %10s %9s\n", "shape", "pass", "N", "C", "F", "E", "K",
-               "thr", "ms", "ms_min", "GFLOP/s");
+        printf("%-8s %-6s %5s %5s %5s %4s %2s %3s %10s %10s %9s %7s\n", "shape", "pass", "N", "C", "F", "E", "K",
+               "thr", "ms", "ms_min", "GFLOP/s", "route%");
     for (int s = 0; s < NSHAPES; s++) {
         if (!sel[s]) continue;
         bench_result r = {0};
         char err[256] = "";
-        int rc = run_layer(&SHAPES[s], fwdbwd, threads, warmup, reps, &r, err, sizeof err);
+        int rc = run_layer(&SHAPES[s], router, fwdbwd, threads, warmup, reps, &r, err, sizeof err);
         if (rc) {
             fprintf(stderr, "moe bench layer: %s: %s (%s)\n", SHAPES[s].name, err, moe_strerror(rc));
             return 1;
@@ -177,12 +208,14 @@ int moe_bench_layer_main(int argc, char **argv) {
         if (json)
             printf("{\"shape\":\"%s\",\"pass\":\"%s\",\"ms\":%.3f,\"ms_min\":%.3f,\"gflops\":%.2f,"
                    "\"impl\":\"moe\",\"threads\":%d,\"tokens\":%d,\"d_model\":%d,\"d_ff\":%d,"
-                   "\"experts\":%d,\"top_k\":%d,\"load_max_over_mean\":%.3f,\"core\":\"%s\"}\n",
+                   "\"experts\":%d,\"top_k\":%d,\"load_max_over_mean\":%.3f,\"core\":\"%s\",\"router\":\"%s\","
+                   "\"route_share\":%.4f,\"dropped\":%.4f}\n",
                    b->name, fwdbwd ? "fwdbwd" : "fwd", r.ms, r.ms_min, r.gflops, threads, b->n, b->c, b->f,
-                   b->e, b->k, r.load_max_over_mean, moe_blas_info());
+                   b->e, b->k, r.load_max_over_mean, moe_blas_info(), router, r.route_share, r.dropped);
         else
-            printf("%-8s %-6s %5d %5d %5d %4d %2d %3d %10.2f %10.2f %9.1f\n", b->name, fwdbwd ? "fwdbwd" : "fwd",
-                   b->n, b->c, b->f, b->e, b->k, threads, r.ms, r.ms_min, r.gflops);
+            printf("%-8s %-6s %5d %5d %5d %4d %2d %3d %10.2f %10.2f %9.1f %6.1f%%\n", b->name,
+                   fwdbwd ? "fwdbwd" : "fwd", b->n, b->c, b->f, b->e, !strcmp(router, "switch") ? 1 : b->k, threads,
+                   r.ms, r.ms_min, r.gflops, 100 * r.route_share);
         fflush(stdout);
     }
     return 0;

@@ -44,6 +44,8 @@ def main():
     sgemm = {r["core"]: r for r in load(os.path.join(out, "sgemm.jsonl"))}
     moe = {(r["core"], r["shape"], r["pass"]): r for r in load(os.path.join(out, "moe.jsonl"))}
     torch = {(r["core"], r["shape"], r["pass"]): r for r in load(os.path.join(out, "torch.jsonl"))}
+    rpath = os.path.join(out, "router.jsonl")
+    routers = load(rpath) if os.path.exists(rpath) else []
     tpath = os.path.join(out, "train.jsonl")
     trains = load(tpath) if os.path.exists(tpath) else []
     print("# Benchmarks\n")
@@ -71,6 +73,12 @@ def main():
                   f"{100 * r['gflops'] / ceil:.0f}% |")
         e8, e512 = moe.get((core, "S3-e8", "fwd")), moe.get((core, "S3-e512", "fwd"))
         t8, t512 = torch.get((core, "S3-e8", "fwd")), torch.get((core, "S3-e512", "fwd"))
+        rr = [r for r in routers if r.get("core") == core]
+        if rr:
+            parts = [f"`{r['router']}` {100 * r['route_share']:.1f}% of {r['ms']:.1f} ms"
+                     + (f", {100 * r['dropped']:.1f}% of pairs dropped" if r['dropped'] > 0 else "") for r in rr]
+            print("\nRouting overhead on S1 forward (router + dispatch + combine, excluding the expert GEMMs; "
+                  "`moe bench layer --shape S1 --router NAME`): " + "; ".join(parts) + ".")
         tr = [r for r in trains if r.get("core") == core]
         tm = next((r for r in tr if r["impl"] == "moe"), None)
         tt = next((r for r in tr if r["impl"] == "torch"), None)

@@ -34,6 +34,11 @@ for core in "${cores[@]}"; do
         "$PY" bench/peer_torch.py --pass $pass --threads "$THREADS" --reps "$REPS" --warmup "$WARMUP" --json \
             | sed "s/}$/, \"core\": \"$core\"}/" | tee -a "$out/torch.jsonl"
     done
+    # routing overhead (router + dispatch + combine, excluding expert GEMMs) on S1
+    for router in topk switch; do
+        $MOE bench layer --shape S1 --router $router --threads "$THREADS" --reps "$REPS" --warmup "$WARMUP" --json \
+            | tee -a "$out/router.jsonl"
+    done
     # training steps of the small preset vs its PyTorch twin, same batch
     $MOE info --preset small --print-config > "$out/small.json"
     $MOE bench train --preset small --batch 8 --seq 256 --steps "$((REPS * 2))" --warmup "$WARMUP" \

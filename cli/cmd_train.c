@@ -291,7 +291,8 @@ int moe_cli_train(int argc, char **argv) {
     if (g_stop) fprintf(stderr, "interrupted: saving the checkpoint\n");
     const double train_s = cli_now() - t0;
     float vl = NAN;
-    if (!failed && moe_trainer_eval(tr, &vl) == 0) series_add(&hist_va, step, vl);
+    if (hist_va.n > 0 && hist_va.step[hist_va.n - 1] == step) vl = (float)hist_va.val[hist_va.n - 1]; /* just done */
+    else if (!failed && moe_trainer_eval(tr, &vl) == 0) series_add(&hist_va, step, vl);
     int save_rc = moe_trainer_save(tr, out, err, sizeof err);
     if (save_rc) fprintf(stderr, "moe train: checkpoint: %s\n", err);
     save_rc |= history_save(out, &hist_tr, &hist_va, step, tokens, cmdline);

@@ -158,6 +158,10 @@ typedef struct moe_layer_stats {
     float aux_loss;         /* aux_coef * E * sum_i f_i P_i, f_i = count_i/(N K),
                                counted before capacity drops (as Switch/GShard) */
     float dropped_fraction; /* pairs dropped by the capacity limit / (N K) */
+    /* wall time of the last forward's phases, milliseconds: router (logits,
+     * scores, top-k, losses), dispatch (sort + gather), experts (grouped
+     * GEMMs + activations), combine */
+    double ms_router, ms_dispatch, ms_experts, ms_combine;
     int capacity;           /* per-expert capacity of the call, 0 when dropless */
     float z_loss;           /* z_coef * mean_t logsumexp(logits_t)^2 */
 } moe_layer_stats;

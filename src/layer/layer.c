@@ -6,6 +6,7 @@
 #include "gemm_small.h"
 
 #include <limits.h>
+#include <omp.h>
 #include <math.h>
 #include <string.h>
 
@@ -275,13 +276,22 @@ int moe_layer_forward(moe_layer *l, const float *x, int n_tokens, float *y) {
         return moe__set_err(l->err, sizeof l->err, MOE_ENONFINITE,
                             "forward: input x[%lld][%lld] is %g", bad / C, bad % C, (double)x[bad]);
     l->n = n_tokens;
+    const double t0 = omp_get_wtime();
     memcpy(l->x, x, sizeof(float) * nx);
     int rc = moe__router_forward(l, l->x, n_tokens);
     if (rc) return rc;
+    const double t1 = omp_get_wtime();
     moe__dispatch_build(l, n_tokens);
     moe__dispatch_gather(l, l->x);
+    const double t2 = omp_get_wtime();
     moe__experts_forward(l);
+    const double t3 = omp_get_wtime();
     moe__dispatch_combine(l, y);
+    const double t4 = omp_get_wtime();
+    l->stats.ms_router = (t1 - t0) * 1e3;
+    l->stats.ms_dispatch = (t2 - t1) * 1e3;
+    l->stats.ms_experts = (t3 - t2) * 1e3;
+    l->stats.ms_combine = (t4 - t3) * 1e3;
     l->have_fwd = 1;
     return MOE_OK;
 }
