@@ -1,9 +1,8 @@
-/* The language model learns real text: about a minute of training on the
- * Brown corpus (150 steps of 16 x 64 tokens, ~55 s on 2 idle cores; a fixed
- * step count, so a busy machine makes the test slower, not red) brings the
- * validation loss clearly below the unigram entropy of the data (what a model
- * that ignores context can reach at best). Needs the corpus (`make data`);
- * skips cleanly without it. */
+/* The language model learns real text: 60 seconds of training on the Brown
+ * corpus (and at least 150 steps of 16 x 64 tokens, so a busy machine makes
+ * the test slower, not red) bring the validation loss clearly below the
+ * unigram entropy of the data (what a model that ignores context can reach
+ * at best). Needs the corpus (`make data`); skips cleanly without it. */
 #include "test.h"
 
 #include "data/corpus.h"
@@ -23,7 +22,7 @@ static double now_s(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-TEST(lm_brown_one_minute_beats_unigram_entropy) {
+TEST(lm_brown_60s_beats_unigram_entropy) {
     const char *dir = getenv("MOE_BROWN_DIR") ? getenv("MOE_BROWN_DIR") : "data/brown";
     if (access(dir, R_OK) != 0) {
         moe_test_skip("no Brown corpus in data/brown (make data)");
@@ -75,7 +74,7 @@ TEST(lm_brown_one_minute_beats_unigram_entropy) {
         moe_trainer_eval(t, &v0);
         const double t0 = now_s();
         int steps = 0;
-        while (steps < 150) {
+        while (steps < 150 || now_s() - t0 < 60.0) {
             moe_train_step_info si;
             rc = moe_trainer_step(t, &si);
             CHECK_MSG(rc == 0, "%s", moe_trainer_errmsg(t));
@@ -85,7 +84,7 @@ TEST(lm_brown_one_minute_beats_unigram_entropy) {
         CHECK(moe_trainer_eval(t, &v1) == 0);
         printf("    %d steps in %.0f s: val loss %.3f -> %.3f nats/token; unigram entropy %.3f\n", steps, now_s() - t0,
                v0, v1, h);
-        CHECK_MSG(v1 < h - 0.25, "val loss %.3f not clearly below the unigram entropy %.3f", v1, h);
+        CHECK_MSG(v1 < h - 0.5, "val loss %.3f not clearly below the unigram entropy %.3f", v1, h);
     }
     moe_trainer_free(t);
     moe_model_free(m);
