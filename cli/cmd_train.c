@@ -7,6 +7,7 @@
 #include "tokenizer/tokenizer.h"
 
 #include <cjson/cJSON.h>
+#include <errno.h>
 #include <math.h>
 #include <signal.h>
 #include <stdio.h>
@@ -102,6 +103,19 @@ static int history_save(const char *dir, const series *tr, const series *va, int
     return 0;
 }
 
+/* mkdir -p: the output directory and its parents */
+static int mkdir_p(const char *dir) {
+    char p[4096];
+    if (snprintf(p, sizeof p, "%s", dir) >= (int)sizeof p) return -1;
+    for (char *s = p + 1; *s; s++)
+        if (*s == '/') {
+            *s = '\0';
+            if (mkdir(p, 0777) != 0 && errno != EEXIST) return -1;
+            *s = '/';
+        }
+    return mkdir(p, 0777) != 0 && errno != EEXIST ? -1 : 0;
+}
+
 static void fmt_time(double s, char *b, size_t n) {
     if (!isfinite(s) || s < 0) snprintf(b, n, "--:--");
     else if (s >= 3600) snprintf(b, n, "%d:%02d:%02d", (int)s / 3600, (int)s / 60 % 60, (int)s % 60);
@@ -167,8 +181,8 @@ int moe_cli_train(int argc, char **argv) {
         fprintf(stderr, "moe train: %s\n", err);
         return rc == MOE_ENOTFOUND ? 2 : 1;
     }
-    if (mkdir(out, 0777) != 0 && access(out, W_OK) != 0) {
-        fprintf(stderr, "moe train: cannot create %s\n", out);
+    if (mkdir_p(out) != 0 || access(out, W_OK) != 0) {
+        fprintf(stderr, "moe train: cannot create %s: %s\n", out, strerror(errno));
         return 1;
     }
 
