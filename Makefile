@@ -87,6 +87,7 @@ demo:
 
 fixtures:
 	$(PYTHON) tools/gen_layer_fixtures.py tests/data
+	$(PYTHON) tools/gen_model_fixture.py tests/data
 
 clean:
 	rm -rf $(BUILD)

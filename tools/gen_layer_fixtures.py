@@ -318,6 +318,19 @@ def write_atomic(path, data):
             os.unlink(tmp)
 
 
+def write_fixture(outdir, name, tensors, meta):
+    """Writes name.safetensors atomically, reads it back and checks every
+    tensor and the metadata; returns the number of bytes written."""
+    blob = safetensors_bytes(tensors, meta)
+    path = os.path.join(outdir, name + ".safetensors")
+    write_atomic(path, blob)
+    back, bmeta = read_safetensors(path)
+    assert bmeta == meta and sorted(back) == sorted(tensors)
+    for k, t in tensors.items():
+        assert np.array_equal(back[k], t.numpy()), k
+    return len(blob)
+
+
 def main(argv):
     if len(argv) != 2 or argv[1] in ("-h", "--help"):
         sys.stderr.write("usage: %s OUTDIR\n" % argv[0])
@@ -328,17 +341,11 @@ def main(argv):
     total = 0
     for cfg in FIXTURES:
         tensors, meta, r64 = build_fixture(cfg)
-        blob = safetensors_bytes(tensors, meta)
-        path = os.path.join(outdir, cfg["name"] + ".safetensors")
-        write_atomic(path, blob)
-        back, bmeta = read_safetensors(path)
-        assert bmeta == meta and sorted(back) == sorted(tensors)
-        for k, t in tensors.items():
-            assert np.array_equal(back[k], t.numpy()), k
-        total += len(blob)
+        nbytes = write_fixture(outdir, cfg["name"], tensors, meta)
+        total += nbytes
         print("%-22s max|y|=%.6f loss=%.9g seed=%s bytes=%d"
               % (cfg["name"], float(tensors["y"].abs().max()),
-                 float(tensors["loss"][0]), meta["seed"], len(blob)))
+                 float(tensors["loss"][0]), meta["seed"], nbytes))
     print("total %d bytes in %s" % (total, outdir))
     return 0
 

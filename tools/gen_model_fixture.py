@@ -57,8 +57,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import model_twin as mt  # noqa: E402
-from gen_layer_fixtures import (layer_formula, read_safetensors,  # noqa: E402
-                                safetensors_bytes, write_atomic)
+from gen_layer_fixtures import layer_formula, write_fixture  # noqa: E402
 
 GENERATOR = "tools/gen_model_fixture.py"
 MARGIN = 1e-3          # minimum gap between consecutive logits among the top K+1
@@ -385,17 +384,11 @@ def main(argv):
     total = 0
     for fx in FIXTURES:
         tensors, meta, info = build_fixture(fx)
-        blob = safetensors_bytes(tensors, meta)
-        path = os.path.join(outdir, fx["name"] + ".safetensors")
-        write_atomic(path, blob)
-        back, bmeta = read_safetensors(path)
-        assert bmeta == meta and sorted(back) == sorted(tensors)
-        for k, t in tensors.items():
-            assert np.array_equal(back[k], t.numpy()), k
-        total += len(blob)
+        nbytes = write_fixture(outdir, fx["name"], tensors, meta)
+        total += nbytes
         print("%-18s seed=%s bytes=%d loss=%.9g ce=%.9g aux=%.9g margin=%.3g run_margin=%.3g "
               "routing_changes=%d f32_rel=%.2g fd_err=%.2g f32_adamw_rel=%.2g"
-              % (fx["name"], meta["seed"], len(blob), info["loss"], info["ce"], info["aux"],
+              % (fx["name"], meta["seed"], nbytes, info["loss"], info["ce"], info["aux"],
                  info["margin"], info["run_margin"], info["changes"], info["rel32"], info["fd_err"], info["adamw32"]))
         print("  adamw_losses   " + " ".join("%.6f" % v for v in info["losses"]))
         print("  adamw_gradnorm " + " ".join("%.6f" % v for v in info["norms"]))
