@@ -2,6 +2,8 @@
  * SVG, e.g. the MoE model against its dense baseline. */
 #include "args.h"
 #include "cli.h"
+#include "internal.h"
+#include "io/atomic.h"
 
 #include <cjson/cJSON.h>
 #include <stdio.h>
@@ -16,20 +18,15 @@ typedef struct {
 
 /* Reads the "val" (or "train") pairs of dir/train_state.json into c. */
 static int read_curve(const char *dir, const char *key, int x_tokens, curve *c) {
-    char path[4096];
+    char path[4096], err[512], *buf;
+    size_t n;
     snprintf(path, sizeof path, "%s/train_state.json", dir);
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        fprintf(stderr, "moe plot: cannot open %s\n", path);
+    if (moe__read_file(path, 64u << 20, &buf, &n, err, sizeof err)) {
+        fprintf(stderr, "moe plot: %s\n", err);
         return 1;
     }
-    char *buf = malloc(64 << 20);
-    size_t n = buf ? fread(buf, 1, (64 << 20) - 1, f) : 0;
-    fclose(f);
-    if (!buf) return 1;
-    buf[n] = 0;
-    cJSON *root = cJSON_Parse(buf);
-    free(buf);
+    cJSON *root = cJSON_ParseWithLength(buf, n);
+    moe__free(buf);
     const cJSON *arr = root ? cJSON_GetObjectItemCaseSensitive(root, key) : NULL;
     const cJSON *steps = root ? cJSON_GetObjectItemCaseSensitive(root, "step") : NULL;
     const cJSON *toks = root ? cJSON_GetObjectItemCaseSensitive(root, "tokens") : NULL;

@@ -4,6 +4,8 @@
 #include "cli.h"
 
 #include "data/shard.h"
+#include "internal.h"
+#include "io/atomic.h"
 #include "tokenizer/tokenizer.h"
 
 #include <cjson/cJSON.h>
@@ -54,17 +56,12 @@ static cJSON *series_json(const series *s) {
 /* Restores the history of a run being resumed (best effort: a missing or
  * malformed file just starts a new curve). */
 static void history_load(const char *dir, series *tr, series *va) {
-    char path[4096];
+    char path[4096], err[256], *buf;
+    size_t n;
     snprintf(path, sizeof path, "%s/train_state.json", dir);
-    FILE *f = fopen(path, "rb");
-    if (!f) return;
-    char *buf = malloc(64 << 20);
-    size_t n = buf ? fread(buf, 1, (64 << 20) - 1, f) : 0;
-    fclose(f);
-    if (!buf) return;
-    buf[n] = 0;
-    cJSON *root = cJSON_Parse(buf);
-    free(buf);
+    if (moe__read_file(path, 64u << 20, &buf, &n, err, sizeof err)) return;
+    cJSON *root = cJSON_ParseWithLength(buf, n);
+    moe__free(buf);
     series *dst[2] = {tr, va};
     const char *keys[2] = {"train", "val"};
     for (int k = 0; k < 2 && root; k++) {
@@ -88,16 +85,13 @@ static int history_save(const char *dir, const series *tr, const series *va, int
     cJSON_AddItemToObject(o, "val", series_json(va));
     char *s = cJSON_Print(o);
     cJSON_Delete(o);
-    char path[4096], tmp[4200];
+    char path[4096], err[512];
     snprintf(path, sizeof path, "%s/train_state.json", dir);
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "wb");
-    int ok = f && s && fputs(s, f) >= 0 && fflush(f) == 0 && fsync(fileno(f)) == 0;
-    if (f) ok = fclose(f) == 0 && ok;
+    moe__iov part = {s, s ? strlen(s) : 0};
+    int rc = s ? moe__write_atomic(path, &part, 1, err, sizeof err) : MOE_ENOMEM;
     free(s);
-    if (!ok || rename(tmp, path) != 0) {
-        fprintf(stderr, "moe: cannot write %s\n", path);
-        unlink(tmp);
+    if (rc) {
+        fprintf(stderr, "moe: %s\n", s ? err : "out of memory");
         return 1;
     }
     return 0;
