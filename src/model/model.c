@@ -210,7 +210,6 @@ moe_model *moe_model_create(const moe_model_config *cfg, int max_batch, int max_
     if (m->has_grads) {
         ALLOC_F(m->bw.dres, N * C);
         ALLOC_F(m->bw.dtmp, N * C);
-        ALLOC_F(m->bw.dtmp2, N * C);
         ALLOC_F(m->bw.dq, N * HD);
         ALLOC_F(m->bw.dk, N * GD);
         ALLOC_F(m->bw.dv, N * GD);
@@ -256,7 +255,6 @@ moe_model *moe_model_create(const moe_model_config *cfg, int max_batch, int max_
         moe_layer_bind(L->moe, m->params + L->moe_off, m->has_grads ? m->grads + L->moe_off : NULL);
         if (!m->has_grads) moe_layer_set_training(L->moe, 0); /* inference never drops */
     }
-    m->k_used = c->num_experts_per_tok;
     if (err) *err = MOE_OK;
     return m;
 
@@ -307,7 +305,6 @@ int moe_model_set_experts_used(moe_model *m, int k) {
         int rc = moe_layer_set_top_k(m->layers[i].moe, k);
         if (rc) return moe__set_err(m->err, sizeof m->err, rc, "experts used: %s", moe_layer_errmsg(m->layers[i].moe));
     }
-    m->k_used = k;
     m->have_fwd = 0;
     return MOE_OK;
 }

@@ -30,7 +30,7 @@ typedef struct moe__mlayer {
 
 struct moe_model {
     moe_model_config cfg;
-    int max_B, max_T, threads, has_grads, n_moe, k_used;
+    int max_B, max_T, threads, has_grads, n_moe;
     char err[256];
 
     moe_param_info *tensors;
@@ -48,7 +48,7 @@ struct moe_model {
         float *ffo;                     /* [N][C] MoE output */
     } act;
     struct {
-        float *dres, *dtmp, *dtmp2;     /* [N][C] */
+        float *dres, *dtmp;             /* [N][C] */
         float *dq, *dk, *dv, *dao;      /* [N][H*D], [N][G*D] x2, [N][H*D] */
         float *dlogits;                 /* [N][V] */
         float *att_scratch;             /* moe__attention_scratch_size(T, threads) */

@@ -78,7 +78,6 @@ void moe_trainer_set_schedule(moe_trainer *t, int max_steps, int warmup_steps) {
     moe_adamw_config *c = moe__adamw_config(t->opt);
     c->max_steps = max_steps;
     c->warmup_steps = warmup_steps;
-    t->tc.opt = *c;
 }
 
 /* B windows of T+1 tokens at offsets drawn from the sampler */
