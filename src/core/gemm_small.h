@@ -1,9 +1,10 @@
 #ifndef MOE_GEMM_SMALL_H
 #define MOE_GEMM_SMALL_H
 
-/* Rows of A up to which the small kernel beats OpenBLAS's sgemm (N = K = 256,
- * one thread: 221 vs 139 GFLOP/s at M = 32, 217 vs 188 at 64, 193 vs 211 at
- * 96; see docs/layer.md). */
+/* Rows of A up to which the small kernel beats OpenBLAS's sgemm at its best
+ * (SkylakeX kernels; `moe bench small-gemm`, N = K = 256, one thread: 225 vs
+ * 142 GFLOP/s at M = 32, 219 vs 189 at 64, 197 vs 212 at 96; under OpenBLAS's
+ * Haswell kernels the kernel wins at every M measured). */
 #define MOE__SMALL_M_MAX 64
 
 /* Packs A [M][K] (row stride lda) into work: 64-byte aligned, at least
