@@ -106,6 +106,23 @@ typedef enum moe_drop_policy {
                                  (ties: the earlier pair); "batch prioritized" routing */
 } moe_drop_policy;
 
+/* How tokens and experts are matched (docs/routing.md). */
+typedef enum moe_router_type {
+    MOE_ROUTER_TOPK = 0,          /* token choice: each token takes its top-k experts by
+                                     score (default). Switch = top-1 with capacity;
+                                     DeepSeek-V3 = sigmoid scores + bias_update_rate (+ groups) */
+    MOE_ROUTER_NOISY_TOPK = 1,    /* Shazeer et al. 2017: H = x Wg + N(0,1) softplus(x Wnoise)
+                                     in training; weights = softmax over the k kept H */
+    MOE_ROUTER_EXPERT_CHOICE = 2, /* Zhou et al. 2022: each expert takes its top
+                                     ceil(capacity_factor N K / E) tokens (factor 1 when 0).
+                                     Non-causal: training and encoders only */
+    MOE_ROUTER_HIERARCHICAL = 3,  /* Shazeer et al. 2017 app. B: a noisy primary gate picks
+                                     topk_groups of n_groups groups, a noisy secondary gate per
+                                     group picks top_k/topk_groups experts in each */
+    MOE_ROUTER_BALANCED = 4,      /* debug/benchmarks: slot j of token t goes to expert
+                                     (t K + j) mod E with weight 1/K; the router gets no gradient */
+} moe_router_type;
+
 typedef struct moe_layer_config {
     int d_model;      /* C */
     int d_ff;         /* F: hidden size of one expert */
@@ -128,6 +145,31 @@ typedef struct moe_layer_config {
                               gets nothing from that expert: in a model, the
                               residual carries it). 0 (default): dropless. */
     moe_drop_policy drop_policy;
+
+    /* ---- routing schemes (docs/routing.md); all zero = plain softmax top-k ---- */
+    moe_router_type router;
+    int gshard_random;      /* TOPK with top_k == 2: in training, keep the second expert
+                               with probability min(1, 2 g2), g2 its normalised weight
+                               (GShard); a dropped slot costs no capacity */
+    float importance_coef;  /* Shazeer's importance loss w CV(sum_x G(x))^2, any token-choice
+                               router (G = gate weights); population CV */
+    float load_coef;        /* Shazeer's load loss w CV(sum_x P(x, i))^2 with the smooth
+                               normal-CDF load estimator; NOISY_TOPK and HIERARCHICAL only */
+    float bias_update_rate; /* gamma > 0: auxiliary-loss-free balancing (DeepSeek-V3). A
+                               per-expert bias (parameter block ebias, never trained by
+                               gradients) is added to the scores for selection only;
+                               moe_layer_update_bias() moves it by gamma sign(mean - load_i) */
+    int n_groups;           /* TOPK: group-limited routing when > 1 (DeepSeek-V3: groups
+                               ranked by the sum of their top-2 selection scores); and the
+                               groups of HIERARCHICAL. E % n_groups == 0 */
+    int topk_groups;        /* groups kept per token (TOPK with n_groups > 1: top_k experts
+                               are picked inside them; HIERARCHICAL: the primary gate's k,
+                               top_k % topk_groups == 0) */
+    int aux_seq_len;        /* > 0: the aux loss is taken per block of aux_seq_len
+                               consecutive tokens and averaged over blocks (DeepSeek-V3's
+                               sequence-wise balance loss); 0: over the whole call */
+    uint64_t seed;          /* routing noise and random routing (training only); fixed
+                               seed, a fresh draw per forward call */
 } moe_layer_config;
 
 /* Fills defaults for fields left zero (act/score keep their values, being
@@ -137,13 +179,19 @@ moe_layer_config moe_layer_config_default(int d_model, int d_ff, int n_experts,
                                           int top_k, int max_tokens);
 
 /* Parameter layout in one flat float array (offsets from moe_layer_param_offsets):
- *   wg [E][C]     router
- *   w1 [E][F][C]  expert up projection (SwiGLU: the gate branch, HF w1)
- *   w2 [E][C][F]  expert down projection (HF w2)
- *   w3 [E][F][C]  SwiGLU only: the linear branch (HF w3); absent otherwise
- * Each expert's slice of w1, w2, w3 is contiguous. Gradients use the same layout. */
+ *   wg [E][C]        router
+ *   w1 [E][F][C]     expert up projection (SwiGLU: the gate branch, HF w1)
+ *   w2 [E][C][F]     expert down projection (HF w2)
+ *   w3 [E][F][C]     SwiGLU only: the linear branch (HF w3)
+ *   wnoise [E][C]    NOISY_TOPK, HIERARCHICAL: noise scale of each expert's logit
+ *   wgroup [G][C]    HIERARCHICAL: primary gate over the G = n_groups groups
+ *   wgroup_noise [G][C] HIERARCHICAL: its noise scale
+ *   ebias [E]        bias_update_rate > 0: selection bias (gradient always 0)
+ * Absent blocks have offset SIZE_MAX. Each expert's slice of w1, w2, w3 is
+ * contiguous. Gradients use the same layout. */
 typedef struct moe_layer_params {
-    size_t wg, w1, w2, w3; /* offsets in floats; w3 == SIZE_MAX when absent */
+    size_t wg, w1, w2, w3; /* offsets in floats */
+    size_t wnoise, wgroup, wgroup_noise, ebias;
     size_t total;          /* number of floats */
 } moe_layer_params;
 
@@ -164,6 +212,10 @@ typedef struct moe_layer_stats {
     double ms_router, ms_dispatch, ms_experts, ms_combine;
     int capacity;           /* per-expert capacity of the call, 0 when dropless */
     float z_loss;           /* z_coef * mean_t logsumexp(logits_t)^2 */
+    float importance_loss;  /* importance_coef * CV(importance)^2 */
+    float load_loss;        /* load_coef * CV(smooth load)^2 */
+    float importance_cv;    /* CV over experts of sum_t (gate weight of t for e) */
+    int n_slots;            /* (token, expert) pairs chosen, N K for token choice */
 } moe_layer_stats;
 
 typedef struct moe_layer moe_layer;
@@ -210,9 +262,24 @@ int moe_layer_backward(moe_layer *l, const float *dy, float *dx);
 
 const moe_layer_stats *moe_layer_get_stats(const moe_layer *l);
 /* Routing of the last forward: for token t, slot j in [0,K): expert id and gate
- * weight, both [N][K]. Slots are in decreasing score order. */
+ * weight, both [N][K]. Slots are in decreasing score order. Token-choice
+ * routers only (expert choice gives tokens a varying number of experts: use
+ * moe_layer_routing). */
 const int *moe_layer_topk_ids(const moe_layer *l);
 const float *moe_layer_topk_weights(const moe_layer *l);
+/* Routing of the last forward for any router: token t owns slots
+ * [tok_off[t], tok_off[t+1]) (tok_off [N+1]); ids and weights [R] give each
+ * slot's expert and gate weight; kept [R] is 0 for slots dropped by the
+ * capacity limit or random routing. Returns R, the number of slots. */
+int moe_layer_routing(const moe_layer *l, const int **tok_off, const int **ids, const float **weights,
+                      const unsigned char **kept);
+/* Aux-loss-free balancing: moves ebias by bias_update_rate * sign(mean load -
+ * load_i), loads summed over the training forward calls since the last update
+ * (call it after each optimizer step). A no-op without bias_update_rate. */
+int moe_layer_update_bias(moe_layer *l);
+/* Block length of the sequence-wise aux loss (e.g. the batch's T); the layer
+ * must have been created with aux_seq_len > 0 and seq_len >= that value. */
+int moe_layer_set_aux_seq_len(moe_layer *l, int seq_len);
 
 /* Message for the last error on this handle ("" when none). */
 const char *moe_layer_errmsg(const moe_layer *l);

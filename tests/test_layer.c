@@ -236,6 +236,8 @@ static void check_permutation(int n, int E, int K, const int *ids) {
         l->counts[ids[i]]++;
         l->topk_w[i] = i % K == 0 ? 1.0f : 0.0f;
     }
+    moe__slots_token_choice(l, n, K);
+    memset(l->keep, 1, (size_t)n * K);
     moe__dispatch_build(l, n);
     moe__dispatch_gather(l, x);
     CHECK_EQ_INT(l->seg_off[0], 0);

@@ -1,7 +1,7 @@
-/* Dispatch: a stable counting sort of the N*K (token, slot) pairs by expert
+/* Dispatch: a stable counting sort of the R (token, expert) slots by expert
  * into contiguous row segments, the gather of token rows into that order, and
  * the combine back (in fixed slot order, so no atomics and no order that
- * depends on threads). Dropless: every pair gets a row.
+ * depends on threads). Dropless by default: every kept slot gets a row.
  */
 #include "layer/layer_impl.h"
 
@@ -15,12 +15,11 @@ static int by_prio(const void *a, const void *b) {
     return (x->slot > y->slot) - (x->slot < y->slot);
 }
 
-/* keep[] for every slot: all, or per expert the first `cap` in token order
- * (arrival) or the `cap` with the highest router probability. */
-static void apply_capacity(moe_layer *l, int n, int cap) {
-    const int E = l->cfg.n_experts, K = l->cfg.top_k, R = n * K;
-    memset(l->keep, 1, (size_t)R);
-    if (cap <= 0) return;
+/* Clears keep[] beyond each expert's capacity: per expert the first `cap`
+ * kept slots in token order (arrival) or the `cap` with the highest router
+ * probability. Slots the router already dropped cost no capacity. */
+static void apply_capacity(moe_layer *l, int cap) {
+    const int E = l->cfg.n_experts, R = l->n_slots;
     int *off = l->seg_off; /* pre-drop segments, as a cursor */
     off[0] = 0;
     for (int e = 0; e < E; e++) off[e + 1] = off[e] + l->counts[e];
@@ -28,13 +27,16 @@ static void apply_capacity(moe_layer *l, int n, int cap) {
     for (int e = E; e > 0; e--) off[e] = off[e - 1];
     off[0] = 0;
     for (int e = 0; e < E; e++) {
-        const int m = l->counts[e], *list = l->order + off[e];
+        const int *list = l->order + off[e];
+        int m = 0; /* kept slots of e, compacted to the front of list[] */
+        for (int r = 0; r < l->counts[e]; r++)
+            if (l->keep[list[r]]) l->order[off[e] + m++] = list[r];
         if (m <= cap) continue;
         if (l->cfg.drop_policy == MOE_DROP_ARRIVAL) {
             for (int r = cap; r < m; r++) l->keep[list[r]] = 0;
         } else {
             for (int r = 0; r < m; r++)
-                l->prio[r] = (struct moe__prio){l->scores[(size_t)(list[r] / K) * E + e], list[r]};
+                l->prio[r] = (struct moe__prio){l->scores[(size_t)l->slot_tok[list[r]] * E + e], list[r]};
             qsort(l->prio, (size_t)m, sizeof *l->prio, by_prio);
             for (int r = cap; r < m; r++) l->keep[l->prio[r].slot] = 0;
         }
@@ -43,13 +45,14 @@ static void apply_capacity(moe_layer *l, int n, int cap) {
 
 void moe__dispatch_build(moe_layer *l, int n) {
     const int E = l->cfg.n_experts, K = l->cfg.top_k;
-    const int R = n * K;
+    const int R = l->n_slots;
     int cap = 0;
-    if (l->training && l->cfg.capacity_factor > 0 && n > 0) {
+    /* expert choice is balanced by construction: no capacity drops */
+    if (l->training && l->cfg.capacity_factor > 0 && n > 0 && l->cfg.router != MOE_ROUTER_EXPERT_CHOICE) {
         const double c = ceil((double)l->cfg.capacity_factor * n * K / E);
         cap = c < 1 ? 1 : c > R ? R : (int)c;
     }
-    apply_capacity(l, n, cap);
+    if (cap > 0) apply_capacity(l, cap);
     memset(l->kept, 0, sizeof(int) * (size_t)E);
     int dropped = 0;
     for (int i = 0; i < R; i++) {
@@ -59,7 +62,7 @@ void moe__dispatch_build(moe_layer *l, int n) {
     int *off = l->seg_off;
     off[0] = 0;
     for (int e = 0; e < E; e++) off[e + 1] = off[e] + l->kept[e];
-    /* Placing pairs in (token, slot) order keeps each segment sorted by token:
+    /* Placing slots in (token, slot) order keeps each segment sorted by token:
      * the sort is stable and the same on every run. off[] is used as the
      * cursor and then restored. */
     for (int i = 0; i < R; i++) {
@@ -74,71 +77,77 @@ void moe__dispatch_build(moe_layer *l, int n) {
     for (int e = E; e > 0; e--) off[e] = off[e - 1];
     off[0] = 0;
     l->stats.capacity = cap;
-    l->stats.dropped_fraction = R ? (float)dropped / R : 0.0f;
+    if (l->cfg.router == MOE_ROUTER_EXPERT_CHOICE) { /* tokens no expert took */
+        int none = 0;
+        for (int t = 0; t < n; t++) none += l->tok_off[t + 1] == l->tok_off[t];
+        l->stats.dropped_fraction = n ? (float)none / n : 0.0f;
+    } else {
+        l->stats.dropped_fraction = R ? (float)dropped / R : 0.0f;
+    }
 }
 
 void moe__dispatch_gather(moe_layer *l, const float *x) {
-    const int C = l->cfg.d_model, K = l->cfg.top_k, R = l->seg_off[l->cfg.n_experts];
+    const int C = l->cfg.d_model, R = l->seg_off[l->cfg.n_experts];
 #pragma omp parallel for schedule(static) num_threads(l->threads)
     for (int r = 0; r < R; r++)
-        memcpy(l->xg + (size_t)r * C, x + (size_t)(l->slot_of_row[r] / K) * C, sizeof(float) * (size_t)C);
+        memcpy(l->xg + (size_t)r * C, x + (size_t)l->slot_tok[l->slot_of_row[r]] * C, sizeof(float) * (size_t)C);
 }
 
-/* y[t] = sum_j w_tj out[row(t,j)], j ascending, over the kept slots (a
+/* y[t] = sum_i w_i out[row(i)] over the token's kept slots i, ascending (a
  * token whose every slot was dropped gets 0). */
 void moe__dispatch_combine(moe_layer *l, float *y) {
-    const int C = l->cfg.d_model, K = l->cfg.top_k, n = l->n;
+    const int C = l->cfg.d_model, n = l->n;
 #pragma omp parallel for schedule(static) num_threads(l->threads)
     for (int t = 0; t < n; t++) {
         float *yt = y + (size_t)t * C;
-        const float *w = l->topk_w + (size_t)t * K;
         memset(yt, 0, sizeof(float) * (size_t)C);
-        for (int j = 0; j < K; j++) {
-            const int row = l->row_of_slot[(size_t)t * K + j];
+        for (int i = l->tok_off[t]; i < l->tok_off[t + 1]; i++) {
+            const int row = l->row_of_slot[i];
             if (row < 0) continue;
             const float *oj = l->out + (size_t)row * C;
-            const float wj = w[j];
+            const float wj = l->topk_w[i];
             for (int c = 0; c < C; c++) yt[c] += wj * oj[c];
         }
     }
 }
 
-/* Backward of the combine: dgate[t][j] = <dy_t, out_row>, and the expert
- * outputs' gradient dout[row] = w_tj dy_t. */
+/* Backward of the combine: dgate[i] = <dy_t, out_row(i)>, and the expert
+ * outputs' gradient dout[row(i)] = w_i dy_t. */
 void moe__dispatch_backward(moe_layer *l, const float *dy) {
-    const int C = l->cfg.d_model, K = l->cfg.top_k, n = l->n;
+    const int C = l->cfg.d_model, n = l->n;
 #pragma omp parallel for schedule(static) num_threads(l->threads)
     for (int t = 0; t < n; t++) {
         const float *dyt = dy + (size_t)t * C;
-        for (int j = 0; j < K; j++) {
-            const int r = l->row_of_slot[(size_t)t * K + j];
+        for (int i = l->tok_off[t]; i < l->tok_off[t + 1]; i++) {
+            const int r = l->row_of_slot[i];
             if (r < 0) { /* dropped: no output, no gradient to its gate */
-                l->dgate[(size_t)t * K + j] = 0.0f;
+                l->dgate[i] = 0.0f;
                 continue;
             }
             const size_t row = (size_t)r;
             const float *o = l->out + row * C;
             float *d = l->dout + row * C;
-            const float w = l->topk_w[(size_t)t * K + j];
+            const float w = l->topk_w[i];
             float dot = 0.0f;
             for (int c = 0; c < C; c++) {
                 dot += dyt[c] * o[c];
                 d[c] = w * dyt[c];
             }
-            l->dgate[(size_t)t * K + j] = dot;
+            l->dgate[i] = dot;
         }
     }
 }
 
-/* dx[t] = sum_j dxg[row(t,j)], j ascending, kept slots (overwrites dx). */
+/* dx[t] = sum_i dxg[row(i)] over the token's kept slots, ascending
+ * (overwrites dx). */
 void moe__dispatch_scatter_dx(moe_layer *l, float *dx) {
-    const int C = l->cfg.d_model, K = l->cfg.top_k, n = l->n;
+    const int C = l->cfg.d_model, n = l->n;
 #pragma omp parallel for schedule(static) num_threads(l->threads)
     for (int t = 0; t < n; t++) {
         float *d = dx + (size_t)t * C;
         memset(d, 0, sizeof(float) * (size_t)C);
-        for (int j = 0; j < K; j++) {
-            const int row = l->row_of_slot[(size_t)t * K + j];
+        for (int i = l->tok_off[t]; i < l->tok_off[t + 1]; i++) {
+            const int row = l->row_of_slot[i];
             if (row < 0) continue;
             const float *g = l->dxg + (size_t)row * C;
             for (int c = 0; c < C; c++) d[c] += g[c];

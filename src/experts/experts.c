@@ -50,9 +50,9 @@ static int add_tiles(const moe_layer *l, moe__tile *t, int nt, enum tile_op op, 
     return nt;
 }
 
-int moe__experts_max_tiles(const moe_layer_config *c) {
+int moe__experts_max_tiles(const moe_layer_config *c, int max_rows) {
     /* segments' row tiles: sum_e ceil(n_e/M) <= R/M + E */
-    const int row_tiles = cdiv(c->max_tokens * c->top_k, MOE__TILE_M) + c->n_experts;
+    const int row_tiles = cdiv(max_rows, MOE__TILE_M) + c->n_experts;
     const int fwd = row_tiles * cdiv(c->d_ff, MOE__TILE_N);
     const int phase_a = row_tiles * cdiv(c->d_ff, MOE__TILE_N) +
                         c->n_experts * cdiv(c->d_model, MOE__TILE_M) * cdiv(c->d_ff, MOE__TILE_N);

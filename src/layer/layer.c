@@ -31,6 +31,54 @@ moe_layer_config moe_layer_config_default(int d_model, int d_ff, int n_experts, 
     return c;
 }
 
+static int check_routing(const moe_layer_config *c, char *err, size_t n) {
+    const int E = c->n_experts, K = c->top_k;
+    const int noisy = c->router == MOE_ROUTER_NOISY_TOPK || c->router == MOE_ROUTER_HIERARCHICAL;
+    if ((unsigned)c->router > MOE_ROUTER_BALANCED)
+        return moe__set_err(err, n, MOE_EINVAL, "router = %d: unknown router", (int)c->router);
+    if (c->gshard_random != 0 && (c->gshard_random != 1 || c->router != MOE_ROUTER_TOPK || K != 2))
+        return moe__set_err(err, n, MOE_EINVAL, "gshard_random: needs router TOPK with top_k = 2 (top_k = %d)", K);
+    if (!isfinite(c->importance_coef) || c->importance_coef < 0 || !isfinite(c->load_coef) || c->load_coef < 0)
+        return moe__set_err(err, n, MOE_EINVAL, "importance_coef = %g, load_coef = %g: must be finite and >= 0",
+                            (double)c->importance_coef, (double)c->load_coef);
+    if (c->load_coef > 0 && !noisy)
+        return moe__set_err(err, n, MOE_EINVAL,
+                            "load_coef: the smooth load estimator needs routing noise (NOISY_TOPK or HIERARCHICAL)");
+    if (c->router == MOE_ROUTER_NOISY_TOPK && c->load_coef > 0 && K >= E)
+        return moe__set_err(err, n, MOE_EINVAL, "load_coef: the load estimator needs top_k < n_experts (%d, %d)", K,
+                            E);
+    if (!isfinite(c->bias_update_rate) || c->bias_update_rate < 0)
+        return moe__set_err(err, n, MOE_EINVAL, "bias_update_rate = %g: must be finite and >= 0",
+                            (double)c->bias_update_rate);
+    if (c->bias_update_rate > 0 && c->router != MOE_ROUTER_TOPK)
+        return moe__set_err(err, n, MOE_EINVAL, "bias_update_rate: aux-loss-free balancing needs router TOPK");
+    if (c->aux_seq_len < 0)
+        return moe__set_err(err, n, MOE_EINVAL, "aux_seq_len = %d: must be >= 0", c->aux_seq_len);
+    const int grouped = c->router == MOE_ROUTER_HIERARCHICAL || (c->router == MOE_ROUTER_TOPK && c->n_groups > 1);
+    if (c->n_groups < 0 || c->topk_groups < 0 || (c->n_groups > 1 && c->router != MOE_ROUTER_TOPK &&
+                                                  c->router != MOE_ROUTER_HIERARCHICAL))
+        return moe__set_err(err, n, MOE_EINVAL, "n_groups = %d, topk_groups = %d: groups apply to TOPK and HIERARCHICAL",
+                            c->n_groups, c->topk_groups);
+    if (grouped) {
+        const int G = c->n_groups, kg = c->topk_groups;
+        if (G < 1 || E % G)
+            return moe__set_err(err, n, MOE_EINVAL, "n_groups = %d: must divide n_experts = %d", G, E);
+        if (kg < 1 || kg > G)
+            return moe__set_err(err, n, MOE_EINVAL, "topk_groups = %d: must be in [1, n_groups = %d]", kg, G);
+        if (c->router == MOE_ROUTER_HIERARCHICAL && (K % kg || K / kg > E / G))
+            return moe__set_err(err, n, MOE_EINVAL,
+                                "hierarchical: top_k = %d must be topk_groups (%d) times at most %d experts per group",
+                                K, kg, E / G);
+        if (c->router == MOE_ROUTER_TOPK && K > kg * (E / G))
+            return moe__set_err(err, n, MOE_EINVAL, "top_k = %d: more than the %d experts of %d groups", K,
+                                kg * (E / G), kg);
+    }
+    if (c->router == MOE_ROUTER_EXPERT_CHOICE && (long long)E * moe__ec_capacity(c, c->max_tokens) > MAX_DIM * 64LL)
+        return moe__set_err(err, n, MOE_EINVAL, "expert choice: %d experts x capacity for %d tokens: too many slots",
+                            E, c->max_tokens);
+    return MOE_OK;
+}
+
 static int check_config(const moe_layer_config *c, char *err, size_t n) {
     if (c->n_experts < 1 || c->n_experts > MAX_EXPERTS)
         return moe__set_err(err, n, MOE_EINVAL, "n_experts = %d: must be in [1, %d]", c->n_experts, MAX_EXPERTS);
@@ -67,7 +115,7 @@ static int check_config(const moe_layer_config *c, char *err, size_t n) {
     if (c->max_top_k < 0 || c->max_top_k > c->n_experts)
         return moe__set_err(err, n, MOE_EINVAL, "max_top_k = %d: must be in [0, n_experts = %d]", c->max_top_k,
                             c->n_experts);
-    return MOE_OK;
+    return check_routing(c, err, n);
 }
 
 static moe_layer_params layout(const moe_layer_config *c) {
@@ -83,6 +131,22 @@ static moe_layer_params layout(const moe_layer_config *c) {
         p.w3 = SIZE_MAX;
         p.total = p.w2 + E * C * F;
     }
+    /* the schemes' blocks go last, so the base layout never moves */
+    const size_t G = c->n_groups > 0 ? (size_t)c->n_groups : 1;
+    p.wnoise = p.wgroup = p.wgroup_noise = p.ebias = SIZE_MAX;
+    if (c->router == MOE_ROUTER_NOISY_TOPK || c->router == MOE_ROUTER_HIERARCHICAL) {
+        p.wnoise = p.total;
+        p.total += E * C;
+    }
+    if (c->router == MOE_ROUTER_HIERARCHICAL) {
+        p.wgroup = p.total;
+        p.wgroup_noise = p.wgroup + G * C;
+        p.total = p.wgroup_noise + G * C;
+    }
+    if (c->bias_update_rate > 0) {
+        p.ebias = p.total;
+        p.total += E;
+    }
     return p;
 }
 
@@ -91,7 +155,9 @@ void moe_layer_free(moe_layer *l) {
     void *bufs[] = {l->own_params, l->own_grads, l->x,      l->logits, l->scores, l->lse,   l->topk_ids,
                     l->topk_w,     l->part,      l->counts, l->psum,   l->daux,   l->seg_off,
                     l->row_of_slot, l->slot_of_row, l->xg,  l->h1,     l->h3,     l->act,   l->out,
-                    l->dout,       l->dh1,       l->dh3,    l->dxg,    l->dgate,  l->dlogits, l->tiles, l->small_ws, l->kept, l->keep, l->order, l->prio};
+                    l->dout,       l->dh1,       l->dh3,    l->dxg,    l->dgate,  l->dlogits, l->tiles,
+                    l->small_ws,   l->kept,      l->keep,   l->order,  l->prio,   l->tok_off, l->slot_tok,
+                    l->blk_counts, l->blk_daux,  l->dimp,   l->ws,     l->tscr,   l->bias_load};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) moe__afree(bufs[i]);
     moe__free(l);
 }
@@ -111,15 +177,23 @@ moe_layer *moe_layer_create(const moe_layer_config *cfg, int *err, char *errbuf,
 
     const size_t N = (size_t)cfg->max_tokens, C = (size_t)cfg->d_model, F = (size_t)cfg->d_ff;
     const size_t E = (size_t)cfg->n_experts;
-    const size_t K = (size_t)(cfg->max_top_k > cfg->top_k ? cfg->max_top_k : cfg->top_k), R = N * K;
+    const size_t K = (size_t)(cfg->max_top_k > cfg->top_k ? cfg->max_top_k : cfg->top_k);
+    size_t R = N * K;
+    if (cfg->router == MOE_ROUTER_EXPERT_CHOICE) {
+        moe_layer_config sized = *cfg;
+        sized.top_k = (int)K;
+        const size_t ec = E * (size_t)moe__ec_capacity(&sized, cfg->max_tokens);
+        if (ec > R) R = ec;
+    }
     const size_t nchunks = (N + MOE__CHUNK - 1) / MOE__CHUNK;
     const int swiglu = cfg->act == MOE_ACT_SWIGLU;
     l->k_cap = (int)K;
-    {
-        moe_layer_config sized = *cfg;
-        sized.top_k = (int)K;
-        l->max_tiles = moe__experts_max_tiles(&sized);
-    }
+    l->r_cap = (int)R;
+    l->max_tiles = moe__experts_max_tiles(cfg, (int)R);
+    l->max_blocks = cfg->aux_seq_len > 0 ? (int)((N + (size_t)cfg->aux_seq_len - 1) / (size_t)cfg->aux_seq_len) : 0;
+    l->ws_floats = cfg->router == MOE_ROUTER_NOISY_TOPK    ? moe__noisy_ws_floats(cfg)
+                   : cfg->router == MOE_ROUTER_HIERARCHICAL ? moe__hier_ws_floats(cfg)
+                                                            : 0;
     int ok = 1;
 #define ALLOC(field, count, type)                                                                  \
     do {                                                                                           \
@@ -156,6 +230,14 @@ moe_layer *moe_layer_create(const moe_layer_config *cfg, int *err, char *errbuf,
     ALLOC(dgate, R, float);
     ALLOC(dlogits, N * E, float);
     ALLOC(tiles, (size_t)l->max_tiles, moe__tile);
+    ALLOC(tok_off, N + 1, int);
+    ALLOC(slot_tok, R, int);
+    ALLOC(blk_counts, E, int);
+    ALLOC(blk_daux, (size_t)l->max_blocks * E + 1, float);
+    ALLOC(dimp, E, float);
+    ALLOC(ws, l->ws_floats + 1, float);
+    ALLOC(tscr, 2 * E * (size_t)l->threads, float);
+    ALLOC(bias_load, E, int64_t);
     /* packed rows of the small-GEMM path: K = max(C, F) by MOE__SMALL_M_MAX,
      * rounded to whole cache lines */
     l->small_ws_stride = ((C > F ? C : F) * MOE__SMALL_M_MAX + 15) & ~(size_t)15;
@@ -169,6 +251,8 @@ moe_layer *moe_layer_create(const moe_layer_config *cfg, int *err, char *errbuf,
     memset(l->own_params, 0, sizeof(float) * l->off.total);
     memset(l->own_grads, 0, sizeof(float) * l->off.total);
     memset(l->counts, 0, sizeof(int) * E);
+    memset(l->bias_load, 0, sizeof(int64_t) * E);
+    memset(l->tok_off, 0, sizeof(int) * (N + 1));
     l->training = 1;
     l->params = l->own_params;
     l->grads = l->own_grads;
@@ -204,6 +288,26 @@ float *moe_layer_params_ptr(moe_layer *l) { return l->params; }
 float *moe_layer_grads_ptr(moe_layer *l) { return l->grads; }
 const moe_layer_stats *moe_layer_get_stats(const moe_layer *l) { return &l->stats; }
 const int *moe_layer_topk_ids(const moe_layer *l) { return l->topk_ids; }
+int moe_layer_routing(const moe_layer *l, const int **tok_off, const int **ids, const float **weights,
+                      const unsigned char **kept) {
+    if (tok_off) *tok_off = l->tok_off;
+    if (ids) *ids = l->topk_ids;
+    if (weights) *weights = l->topk_w;
+    if (kept) *kept = l->keep;
+    return l->n_slots;
+}
+
+int moe_layer_set_aux_seq_len(moe_layer *l, int seq_len) {
+    if (!l) return MOE_EINVAL;
+    if (l->cfg.aux_seq_len <= 0 && seq_len == 0) return MOE_OK;
+    if (seq_len < 1 || l->max_blocks == 0 || (l->cfg.max_tokens + seq_len - 1) / seq_len > l->max_blocks)
+        return moe__set_err(l->err, sizeof l->err, MOE_EINVAL,
+                            "set_aux_seq_len: %d: the layer was created for blocks of >= %d tokens", seq_len,
+                            l->cfg.aux_seq_len);
+    l->cfg.aux_seq_len = seq_len;
+    l->have_fwd = 0;
+    return MOE_OK;
+}
 const float *moe_layer_topk_weights(const moe_layer *l) { return l->topk_w; }
 const char *moe_layer_errmsg(const moe_layer *l) { return l ? l->err : "layer is NULL"; }
 
@@ -225,11 +329,18 @@ int moe_layer_init(moe_layer *l, uint64_t seed, float init_scale) {
     const double sc = init_scale / sqrt((double)c->d_model), sf = init_scale / sqrt((double)c->d_ff);
     moe__rng rng;
     moe__rng_seed(&rng, seed);
-    for (size_t i = 0; i < l->off.total; i++) {
+    /* w1, w2 and w3 have the same size E F C */
+    const size_t base_end = (l->off.w3 != SIZE_MAX ? l->off.w3 : l->off.w2) + (l->off.w2 - l->off.w1);
+    for (size_t i = 0; i < base_end; i++) {
         /* w2 reads F inputs; the router, w1 and w3 read C */
         const int is_w2 = i >= l->off.w2 && (l->off.w3 == SIZE_MAX || i < l->off.w3);
         l->params[i] = (float)(moe__rng_normal(&rng) * (is_w2 ? sf : sc));
     }
+    /* noisy gates start at zero, as in Shazeer et al. (equal logits, the
+     * noise alone breaks ties at first); the selection bias starts at 0 */
+    memset(l->params + base_end, 0, sizeof(float) * (l->off.total - base_end));
+    if (c->router == MOE_ROUTER_NOISY_TOPK || c->router == MOE_ROUTER_HIERARCHICAL)
+        memset(l->params + l->off.wg, 0, sizeof(float) * (size_t)c->n_experts * c->d_model);
     l->have_fwd = 0;
     return MOE_OK;
 }

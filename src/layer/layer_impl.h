@@ -31,30 +31,46 @@ struct moe_layer {
     int n;                          /* N */
     int have_fwd;                   /* backward allowed */
 
-    /* router, [N][E] and [N][K] */
+    /* router. Slots: the R chosen (token, expert) pairs, grouped by token:
+     * token t owns [tok_off[t], tok_off[t+1]). Token-choice routers give every
+     * token K slots (tok_off[t] = t K, slot t K + j is its j-th choice);
+     * expert choice gives a token 0..E. R <= r_cap. */
     float *x;                       /* [N][C] copy of the input */
-    float *logits, *scores;         /* [N][E] */
+    float *logits, *scores;         /* [N][E] clean logits; softmax or sigmoid of them */
     float *lse;                     /* [N] logsumexp of the logits */
-    int *topk_ids;                  /* [N][K] */
-    float *topk_w;                  /* [N][K] gate weights */
-    float *part;                    /* [nchunks][E] per-chunk score sums */
-    int *counts;                    /* [E] */
+    int *tok_off;                   /* [N+1] */
+    int *slot_tok;                  /* [R] token of each slot */
+    int *topk_ids;                  /* [R] expert of each slot */
+    float *topk_w;                  /* [R] gate weight of each slot */
+    int n_slots;                    /* R of the last forward */
+    int r_cap;                      /* slots the buffers hold */
+    float *part;                    /* [nchunks][E+2] per-chunk score sums, entropy, lse^2 */
+    int *counts;                    /* [E] slots per expert, before drops */
     double *psum;                   /* [E] sum over tokens of q */
-    float *daux;                    /* [E] d aux / d q, per token */
+    float *daux;                    /* [E] d aux / d q, per token (whole-call aux) */
+    int *blk_counts;                /* [E] scratch: one block's counts */
+    float *blk_daux;                /* [max_blocks][E] d aux / d q per block */
+    int max_blocks;
+    float *dimp;                    /* [E] d importance loss / d gate weight */
+    float *ws;                      /* [ws_floats] the router scheme's own work memory */
+    size_t ws_floats;
+    float *tscr;                    /* [threads][2E] per-thread router scratch */
+    int64_t *bias_load;             /* [E] slots per expert since the last bias update */
+    uint64_t calls;                 /* training forward calls: the noise stream */
     moe_layer_stats stats;
 
-    /* dispatch, R = N*K */
+    /* dispatch */
     int *seg_off;                   /* [E+1] */
-    int *row_of_slot;               /* [R] slot t*K+j -> sorted row, -1 when dropped */
+    int *row_of_slot;               /* [R] slot -> sorted row, -1 when dropped */
     int *slot_of_row;               /* [R] sorted row -> slot (first R_kept rows) */
     int *kept;                      /* [E] pairs each expert computes (<= counts) */
-    unsigned char *keep;            /* [R] capacity decision per slot */
+    unsigned char *keep;            /* [R] 0: dropped (router's random routing, then capacity) */
     int *order;                     /* [R] scratch: slots sorted by expert, pre-drop */
     struct moe__prio { float s; int slot; } *prio; /* [R] scratch: probability policy */
     int training;
 
     /* experts, sorted rows */
-    float *xg;                      /* [R][C] gathered input */
+    float *xg;                      /* [R][C] gathered input (R = kept rows) */
     float *h1, *h3;                 /* [R][F] pre-activations (h3: SwiGLU) */
     float *act;                     /* [R][F] activation, input of w2 */
     float *out;                     /* [R][C] expert outputs, unscaled */
@@ -63,7 +79,7 @@ struct moe_layer {
     float *dout;                    /* [R][C] gate-scaled dy */
     float *dh1, *dh3;               /* [R][F] */
     float *dxg;                     /* [R][C] */
-    float *dgate;                   /* [N][K] */
+    float *dgate;                   /* [R] d loss / d gate weight of each slot */
     float *dlogits;                 /* [N][E] */
 
     moe__tile *tiles;               /* [max_tiles] */
@@ -82,9 +98,43 @@ struct moe_layer {
 #define MOE__TILE_N 512
 #endif
 
-/* router.c */
+/* router.c: logits, scores, statistics and the common losses for every
+ * scheme; selection for TOPK. */
 int moe__router_forward(moe_layer *l, const float *x, int n);
 void moe__router_backward(moe_layer *l, const float *x, float *dx);
+/* Token-choice slot layout for n tokens of K slots (tok_off, slot_tok). */
+void moe__slots_token_choice(moe_layer *l, int n, int K);
+/* A standard normal draw for (call, token, index), from the layer's seed:
+ * counter-based, so the same for any thread count and order. */
+float moe__router_normal(const moe_layer *l, int t, int i);
+/* A uniform draw in [0, 1) for (call, token, index). */
+float moe__router_uniform(const moe_layer *l, int t, int i);
+
+/* Router schemes. select: fill the slots (tok_off, slot_tok, topk_ids,
+ * topk_w, keep) of n tokens from l->logits / l->scores, and the scheme's
+ * loss statistics. backward: runs after the common pass has written
+ * dlogits [N][E] (aux, z-loss and, for score-weighted routers, the gate
+ * path); adds the scheme's own gradient to dlogits, its extra parameters'
+ * gradients, and (when dx) to dx. ws_floats: work memory for max_tokens. */
+/* noisy.c */
+size_t moe__noisy_ws_floats(const moe_layer_config *c);
+int moe__noisy_select(moe_layer *l, int n);
+void moe__noisy_backward(moe_layer *l, const float *x, float *dx);
+/* hier.c */
+size_t moe__hier_ws_floats(const moe_layer_config *c);
+int moe__hier_select(moe_layer *l, int n);
+void moe__hier_backward(moe_layer *l, const float *x, float *dx);
+/* choice.c: expert choice (weights = softmax scores of the chosen pairs, its
+ * gradient taken by the common pass), forced balance, GShard's random
+ * second expert (clears keep[] of dropped second slots) */
+int moe__ec_capacity(const moe_layer_config *c, int n);
+int moe__ec_select(moe_layer *l, int n);
+int moe__balanced_select(moe_layer *l, int n);
+void moe__gshard_random(moe_layer *l, int n);
+/* bias.c: top-k of token t over selection scores s + ebias, within the
+ * topk_groups best of n_groups groups when n_groups > 1; writes K ids in
+ * decreasing selection-score order (ties: lower id). */
+void moe__biased_topk(const moe_layer *l, int t, int *ids, float *scratch /* [2E] */);
 
 /* dispatch.c */
 void moe__dispatch_build(moe_layer *l, int n);
@@ -94,7 +144,7 @@ void moe__dispatch_backward(moe_layer *l, const float *dy);
 void moe__dispatch_scatter_dx(moe_layer *l, float *dx);
 
 /* experts.c */
-int moe__experts_max_tiles(const moe_layer_config *cfg);
+int moe__experts_max_tiles(const moe_layer_config *cfg, int max_rows);
 void moe__experts_forward(moe_layer *l);
 void moe__experts_backward(moe_layer *l);
 

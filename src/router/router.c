@@ -1,9 +1,12 @@
-/* Router: logits = x wg^T (fp32), scores, top-k, gate weights, auxiliary
- * losses and routing statistics; and the exact backward of all of it.
+/* Router: logits = x wg^T (fp32), scores, selection, gate weights, the
+ * common losses (Switch aux, sequence-wise aux, z-loss, importance) and
+ * routing statistics; and the exact backward of all of it. Scheme-specific
+ * selection lives beside this file (noisy.c, choice.c, bias.c, hier.c).
  *
- * Top-k is taken over the logits (softmax and sigmoid are monotone, and the
- * logits do not saturate as fp32 scores do); on equal logits the lower expert
- * id wins. Slots come out in decreasing logit order.
+ * TOPK takes the top k over the logits (softmax and sigmoid are monotone,
+ * and the logits do not saturate as fp32 scores do), or over scores + bias
+ * with aux-loss-free balancing; on equal values the lower expert id wins.
+ * Slots come out in decreasing order.
  *
  * Reductions over tokens (aux-loss P_i, entropy, z-loss) are summed per fixed
  * chunk of MOE__CHUNK tokens, then over chunks in order, so the result is the
@@ -14,6 +17,7 @@
 #include "mathx.h"
 
 #include <cblas.h>
+#include <omp.h>
 #include <math.h>
 #include <string.h>
 
@@ -30,12 +34,36 @@ static float score_norm(const moe_layer_config *c, const float *s) {
     return sum;
 }
 
-/* Scores, lse and top-k of one token; returns the entropy (nats) of the
- * normalised scores. Loops over E are branch-free so they vectorise; only the
- * top-k insertion branches, and rarely after the first few experts. */
-static float route_token(const moe_layer_config *c, const float *lg, float *s, float *lse_out, int *ids,
-                         float *w) {
-    const int E = c->n_experts, K = c->top_k;
+/* ---- counter-based random numbers --------------------------------------- */
+
+static uint64_t mix64(uint64_t z) {
+    z += 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static uint64_t draw(const moe_layer *l, int t, int i) {
+    return mix64(mix64(mix64(l->cfg.seed ^ 0x6d6f65726f757465ull) + l->calls) + ((uint64_t)(uint32_t)t << 32 | (uint32_t)i));
+}
+
+float moe__router_uniform(const moe_layer *l, int t, int i) {
+    return (float)((draw(l, t, i) >> 40) * 0x1.0p-24);
+}
+
+float moe__router_normal(const moe_layer *l, int t, int i) {
+    /* Box-Muller on two independent 53-bit uniforms; u1 in (0, 1] */
+    const uint64_t a = draw(l, t, 2 * i), b = draw(l, t, 2 * i + 1) ;
+    const double u1 = ((a >> 11) + 1) * 0x1.0p-53, u2 = (b >> 11) * 0x1.0p-53;
+    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+}
+
+/* ---- scores and top-k ----------------------------------------------------- */
+
+/* Scores s and lse of one token's logits; returns the entropy (nats) of the
+ * normalised scores. Loops over E are branch-free so they vectorise. */
+static float score_token(const moe_layer_config *c, const float *lg, float *s, float *lse_out) {
+    const int E = c->n_experts;
     /* omp simd reductions: a fixed vector order, the same on every run */
     float mx = lg[0];
 #pragma omp simd reduction(max : mx)
@@ -50,51 +78,155 @@ static float route_token(const moe_layer_config *c, const float *lg, float *s, f
     }
     const float lse = mx + logf(sum);
     *lse_out = lse;
-    float ent;
     if (c->score == MOE_SCORE_SOFTMAX) {
         const float inv = 1.0f / sum;
         for (int e = 0; e < E; e++) s[e] *= inv;
-        ent = lse - sl * inv; /* -sum q log q with log q = l - lse */
-    } else {
-        float ssum = 0.0f, slog = 0.0f;
-#pragma omp simd reduction(+ : ssum)
-        for (int e = 0; e < E; e++) {
-            s[e] = moe__sigmoid(lg[e]);
-            ssum += s[e];
-        }
-        for (int e = 0; e < E; e++) slog += s[e] * logf(s[e] > 1e-30f ? s[e] : 1e-30f);
-        ent = logf(ssum) - slog / ssum;
+        return lse - sl * inv; /* -sum q log q with log q = l - lse */
     }
-    /* Keep the K best in a sorted list; strict '>' keeps the lower id ahead
-     * on equal logits. The K-th best logit lives in a register, so the common
-     * case is one compare per expert. */
+    float ssum = 0.0f, slog = 0.0f;
+#pragma omp simd reduction(+ : ssum)
+    for (int e = 0; e < E; e++) {
+        s[e] = moe__sigmoid(lg[e]);
+        ssum += s[e];
+    }
+    for (int e = 0; e < E; e++) slog += s[e] * logf(s[e] > 1e-30f ? s[e] : 1e-30f);
+    return logf(ssum) - slog / ssum;
+}
+
+/* The K largest of v[0..E) into ids, decreasing; strict '>' keeps the lower
+ * id ahead on equal values. The K-th best lives in a register, so the common
+ * case is one compare per expert. */
+static void topk_ids(const float *v, int E, int K, int *ids) {
     int n = 0;
     float kth = -INFINITY;
     for (int e = 0; e < E; e++) {
-        const float v = lg[e];
-        if (n == K && !(v > kth)) continue;
+        const float x = v[e];
+        if (n == K && !(x > kth)) continue;
         int j = n < K ? n++ : K - 1;
-        while (j > 0 && v > lg[ids[j - 1]]) {
+        while (j > 0 && x > v[ids[j - 1]]) {
             ids[j] = ids[j - 1];
             j--;
         }
         ids[j] = e;
-        if (n == K) kth = lg[ids[K - 1]];
+        if (n == K) kth = v[ids[K - 1]];
     }
+}
+
+/* Gate weights of a token's chosen experts from its unbiased scores. */
+static void topk_weights(const moe_layer_config *c, const float *s, const int *ids, int K, float *w) {
     float denom = 1.0f;
     if (c->renormalize) {
         denom = 0.0f;
         for (int j = 0; j < K; j++) denom += s[ids[j]];
     }
     for (int j = 0; j < K; j++) w[j] = c->route_scale * s[ids[j]] / denom;
-    return ent;
 }
+
+void moe__slots_token_choice(moe_layer *l, int n, int K) {
+    for (int t = 0; t <= n; t++) l->tok_off[t] = t * K;
+    for (int i = 0; i < n * K; i++) l->slot_tok[i] = i / K;
+    l->n_slots = n * K;
+}
+
+/* ---- statistics and losses ------------------------------------------------ */
+
+/* Sequence-wise aux loss (DeepSeek-V3): the Switch formula on each block of
+ * aux_seq_len tokens, averaged over blocks; fills blk_daux. */
+static double aux_per_block(moe_layer *l, int n) {
+    const moe_layer_config *c = &l->cfg;
+    const int E = c->n_experts, S = c->aux_seq_len, nblk = (n + S - 1) / S;
+    double total = 0.0;
+    for (int b = 0; b < nblk; b++) {
+        const int t0 = b * S, t1 = t0 + S < n ? t0 + S : n, T = t1 - t0;
+        const int r0 = l->tok_off[t0], r1 = l->tok_off[t1], R = r1 - r0;
+        double *q = l->psum; /* reused as the block's sum of q */
+        int *cnt = l->blk_counts;
+        for (int e = 0; e < E; e++) q[e] = 0.0, cnt[e] = 0;
+        for (int t = t0; t < t1; t++) {
+            const float *st = l->scores + (size_t)t * E, inv = 1.0f / score_norm(c, st);
+            for (int e = 0; e < E; e++) q[e] += st[e] * inv;
+        }
+        for (int i = r0; i < r1; i++) cnt[l->topk_ids[i]]++;
+        double a = 0.0;
+        float *da = l->blk_daux + (size_t)b * E;
+        for (int e = 0; e < E; e++) {
+            const double f = R ? (double)cnt[e] / R : 0.0;
+            a += f * q[e] / T;
+            da[e] = (float)((double)c->aux_coef * E * f / T / nblk);
+        }
+        total += c->aux_coef * E * a;
+    }
+    return nblk ? total / nblk : 0.0;
+}
+
+/* Importance loss w CV(imp)^2, imp_e = sum of the gate weights of expert e
+ * over all slots; population variance, CV^2 = var / (mean^2 + 1e-10) as in
+ * Shazeer et al.'s code. Fills dimp (d loss / d imp_e). */
+static void importance(moe_layer *l) {
+    const int E = l->cfg.n_experts, R = l->n_slots;
+    double *imp = l->psum; /* free again after the aux loss */
+    for (int e = 0; e < E; e++) imp[e] = 0.0;
+    for (int i = 0; i < R; i++) imp[l->topk_ids[i]] += l->topk_w[i];
+    double m = 0.0, var = 0.0;
+    for (int e = 0; e < E; e++) m += imp[e];
+    m /= E;
+    for (int e = 0; e < E; e++) var += (imp[e] - m) * (imp[e] - m);
+    var /= E;
+    const double den = m * m + 1e-10, w = l->cfg.importance_coef;
+    l->stats.importance_cv = m > 0 ? (float)(sqrt(var) / m) : 0.0f;
+    l->stats.importance_loss = (float)(w * var / den);
+    for (int e = 0; e < E; e++)
+        l->dimp[e] = (float)(w * (2.0 * (imp[e] - m) / E / den - var * 2.0 * m / E / (den * den)));
+}
+
+static void router_stats(moe_layer *l, int n, int nchunks) {
+    const moe_layer_config *c = &l->cfg;
+    const int E = c->n_experts, R = l->n_slots;
+    memset(l->counts, 0, sizeof(int) * (size_t)E);
+    for (int i = 0; i < R; i++) l->counts[l->topk_ids[i]]++;
+    if (l->training && c->bias_update_rate > 0)
+        for (int e = 0; e < E; e++) l->bias_load[e] += l->counts[e];
+    double *psum = l->psum;
+    double ent = 0.0, z = 0.0;
+    for (int e = 0; e < E; e++) psum[e] = 0.0;
+    for (int ch = 0; ch < nchunks; ch++) {
+        const float *part = l->part + (size_t)ch * (E + 2);
+        for (int e = 0; e < E; e++) psum[e] += part[e];
+        ent += part[E];
+        z += part[E + 1];
+    }
+    moe_layer_stats *st = &l->stats;
+    st->n_tokens = n;
+    st->n_slots = R;
+    st->expert_count = l->counts;
+    double aux = 0.0, mean = (double)R / E, var = 0.0, mx = 0.0;
+    for (int e = 0; e < E; e++) {
+        double f = R ? (double)l->counts[e] / R : 0.0;
+        double p = n ? psum[e] / n : 0.0;
+        aux += f * p;
+        l->daux[e] = n ? (float)((double)c->aux_coef * E * f / n) : 0.0f;
+        double d = l->counts[e] - mean;
+        var += d * d;
+        if (l->counts[e] > mx) mx = l->counts[e];
+    }
+    st->aux_loss = (float)(c->aux_coef * E * aux);
+    if (c->aux_seq_len > 0 && c->aux_coef > 0) st->aux_loss = (float)aux_per_block(l, n);
+    st->z_loss = n ? (float)(c->z_coef * z / n) : 0.0f;
+    st->router_entropy = n ? (float)(ent / n) : 0.0f;
+    st->load_cv = R ? (float)(sqrt(var / E) / mean) : 0.0f;
+    st->load_max_over_mean = R ? (float)(mx / mean) : 0.0f;
+    importance(l);
+}
+
+/* ---- forward -------------------------------------------------------------- */
 
 int moe__router_forward(moe_layer *l, const float *x, int n) {
     const moe_layer_config *c = &l->cfg;
     const int C = c->d_model, E = c->n_experts, K = c->top_k;
     const float *wg = l->params + l->off.wg;
     const int nchunks = (n + MOE__CHUNK - 1) / MOE__CHUNK;
+    const int plain_topk = c->router == MOE_ROUTER_TOPK;
+    const int biased = plain_topk && (c->bias_update_rate > 0 || c->n_groups > 1);
     int bad = -1; /* first token with a non-finite logit */
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(l->threads)
@@ -114,8 +246,13 @@ int moe__router_forward(moe_layer *l, const float *x, int n) {
                 continue;
             }
             float *s = l->scores + (size_t)t * E;
-            const float ent =
-                route_token(c, lg, s, &l->lse[t], l->topk_ids + (size_t)t * K, l->topk_w + (size_t)t * K);
+            const float ent = score_token(c, lg, s, &l->lse[t]);
+            if (plain_topk) {
+                int *ids = l->topk_ids + (size_t)t * K;
+                if (biased) moe__biased_topk(l, t, ids, l->tscr + (size_t)omp_get_thread_num() * 2 * E);
+                else topk_ids(lg, E, K, ids);
+                topk_weights(c, s, ids, K, l->topk_w + (size_t)t * K);
+            }
             const float inv = 1.0f / score_norm(c, s);
             for (int e = 0; e < E; e++) part[e] += s[e] * inv;
             part[E] += ent;
@@ -135,54 +272,50 @@ int moe__router_forward(moe_layer *l, const float *x, int n) {
                             bad, e, (double)lg[e]);
     }
 
-    /* Statistics, reduced over chunks in order. */
-    memset(l->counts, 0, sizeof(int) * (size_t)E);
-    for (size_t i = 0; i < (size_t)n * K; i++) l->counts[l->topk_ids[i]]++;
-    double *psum = l->psum;
-    double ent = 0.0, z = 0.0;
-    for (int e = 0; e < E; e++) psum[e] = 0.0;
-    for (int ch = 0; ch < nchunks; ch++) {
-        const float *part = l->part + (size_t)ch * (E + 2);
-        for (int e = 0; e < E; e++) psum[e] += part[e];
-        ent += part[E];
-        z += part[E + 1];
+    l->stats.importance_loss = l->stats.load_loss = l->stats.importance_cv = 0.0f;
+    int rc = MOE_OK;
+    switch (c->router) {
+    case MOE_ROUTER_TOPK:
+        moe__slots_token_choice(l, n, K);
+        memset(l->keep, 1, (size_t)n * K);
+        if (c->gshard_random && l->training) moe__gshard_random(l, n);
+        break;
+    case MOE_ROUTER_NOISY_TOPK: rc = moe__noisy_select(l, n); break;
+    case MOE_ROUTER_EXPERT_CHOICE: rc = moe__ec_select(l, n); break;
+    case MOE_ROUTER_HIERARCHICAL: rc = moe__hier_select(l, n); break;
+    case MOE_ROUTER_BALANCED: rc = moe__balanced_select(l, n); break;
     }
-    moe_layer_stats *st = &l->stats;
-    st->n_tokens = n;
-    st->expert_count = l->counts;
-    double aux = 0.0, mean = (double)n * K / E, var = 0.0, mx = 0.0;
-    for (int e = 0; e < E; e++) {
-        double f = n ? (double)l->counts[e] / ((double)n * K) : 0.0;
-        double p = n ? psum[e] / n : 0.0;
-        aux += f * p;
-        double d = l->counts[e] - mean;
-        var += d * d;
-        if (l->counts[e] > mx) mx = l->counts[e];
-    }
-    st->aux_loss = (float)(c->aux_coef * E * aux);
-    st->z_loss = n ? (float)(c->z_coef * z / n) : 0.0f;
-    st->router_entropy = n ? (float)(ent / n) : 0.0f;
-    st->load_cv = n ? (float)(sqrt(var / E) / mean) : 0.0f;
-    st->load_max_over_mean = n ? (float)(mx / mean) : 0.0f;
+    if (rc) return rc;
+    router_stats(l, n, nchunks);
+    if (l->training) l->calls++;
     return MOE_OK;
 }
 
-/* dlogits from dgate (the combine's gradient), the aux loss and the z-loss;
- * then dwg += dlogits^T x and dx += dlogits wg. */
+/* ---- backward ------------------------------------------------------------- */
+
+/* dlogits from dgate (the combine's gradient plus the importance loss's), the
+ * aux loss and the z-loss; the scheme's own terms; then dwg += dlogits^T x
+ * and dx += dlogits wg. */
 void moe__router_backward(moe_layer *l, const float *x, float *dx) {
     const moe_layer_config *c = &l->cfg;
-    const int C = c->d_model, E = c->n_experts, K = c->top_k, n = l->n;
-    /* d aux / d q_{t,i} = coef E f_i / N, the same for every token. */
-    float *daux = l->daux;
-    for (int e = 0; e < E; e++)
-        daux[e] = n ? (float)((double)c->aux_coef * E * l->counts[e] / ((double)n * K) / n) : 0.0f;
+    const int C = c->d_model, E = c->n_experts, n = l->n, R = l->n_slots;
     const float dz = n ? 2.0f * c->z_coef / n : 0.0f;
+    const int seq_aux = c->aux_seq_len > 0 && c->aux_coef > 0;
+    /* the gate path goes through the clean scores for these routers; noisy
+     * and hierarchical gates take it in their own backward */
+    const int score_weighted = c->router == MOE_ROUTER_TOPK || c->router == MOE_ROUTER_EXPERT_CHOICE;
+    const int renorm = c->renormalize && c->router == MOE_ROUTER_TOPK;
+
+    if (c->importance_coef > 0)
+        for (int i = 0; i < R; i++) l->dgate[i] += l->dimp[l->topk_ids[i]];
 
 #pragma omp parallel for schedule(static) num_threads(l->threads)
     for (int t = 0; t < n; t++) {
         const float *s = l->scores + (size_t)t * E, *lg = l->logits + (size_t)t * E;
-        const int *ids = l->topk_ids + (size_t)t * K;
-        const float *dg = l->dgate + (size_t)t * K;
+        const float *daux = seq_aux ? l->blk_daux + (size_t)(t / c->aux_seq_len) * E : l->daux;
+        const int i0 = l->tok_off[t], i1 = l->tok_off[t + 1];
+        const int *ids = l->topk_ids;
+        const float *dg = l->dgate;
         float *dl = l->dlogits + (size_t)t * E; /* holds ds first, then dlogits */
 
         /* aux: through q = s / sum(s) for sigmoid scores */
@@ -193,16 +326,18 @@ void moe__router_backward(moe_layer *l, const float *x, float *dx) {
             for (int e = 0; e < E; e++) qdot += daux[e] * s[e] / norm;
         for (int e = 0; e < E; e++) dl[e] = c->score == MOE_SCORE_SIGMOID ? (daux[e] - qdot) / norm : daux[e];
 
-        /* gates: w_j = scale s_j / S, S = sum of the K chosen scores (or 1) */
-        if (c->renormalize) {
-            float S = 0.0f, sd = 0.0f;
-            for (int j = 0; j < K; j++) {
-                S += s[ids[j]];
-                sd += dg[j] * s[ids[j]];
+        /* gates: w_i = scale s_i / S, S = sum of the token's chosen scores (or 1) */
+        if (score_weighted) {
+            if (renorm) {
+                float S = 0.0f, sd = 0.0f;
+                for (int i = i0; i < i1; i++) {
+                    S += s[ids[i]];
+                    sd += dg[i] * s[ids[i]];
+                }
+                for (int i = i0; i < i1; i++) dl[ids[i]] += c->route_scale * (dg[i] * S - sd) / (S * S);
+            } else {
+                for (int i = i0; i < i1; i++) dl[ids[i]] += c->route_scale * dg[i];
             }
-            for (int j = 0; j < K; j++) dl[ids[j]] += c->route_scale * (dg[j] * S - sd) / (S * S);
-        } else {
-            for (int j = 0; j < K; j++) dl[ids[j]] += c->route_scale * dg[j];
         }
 
         /* through the score function */
@@ -221,6 +356,9 @@ void moe__router_backward(moe_layer *l, const float *x, float *dx) {
             for (int e = 0; e < E; e++) dl[e] += g * moe__exp(lg[e] - l->lse[t]);
         }
     }
+
+    if (c->router == MOE_ROUTER_NOISY_TOPK) moe__noisy_backward(l, x, dx);
+    else if (c->router == MOE_ROUTER_HIERARCHICAL) moe__hier_backward(l, x, dx);
 
     float *dwg = l->grads + l->off.wg;
     const int nchunks = (n + MOE__CHUNK - 1) / MOE__CHUNK;
