@@ -277,6 +277,10 @@ int moe_layer_routing(const moe_layer *l, const int **tok_off, const int **ids, 
  * load_i), loads summed over the training forward calls since the last update
  * (call it after each optimizer step). A no-op without bias_update_rate. */
 int moe_layer_update_bias(moe_layer *l);
+/* Position of the routing random stream (noise, random routing): draws come
+ * from (seed, counter, token), and each training forward advances the counter
+ * by one. Set it to make a resumed run draw what the uninterrupted one did. */
+void moe_layer_set_rng_counter(moe_layer *l, uint64_t counter);
 /* Block length of the sequence-wise aux loss (e.g. the batch's T); the layer
  * must have been created with aux_seq_len > 0 and seq_len >= that value. */
 int moe_layer_set_aux_seq_len(moe_layer *l, int seq_len);
@@ -319,7 +323,17 @@ typedef struct moe_model_config {
     int dense_intermediate_size; /* FFN size of the non-MoE layers */
     int n_shared_experts;
     int shared_expert_intermediate_size;
+    int shared_expert_gate;      /* Qwen2-MoE: shared output scaled by sigmoid(x w), w [1][C] */
     float initializer_range;
+    /* routing schemes (see moe_layer_config and docs/routing.md) */
+    moe_router_type router_type; /* "router_type": "topk" (default), "noisy_topk",
+                                    "expert_choice", "hierarchical", "balanced" */
+    int gshard_random;
+    float router_importance_loss_coef, router_load_loss_coef;
+    float router_bias_update_rate; /* aux-loss-free balancing gamma (DeepSeek-V3: 1e-3) */
+    int n_group, topk_group;     /* DeepSeek-V3 keys: group-limited routing; hierarchical groups */
+    int seq_aux;                 /* DeepSeek key: the aux loss per sequence, not per batch */
+    uint64_t router_seed;        /* routing noise / random routing (layer i uses seed + i) */
 } moe_model_config;
 
 /* Defaults of docs/model.md for the fields a JSON file may omit. */
@@ -398,9 +412,19 @@ const moe_layer_stats *moe_model_layer_stats(const moe_model *m, int layer);
 void moe_model_set_training(moe_model *m, int training);
 /* Override k at inference (1..E); 0 restores the configured value. */
 int moe_model_set_experts_used(moe_model *m, int k);
+/* Aux-loss-free balancing: moe_layer_update_bias on every MoE layer (the
+ * trainer calls it after each optimizer step). */
+int moe_model_update_bias(moe_model *m);
+/* moe_layer_set_rng_counter on every MoE layer. */
+void moe_model_set_rng_counter(moe_model *m, uint64_t counter);
+/* Name of a router type ("topk", ...) and back; -1 when unknown. */
+const char *moe_router_name(moe_router_type r);
+int moe_router_from_name(const char *name);
 
 /* Incremental decoding with a KV cache: resets the cache, then feeds tokens
- * one position at a time; logits [V] of the position just fed. */
+ * one position at a time; logits [V] of the position just fed. Fails with
+ * MOE_EUNSUPPORTED for expert-choice routing (non-causal: a token's experts
+ * depend on the tokens after it). */
 int moe_model_decode_reset(moe_model *m);
 int moe_model_decode(moe_model *m, int32_t token, const float **logits);
 

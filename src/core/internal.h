@@ -37,6 +37,12 @@ int moe__threads(int n);
 /* Makes BLAS single-threaded (the library parallelises with OpenMP around it). */
 void moe__blas_single_thread(void);
 
+/* Checks a layer configuration (what moe_layer_create checks). */
+int moe__layer_config_check(const moe_layer_config *c, char *err, size_t n);
+/* The configuration of the MoE layer `layer` of a model sized for max_tokens
+ * tokens (training or inference). */
+moe_layer_config moe__model_layer_config(const moe_model_config *c, int layer, int max_tokens, int training);
+
 /* The live configuration of an optimizer (its schedule may be resized). */
 moe_adamw_config *moe__adamw_config(moe_adamw *o);
 

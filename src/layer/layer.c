@@ -118,6 +118,8 @@ static int check_config(const moe_layer_config *c, char *err, size_t n) {
     return check_routing(c, err, n);
 }
 
+int moe__layer_config_check(const moe_layer_config *c, char *err, size_t n) { return check_config(c, err, n); }
+
 static moe_layer_params layout(const moe_layer_config *c) {
     const size_t C = (size_t)c->d_model, F = (size_t)c->d_ff, E = (size_t)c->n_experts;
     moe_layer_params p;
@@ -295,6 +297,10 @@ int moe_layer_routing(const moe_layer *l, const int **tok_off, const int **ids, 
     if (weights) *weights = l->topk_w;
     if (kept) *kept = l->keep;
     return l->n_slots;
+}
+
+void moe_layer_set_rng_counter(moe_layer *l, uint64_t counter) {
+    if (l) l->calls = counter;
 }
 
 int moe_layer_set_aux_seq_len(moe_layer *l, int seq_len) {

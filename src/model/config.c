@@ -71,6 +71,11 @@ int moe_model_config_check(const moe_model_config *c, char *err, size_t n) {
     RANGE(n_shared_experts, 0, 64)
     RANGE(tie_word_embeddings, 0, 1)
     RANGE(norm_topk_prob, 0, 1)
+    RANGE(shared_expert_gate, 0, 1)
+    RANGE(gshard_random, 0, 1)
+    RANGE(seq_aux, 0, 1)
+    RANGE(n_group, 0, 1 << 16)
+    RANGE(topk_group, 0, 1 << 16)
     if (c->num_local_experts > 0) {
         RANGE(intermediate_size, 1, 1 << 20)
         RANGE(num_experts_per_tok, 1, c->num_local_experts)
@@ -97,7 +102,54 @@ int moe_model_config_check(const moe_model_config *c, char *err, size_t n) {
     if (!isfinite(c->router_aux_loss_coef) || c->router_aux_loss_coef < 0 || !isfinite(c->router_z_loss_coef) ||
         c->router_z_loss_coef < 0)
         return moe__set_err(err, n, MOE_EINVAL, "config: router loss coefficients must be finite and >= 0");
+    if (c->shared_expert_gate && c->n_shared_experts == 0)
+        return moe__set_err(err, n, MOE_EINVAL, "config: shared_expert_gate needs n_shared_experts > 0");
+    if (c->num_local_experts > 0) {
+        /* the routing keys are checked where they are used: by the layer */
+        char lerr[200];
+        moe_layer_config lc = moe__model_layer_config(c, 0, 1, 1);
+        int rc = moe__layer_config_check(&lc, lerr, sizeof lerr);
+        if (rc) return moe__set_err(err, n, rc, "config: routing: %s", lerr);
+    }
     return MOE_OK;
+}
+
+static const char *const ROUTER_NAMES[] = {"topk", "noisy_topk", "expert_choice", "hierarchical", "balanced"};
+
+const char *moe_router_name(moe_router_type r) {
+    return (unsigned)r < sizeof ROUTER_NAMES / sizeof ROUTER_NAMES[0] ? ROUTER_NAMES[r] : "unknown";
+}
+
+int moe_router_from_name(const char *name) {
+    for (int i = 0; name && i < (int)(sizeof ROUTER_NAMES / sizeof ROUTER_NAMES[0]); i++)
+        if (!strcmp(name, ROUTER_NAMES[i])) return i;
+    return -1;
+}
+
+moe_layer_config moe__model_layer_config(const moe_model_config *c, int layer, int max_tokens, int training) {
+    moe_layer_config lc = moe_layer_config_default(c->hidden_size, c->intermediate_size, c->num_local_experts,
+                                                   c->num_experts_per_tok, max_tokens);
+    const int n_moe = moe_model_n_moe_layers(c) > 0 ? moe_model_n_moe_layers(c) : 1;
+    lc.score = c->scoring_func;
+    lc.renormalize = c->norm_topk_prob;
+    lc.route_scale = c->routed_scaling_factor;
+    /* the losses are per layer; their sum over layers carries the coefficient */
+    lc.aux_coef = c->router_aux_loss_coef / (float)n_moe;
+    lc.z_coef = c->router_z_loss_coef / (float)n_moe;
+    lc.importance_coef = c->router_importance_loss_coef / (float)n_moe;
+    lc.load_coef = c->router_load_loss_coef / (float)n_moe;
+    lc.max_top_k = training ? 0 : c->num_local_experts; /* inference may raise k */
+    if (c->router_type == MOE_ROUTER_HIERARCHICAL) lc.max_top_k = 0; /* k is tied to the groups */
+    lc.capacity_factor = c->capacity_factor;
+    lc.drop_policy = c->drop_policy;
+    lc.router = c->router_type;
+    lc.gshard_random = c->gshard_random;
+    lc.bias_update_rate = c->router_bias_update_rate;
+    lc.n_groups = c->n_group;
+    lc.topk_groups = c->topk_group;
+    lc.aux_seq_len = c->seq_aux ? 1 : 0; /* blocks of 1..T: the model sets T per call */
+    lc.seed = c->router_seed + (uint64_t)layer;
+    return lc;
 }
 
 /* ---- JSON in ---------------------------------------------------------------- */
@@ -165,6 +217,8 @@ int moe_model_config_parse(const char *json, size_t len, const char *name, moe_m
         {"dense_intermediate_size", &c->dense_intermediate_size},
         {"n_shared_experts", &c->n_shared_experts},
         {"shared_expert_intermediate_size", &c->shared_expert_intermediate_size},
+        {"n_group", &c->n_group},
+        {"topk_group", &c->topk_group},
     };
     for (size_t i = 0; i < sizeof ints / sizeof ints[0] && !rc; i++) rc = get_int(&x, root, ints[i].key, ints[i].field);
     struct {
@@ -178,11 +232,36 @@ int moe_model_config_parse(const char *json, size_t len, const char *name, moe_m
         {"router_z_loss_coef", &c->router_z_loss_coef},
         {"initializer_range", &c->initializer_range},
         {"capacity_factor", &c->capacity_factor},
+        {"router_importance_loss_coef", &c->router_importance_loss_coef},
+        {"router_load_loss_coef", &c->router_load_loss_coef},
+        {"router_bias_update_rate", &c->router_bias_update_rate},
     };
     for (size_t i = 0; i < sizeof fls / sizeof fls[0] && !rc; i++) rc = get_float(&x, root, fls[i].key, fls[i].field);
     if (!rc) rc = get_bool(&x, root, "tie_word_embeddings", &c->tie_word_embeddings);
     if (!rc) rc = get_bool(&x, root, "norm_topk_prob", &c->norm_topk_prob);
+    if (!rc) rc = get_bool(&x, root, "shared_expert_gate", &c->shared_expert_gate);
+    if (!rc) rc = get_bool(&x, root, "gshard_random", &c->gshard_random);
+    if (!rc) rc = get_bool(&x, root, "seq_aux", &c->seq_aux);
     if (rc) goto out;
+    int seed = 0;
+    if ((rc = get_int(&x, root, "router_seed", &seed))) goto out;
+    if (seed < 0) {
+        rc = moe__set_err(err, errsz, MOE_EFORMAT, "%s: \"router_seed\" must be >= 0", x.name);
+        goto out;
+    }
+    c->router_seed = (uint64_t)seed;
+    const cJSON *rt = cJSON_GetObjectItemCaseSensitive(root, "router_type");
+    if (rt && !cJSON_IsNull(rt)) {
+        const int r = cJSON_IsString(rt) ? moe_router_from_name(rt->valuestring) : -1;
+        if (r < 0) {
+            rc = moe__set_err(err, errsz, MOE_EFORMAT,
+                              "%s: \"router_type\" must be one of \"topk\", \"noisy_topk\", \"expert_choice\", "
+                              "\"hierarchical\", \"balanced\"",
+                              x.name);
+            goto out;
+        }
+        c->router_type = (moe_router_type)r;
+    }
 
     const cJSON *sf = cJSON_GetObjectItemCaseSensitive(root, "scoring_func");
     if (sf && !cJSON_IsNull(sf)) {
@@ -280,6 +359,16 @@ char *moe_model_config_to_json(const moe_model_config *c) {
     cJSON_AddNumberToObject(o, "dense_intermediate_size", c->dense_intermediate_size);
     cJSON_AddNumberToObject(o, "n_shared_experts", c->n_shared_experts);
     cJSON_AddNumberToObject(o, "shared_expert_intermediate_size", c->shared_expert_intermediate_size);
+    cJSON_AddBoolToObject(o, "shared_expert_gate", c->shared_expert_gate);
+    cJSON_AddStringToObject(o, "router_type", moe_router_name(c->router_type));
+    cJSON_AddBoolToObject(o, "gshard_random", c->gshard_random);
+    cJSON_AddNumberToObject(o, "router_importance_loss_coef", c->router_importance_loss_coef);
+    cJSON_AddNumberToObject(o, "router_load_loss_coef", c->router_load_loss_coef);
+    cJSON_AddNumberToObject(o, "router_bias_update_rate", c->router_bias_update_rate);
+    cJSON_AddNumberToObject(o, "n_group", c->n_group);
+    cJSON_AddNumberToObject(o, "topk_group", c->topk_group);
+    cJSON_AddBoolToObject(o, "seq_aux", c->seq_aux);
+    cJSON_AddNumberToObject(o, "router_seed", (double)c->router_seed);
     cJSON_AddNumberToObject(o, "initializer_range", c->initializer_range);
     cJSON_AddStringToObject(o, "hidden_act", "silu");
     cJSON_AddStringToObject(o, "torch_dtype", "float32");

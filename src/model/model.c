@@ -93,10 +93,32 @@ static int build_table(moe_model *m) {
                     snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.experts.%d.%s.weight", i, e, w[k]);
                     rc |= add_tensor(m, name, 2, k == 1 ? C : F, k == 1 ? F : C, 0);
                 }
+            /* the routing schemes' blocks, in the layer's order (moe.h) */
+            const moe_layer_config lc = moe__model_layer_config(c, i, 1, 1);
+            const int Gg = c->n_group > 0 ? c->n_group : 1;
+            if (lc.router == MOE_ROUTER_NOISY_TOPK || lc.router == MOE_ROUTER_HIERARCHICAL) {
+                snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.gate.noise.weight", i);
+                rc |= add_tensor(m, name, 2, E, C, 0);
+            }
+            if (lc.router == MOE_ROUTER_HIERARCHICAL) {
+                snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.gate.group.weight", i);
+                rc |= add_tensor(m, name, 2, Gg, C, 0);
+                snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.gate.group_noise.weight", i);
+                rc |= add_tensor(m, name, 2, Gg, C, 0);
+            }
+            if (lc.bias_update_rate > 0) { /* DeepSeek-V3's name; moved by the balancer, not by AdamW */
+                snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.gate.e_score_correction_bias", i);
+                rc |= add_tensor(m, name, 1, E, 0, 0);
+            }
             if (c->n_shared_experts > 0) {
                 snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.shared_expert", i);
                 rc |= add_dense(m, &L->shared, name, C, c->n_shared_experts * c->shared_expert_intermediate_size);
                 L->has_shared = 1;
+                if (c->shared_expert_gate) {
+                    snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.shared_expert_gate.weight", i);
+                    L->shared_gate = m->n_params;
+                    rc |= add_tensor(m, name, 2, 1, C, 0);
+                }
             }
         } else {
             snprintf(name, sizeof name, "model.layers.%d.mlp", i);
@@ -200,6 +222,10 @@ moe_model *moe_model_create(const moe_model_config *cfg, int max_batch, int max_
         ALLOC_F(L->a2, N * C);
         ALLOC_F(L->rstd2, N);
         moe__ffn *f = L->is_moe ? (L->has_shared ? &L->shared : NULL) : &L->dense;
+        if (L->shared_gate) {
+            ALLOC_F(L->sg, 2 * N); /* gate values, then their gradient */
+            ALLOC_F(L->sh_out, N * C);
+        }
         if (f) {
             ALLOC_F(f->h1, N * (size_t)f->F);
             ALLOC_F(f->h3, N * (size_t)f->F);
@@ -216,6 +242,7 @@ moe_model *moe_model_create(const moe_model_config *cfg, int max_batch, int max_
         ALLOC_F(m->bw.dao, N * HD);
         ALLOC_F(m->bw.dlogits, N * V);
         ALLOC_F(m->bw.att_scratch, moe__attention_scratch_size(max_seq, m->threads));
+        if (c->shared_expert_gate) ALLOC_F(m->bw.dsh, N * C);
         if (fmax) {
             ALLOC_F(m->bw.dh1, N * fmax);
             ALLOC_F(m->bw.dh3, N * fmax);
@@ -235,21 +262,18 @@ moe_model *moe_model_create(const moe_model_config *cfg, int max_batch, int max_
     for (int i = 0; i < Lc; i++) {
         moe__mlayer *L = &m->layers[i];
         if (!L->is_moe) continue;
-        moe_layer_config lc = moe_layer_config_default(c->hidden_size, c->intermediate_size, c->num_local_experts,
-                                                       c->num_experts_per_tok, (int)N);
-        lc.score = c->scoring_func;
-        lc.renormalize = c->norm_topk_prob;
-        lc.route_scale = c->routed_scaling_factor;
-        lc.aux_coef = c->router_aux_loss_coef / (float)m->n_moe;
-        lc.z_coef = c->router_z_loss_coef / (float)m->n_moe;
+        moe_layer_config lc = moe__model_layer_config(c, i, (int)N, m->has_grads);
         lc.n_threads = m->threads;
-        lc.max_top_k = m->has_grads ? 0 : c->num_local_experts; /* inference may raise k */
-        lc.capacity_factor = c->capacity_factor;
-        lc.drop_policy = c->drop_policy;
         L->moe = moe_layer_create(&lc, &rc, errbuf, errsz);
         if (!L->moe) {
             moe_model_free(m);
             if (err) *err = rc;
+            return NULL;
+        }
+        if (L->moe_off + moe_layer_param_offsets(L->moe).total > m->n_params) { /* table and layer disagree */
+            moe_model_free(m);
+            if (err) *err = MOE_EINVAL;
+            moe__set_err(errbuf, errsz, MOE_EINVAL, "layer %d: parameter layout mismatch", i);
             return NULL;
         }
         moe_layer_bind(L->moe, m->params + L->moe_off, m->has_grads ? m->grads + L->moe_off : NULL);
@@ -309,6 +333,21 @@ int moe_model_set_experts_used(moe_model *m, int k) {
     return MOE_OK;
 }
 
+int moe_model_update_bias(moe_model *m) {
+    if (!m) return MOE_EINVAL;
+    for (int i = 0; i < m->cfg.num_hidden_layers; i++)
+        if (m->layers[i].moe) {
+            int rc = moe_layer_update_bias(m->layers[i].moe);
+            if (rc) return moe__set_err(m->err, sizeof m->err, rc, "layer %d: %s", i, moe_layer_errmsg(m->layers[i].moe));
+        }
+    return MOE_OK;
+}
+
+void moe_model_set_rng_counter(moe_model *m, uint64_t counter) {
+    for (int i = 0; m && i < m->cfg.num_hidden_layers; i++)
+        if (m->layers[i].moe) moe_layer_set_rng_counter(m->layers[i].moe, counter);
+}
+
 void moe_model_set_training(moe_model *m, int training) {
     for (int i = 0; m && i < m->cfg.num_hidden_layers; i++)
         if (m->layers[i].moe) moe_layer_set_training(m->layers[i].moe, training);
@@ -366,6 +405,57 @@ static void ffn_backward(moe_model *m, moe__ffn *f, const float *x, const float 
     moe__gemm(0, 0, N, C, F, 1.0f, dh3, F, P + f->up, C, 1.0f, dx, C, th);
 }
 
+/* The shared experts of a MoE layer: out += g * shared(x), g = sigmoid(x w)
+ * per token with a Qwen2-MoE gate, else g = 1. */
+static void shared_forward(moe_model *m, moe__mlayer *L, const float *x, int N, float *out, float *sh, float *g) {
+    if (!L->shared_gate) {
+        ffn_forward(m, &L->shared, x, N, out, 1);
+        return;
+    }
+    const int C = m->cfg.hidden_size;
+    const float *w = m->params + L->shared_gate;
+    ffn_forward(m, &L->shared, x, N, sh, 0);
+#pragma omp parallel for schedule(static) num_threads(m->threads) if (N > 64)
+    for (int t = 0; t < N; t++) {
+        const float *xt = x + (size_t)t * C;
+        float z = 0.0f;
+        for (int c = 0; c < C; c++) z += xt[c] * w[c];
+        g[t] = 1.0f / (1.0f + expf(-z));
+        for (int c = 0; c < C; c++) out[(size_t)t * C + c] += g[t] * sh[(size_t)t * C + c];
+    }
+}
+
+/* dx += d/dx of shared_forward given dy; weight grads accumulate. */
+static void shared_backward(moe_model *m, moe__mlayer *L, const float *x, const float *dy, int N, float *dx) {
+    if (!L->shared_gate) {
+        ffn_backward(m, &L->shared, x, dy, N, dx);
+        return;
+    }
+    const int C = m->cfg.hidden_size;
+    const float *w = m->params + L->shared_gate;
+    float *dw = m->grads + L->shared_gate, *dsh = m->bw.dsh;
+    float *dzt = L->sg + N; /* [N] after the gate values [N] */
+    /* per token: dg = <dy, sh>, dz = dg g (1 - g); the shared FFN sees g dy */
+#pragma omp parallel for schedule(static) num_threads(m->threads) if (N > 64)
+    for (int t = 0; t < N; t++) {
+        const float *dyt = dy + (size_t)t * C, *st = L->sh_out + (size_t)t * C;
+        const float g = L->sg[t];
+        float dg = 0.0f;
+        for (int c = 0; c < C; c++) {
+            dg += dyt[c] * st[c];
+            dsh[(size_t)t * C + c] = g * dyt[c];
+        }
+        dzt[t] = dg * g * (1.0f - g);
+    }
+    /* dw += sum_t dz_t x_t in token order (fixed for any thread count); dx += dz w */
+    for (int t = 0; t < N; t++)
+        for (int c = 0; c < C; c++) dw[c] += dzt[t] * x[(size_t)t * C + c];
+#pragma omp parallel for schedule(static) num_threads(m->threads) if (N > 64)
+    for (int t = 0; t < N; t++)
+        for (int c = 0; c < C; c++) dx[(size_t)t * C + c] += dzt[t] * w[c];
+    ffn_backward(m, &L->shared, x, dsh, N, dx);
+}
+
 /* ---- forward ------------------------------------------------------------------- */
 
 int moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t *targets, int B, int T, float *loss) {
@@ -403,11 +493,13 @@ int moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t *target
         moe__rmsnorm_forward(L->a2, L->rstd2, L->res2, P + L->ln2, N, C, c->rms_norm_eps, th);
         memcpy(out, L->res2, sizeof(float) * (size_t)N * C);
         if (L->is_moe) {
-            int rc = moe_layer_forward(L->moe, L->a2, N, m->act.ffo);
+            /* DeepSeek's sequence-wise aux loss: blocks are the batch's sequences */
+            int rc = c->seq_aux ? moe_layer_set_aux_seq_len(L->moe, T) : MOE_OK;
+            if (!rc) rc = moe_layer_forward(L->moe, L->a2, N, m->act.ffo);
             if (rc)
                 return moe__set_err(m->err, sizeof m->err, rc, "layer %d MoE: %s", i, moe_layer_errmsg(L->moe));
             for (size_t j = 0; j < (size_t)N * C; j++) out[j] += m->act.ffo[j];
-            if (L->has_shared) ffn_forward(m, &L->shared, L->a2, N, out, 1);
+            if (L->has_shared) shared_forward(m, L, L->a2, N, out, L->sh_out, L->sg);
         } else {
             ffn_forward(m, &L->dense, L->a2, N, out, 1);
         }
@@ -467,7 +559,7 @@ int moe_model_backward(moe_model *m) {
         if (L->is_moe) {
             int rc = moe_layer_backward(L->moe, dres, da2);
             if (rc) return moe__set_err(m->err, sizeof m->err, rc, "layer %d MoE backward: %s", i, moe_layer_errmsg(L->moe));
-            if (L->has_shared) ffn_backward(m, &L->shared, L->a2, dres, N, da2);
+            if (L->has_shared) shared_backward(m, L, L->a2, dres, N, da2);
         } else {
             memset(da2, 0, sizeof(float) * (size_t)N * C);
             ffn_backward(m, &L->dense, L->a2, dres, N, da2);
@@ -515,6 +607,11 @@ int moe_model_decode(moe_model *m, int32_t token, const float **logits) {
         return moe__set_err(m->err, sizeof m->err, MOE_EINVAL, "decode: token %d is outside [0, %d)", token, V);
     if (m->pos >= m->max_T)
         return moe__set_err(m->err, sizeof m->err, MOE_ELIMIT, "decode: context full (%d positions)", m->max_T);
+    if (c->router_type == MOE_ROUTER_EXPERT_CHOICE && c->num_local_experts > 0)
+        return moe__set_err(m->err, sizeof m->err, MOE_EUNSUPPORTED,
+                            "decode: expert-choice routing is non-causal (each expert picks among all tokens of a "
+                            "batch, including later ones) and cannot generate token by token; use it for training "
+                            "or encoders");
     const float *P = m->params;
     float *x = m->dec.x, *a = m->dec.a;
     float rstd;
@@ -535,7 +632,8 @@ int moe_model_decode(moe_model *m, int32_t token, const float **logits) {
             int rc = moe_layer_forward(L->moe, a, 1, m->dec.y);
             if (rc) return moe__set_err(m->err, sizeof m->err, rc, "layer %d MoE: %s", i, moe_layer_errmsg(L->moe));
             for (int j = 0; j < C; j++) x[j] += m->dec.y[j];
-            if (L->has_shared) ffn_forward(m, &L->shared, a, 1, x, 1);
+            float g;
+            if (L->has_shared) shared_forward(m, L, a, 1, x, m->dec.y, &g);
         } else {
             ffn_forward(m, &L->dense, a, 1, x, 1);
         }

@@ -15,6 +15,9 @@ typedef struct moe__mlayer {
     size_t ln1, wq, wk, wv, wo, ln2;
     int is_moe, has_shared;
     size_t moe_off;             /* start of the moe_layer's parameter block */
+    size_t shared_gate;         /* [1][C] sigmoid gate of the shared experts, 0 when absent */
+    float *sg;                  /* [2][N] shared gate values sigmoid(a2 w), their dz */
+    float *sh_out;              /* [N][C] ungated shared output (gated layers only) */
     moe_layer *moe;             /* MoE FFN (bound to the arena) */
     moe__ffn dense;             /* dense FFN when !is_moe */
     moe__ffn shared;            /* shared experts when has_shared */
@@ -53,6 +56,7 @@ struct moe_model {
         float *dlogits;                 /* [N][V] */
         float *att_scratch;             /* moe__attention_scratch_size(T, threads) */
         float *dh1, *dh3, *dact;        /* [N][Fmax] */
+        float *dsh;                     /* [N][C] gated dy of the shared experts */
     } bw;
     float *kcache, *vcache;             /* [L][T][G*D] */
     struct {

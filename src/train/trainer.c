@@ -100,6 +100,8 @@ int moe_trainer_step(moe_trainer *t, moe_train_step_info *info) {
     for (int a = 0; a < A; a++) {
         sample(t);
         float l, c, x;
+        /* routing noise position from the step, so --resume draws the same */
+        moe_model_set_rng_counter(m, (uint64_t)moe_adamw_get_step(t->opt) * (uint64_t)A + (uint64_t)a);
         int rc = moe_model_forward(m, t->tok, t->tgt, B, T, &l);
         if (!rc) rc = moe_model_backward(m);
         if (rc) return moe__set_err(t->err, sizeof t->err, rc, "step %d: %s", moe_adamw_get_step(t->opt), m->err);
@@ -116,6 +118,8 @@ int moe_trainer_step(moe_trainer *t, moe_train_step_info *info) {
     if (rc)
         return moe__set_err(t->err, sizeof t->err, rc, "step %d: gradient norm is %g (NaN/Inf gradients)",
                             moe_adamw_get_step(t->opt), (double)gn);
+    if ((rc = moe_model_update_bias(m)))
+        return moe__set_err(t->err, sizeof t->err, rc, "step %d: %s", moe_adamw_get_step(t->opt), m->err);
     t->tokens += (double)A * B * T;
     if (info) {
         info->step = moe_adamw_get_step(t->opt);
