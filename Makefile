@@ -88,6 +88,7 @@ demo:
 fixtures:
 	$(PYTHON) tools/gen_layer_fixtures.py tests/data
 	$(PYTHON) tools/gen_model_fixture.py tests/data
+	$(PYTHON) tools/gen_noisy_fixture.py tests/data
 
 clean:
 	rm -rf $(BUILD)

@@ -51,18 +51,45 @@ typedef struct {
     double route_share; /* (router + dispatch + combine) / forward, median run */
 } bench_result;
 
-/* Routing schemes of `--router` (issue 3 adds the rest to the layer). */
-static const char *const ROUTERS[] = {"topk", "switch", NULL};
+/* Routing schemes of `--router`: each a recipe on top of the shape's softmax
+ * top-k layer (docs/routing.md). */
+static const char *const ROUTERS[] = {"topk", "noisy-topk", "switch", "gshard", "expert-choice", "sigmoid-bias",
+                                      "hierarchical", "balanced", NULL};
+
+static void apply_router(moe_layer_config *c, const char *router) {
+    if (!strcmp(router, "noisy-topk")) { /* Shazeer 2017, the paper's loss weights */
+        c->router = MOE_ROUTER_NOISY_TOPK;
+        c->importance_coef = c->load_coef = 0.1f;
+    } else if (!strcmp(router, "switch")) { /* top-1, raw probability, capacity factor 1.25 */
+        c->top_k = 1;
+        c->renormalize = 0;
+        c->capacity_factor = 1.25f;
+    } else if (!strcmp(router, "gshard")) { /* top-2, random second expert, capacity 1.25 */
+        c->top_k = 2;
+        c->gshard_random = 1;
+        c->capacity_factor = 1.25f;
+    } else if (!strcmp(router, "expert-choice")) { /* capacity N K / E per expert */
+        c->router = MOE_ROUTER_EXPERT_CHOICE;
+    } else if (!strcmp(router, "sigmoid-bias")) { /* DeepSeek-V3: sigmoid, bias, 4 groups keep 2 */
+        c->score = MOE_SCORE_SIGMOID;
+        c->bias_update_rate = 1e-3f;
+        c->route_scale = 2.5f;
+        if (c->n_experts % 4 == 0 && c->top_k <= c->n_experts / 2) c->n_groups = 4, c->topk_groups = 2;
+    } else if (!strcmp(router, "hierarchical")) { /* groups of 4 experts; one group, then k in it */
+        c->router = MOE_ROUTER_HIERARCHICAL;
+        c->n_groups = c->n_experts >= 8 ? c->n_experts / 4 : 1;
+        c->topk_groups = 1;
+        c->importance_coef = c->load_coef = 0.1f;
+    } else if (!strcmp(router, "balanced")) {
+        c->router = MOE_ROUTER_BALANCED;
+    }
+}
 
 static int run_layer(const bench_shape *s, const char *router, int fwdbwd, int threads, int warmup, int reps,
                      bench_result *out, char *err, size_t errsz) {
     moe_layer_config c = moe_layer_config_default(s->c, s->f, s->e, s->k, s->n);
     c.n_threads = threads;
-    if (!strcmp(router, "switch")) { /* Switch: top-1, raw probability, capacity factor 1.25 */
-        c.top_k = 1;
-        c.renormalize = 0;
-        c.capacity_factor = 1.25f;
-    }
+    apply_router(&c, router);
     int rc;
     moe_layer *l = moe_layer_create(&c, &rc, err, errsz);
     if (!l) return rc;
@@ -115,8 +142,9 @@ static void usage_layer(FILE *f) {
             "                       [--json] [--reps R] [--warmup W]\n"
             "  --shape NAME   S1, S2, S3-e8, S3-e64, S3-e512, or all (default: all)\n"
             "  --pass P       fwd (default) or fwdbwd\n"
-            "  --router NAME  topk (default: softmax top-k renormalised) or switch (top-1,\n"
-            "                 capacity factor 1.25, arrival drops)\n"
+            "  --router NAME  topk (default: softmax top-k renormalised), noisy-topk, switch\n"
+            "                 (top-1, capacity 1.25), gshard, expert-choice, sigmoid-bias,\n"
+            "                 hierarchical, balanced (docs/routing.md)\n"
             "  --threads T    OpenMP threads (default: 2)\n"
             "  --reps R       timed repetitions, median reported (default: 5)\n"
             "  --warmup W     untimed repetitions first (default: 2)\n"
@@ -161,7 +189,7 @@ int moe_bench_layer_main(int argc, char **argv) {
             int ok = 0;
             for (int r = 0; ROUTERS[r]; r++) ok |= !strcmp(v, ROUTERS[r]);
             if (!ok) {
-                fprintf(stderr, "moe bench layer: unknown router '%s' (topk, switch)\n", v);
+                fprintf(stderr, "moe bench layer: unknown router '%s' (see --help)\n", v);
                 return 2;
             }
             router = v;

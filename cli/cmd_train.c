@@ -123,6 +123,10 @@ int moe_cli_train(int argc, char **argv) {
     double minutes = 0;
     uint64_t seed = 1234;
     float lr = 3e-3f, wd = 0.1f, clip = 1.0f, min_lr_ratio = 0.1f;
+    /* model overrides: negative = keep the preset's / config's value */
+    const char *router = NULL;
+    int experts = -1, top_k = -1, groups = -1, topk_groups = -1, seq_aux = 0, gshard = 0;
+    float cap = -1, aux_coef = -1, z_coef = -1, imp_coef = -1, load_coef = -1, bias_rate = -1;
     cli_arg args[] = {
         {"--preset", NULL, ARG_STR, &preset, "model preset: tiny, tiny-dense, small, small-dense"},
         {"--config", NULL, ARG_STR, &config, "model config.json (Hugging Face Mixtral keys) instead of a preset"},
@@ -147,6 +151,19 @@ int moe_cli_train(int argc, char **argv) {
         {"--log-every", NULL, ARG_INT, &log_every, "steps between progress lines when not on a terminal"},
         {"--resume", NULL, ARG_BOOL, &resume, "continue the run saved in --out (bit-exact)"},
         {"--quiet", "-q", ARG_BOOL, &quiet, "only the summary"},
+        {"--router", NULL, ARG_STR, &router, "routing: topk, noisy_topk, expert_choice, hierarchical, balanced (docs/routing.md)"},
+        {"--experts", NULL, ARG_INT, &experts, "experts per MoE layer (-1: the model's)"},
+        {"--top-k", NULL, ARG_INT, &top_k, "experts per token (-1: the model's)"},
+        {"--capacity-factor", NULL, ARG_FLOAT, &cap, "expert capacity factor, 0 = dropless (-1: the model's)"},
+        {"--aux-coef", NULL, ARG_FLOAT, &aux_coef, "Switch load-balancing loss coefficient (-1: the model's)"},
+        {"--z-coef", NULL, ARG_FLOAT, &z_coef, "router z-loss coefficient (-1: the model's)"},
+        {"--importance-coef", NULL, ARG_FLOAT, &imp_coef, "Shazeer importance loss coefficient (-1: the model's)"},
+        {"--load-coef", NULL, ARG_FLOAT, &load_coef, "Shazeer load loss coefficient, noisy routers (-1: the model's)"},
+        {"--bias-rate", NULL, ARG_FLOAT, &bias_rate, "aux-loss-free bias update rate gamma, 0 = off (-1: the model's)"},
+        {"--groups", NULL, ARG_INT, &groups, "expert groups: group-limited top-k or hierarchical (-1: the model's)"},
+        {"--topk-groups", NULL, ARG_INT, &topk_groups, "groups kept per token (-1: the model's)"},
+        {"--seq-aux", NULL, ARG_BOOL, &seq_aux, "aux loss per sequence (DeepSeek), not per batch"},
+        {"--gshard-random", NULL, ARG_BOOL, &gshard, "top-2: keep the second expert with probability 2 g2 (GShard)"},
     };
     int rc = cli_parse("moe train [--preset NAME | --config FILE] [--steps N | --minutes M] [--seed S] [--threads T] --out DIR",
                        args, sizeof args / sizeof args[0], argc, argv);
@@ -174,6 +191,37 @@ int moe_cli_train(int argc, char **argv) {
     if (rc) {
         fprintf(stderr, "moe train: %s\n", err);
         return rc == MOE_ENOTFOUND ? 2 : 1;
+    }
+    if (!resume) {
+        if (router) {
+            const int r = moe_router_from_name(router);
+            if (r < 0) {
+                fprintf(stderr, "moe train: unknown router '%s' (topk, noisy_topk, expert_choice, hierarchical, balanced)\n",
+                        router);
+                return 2;
+            }
+            cfg.router_type = (moe_router_type)r;
+        }
+        if (experts >= 0) cfg.num_local_experts = experts;
+        if (top_k >= 0) cfg.num_experts_per_tok = top_k;
+        if (cap >= 0) cfg.capacity_factor = cap;
+        if (aux_coef >= 0) cfg.router_aux_loss_coef = aux_coef;
+        if (z_coef >= 0) cfg.router_z_loss_coef = z_coef;
+        if (imp_coef >= 0) cfg.router_importance_loss_coef = imp_coef;
+        if (load_coef >= 0) cfg.router_load_loss_coef = load_coef;
+        if (bias_rate >= 0) cfg.router_bias_update_rate = bias_rate;
+        if (groups >= 0) cfg.n_group = groups;
+        if (topk_groups >= 0) cfg.topk_group = topk_groups;
+        if (seq_aux) cfg.seq_aux = 1;
+        if (gshard) cfg.gshard_random = 1;
+        if ((rc = moe_model_config_check(&cfg, err, sizeof err))) {
+            fprintf(stderr, "moe train: %s\n", err);
+            return 2;
+        }
+    } else if (router || experts >= 0 || top_k >= 0 || cap >= 0 || aux_coef >= 0 || z_coef >= 0 || imp_coef >= 0 ||
+               load_coef >= 0 || bias_rate >= 0 || groups >= 0 || topk_groups >= 0 || seq_aux || gshard) {
+        fprintf(stderr, "moe train: --resume keeps the saved model's configuration; drop the model flags\n");
+        return 2;
     }
     if (mkdir_p(out) != 0 || access(out, W_OK) != 0) {
         fprintf(stderr, "moe train: cannot create %s: %s\n", out, strerror(errno));

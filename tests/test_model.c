@@ -155,6 +155,7 @@ static void check_twin(const char *file) {
 
 TEST(model_matches_pytorch_twin_moe) { check_twin("model_tiny_moe.safetensors"); }
 TEST(model_matches_pytorch_twin_mixed_tied) { check_twin("model_tiny_mixed.safetensors"); }
+TEST(model_matches_pytorch_twin_qwen_gate) { check_twin("model_tiny_qwen.safetensors"); }
 
 /* ---- config ------------------------------------------------------------------- */
 

@@ -18,6 +18,11 @@ moe_layer_config:
   z      = mean_t logsumexp(logits[t])^2
   loss   = sum(y * dy) + aux_coef * aux + z_coef * z
 
+(layer_formula also takes an optional cfg["aux_seq_len"] = S > 0, used by
+tools/gen_model_fixture.py only: aux is then the same formula on each block
+of S consecutive tokens, f_i = count_i/(n_b K) over its n_b tokens, averaged
+over the blocks, as moe_layer_config.aux_seq_len.)
+
 Everything is computed in float64 from float32-representable inputs and stored
 as float32 (topk_ids as int32). Gradients are autograd's of `loss`. Inputs are
 drawn from fixed seeds; a seed is bumped until routing has a clear margin, so
@@ -135,10 +140,22 @@ def layer_formula(cfg, x, wg, w1, w2, w3, dy):
     out_sel = out.gather(1, ids[:, :, None].expand(N, K, C))    # [N,K,C]
     y = (gw[:, :, None] * out_sel).sum(1)                       # [N,C]
 
-    counts = torch.bincount(ids.reshape(-1), minlength=E).to(x.dtype)
-    f = counts / (N * K)                                        # constant
-    P = q.mean(0)
-    aux = E * (f * P).sum()
+    S = cfg.get("aux_seq_len", 0)
+    if S:
+        # per block of S tokens (the last may be shorter), mean over blocks
+        nblk = (N + S - 1) // S
+        blk = torch.arange(N) // S                              # block of each token
+        ntok = torch.bincount(blk, minlength=nblk).to(x.dtype)  # [nblk]
+        slots = F.one_hot(ids, E).sum(1).to(x.dtype)            # [N,E] slots per token
+        cnt = torch.zeros(nblk, E, dtype=x.dtype).index_add(0, blk, slots)
+        f = cnt / (ntok[:, None] * K)                           # constant
+        P = torch.zeros(nblk, E, dtype=x.dtype).index_add(0, blk, q) / ntok[:, None]
+        aux = (E * (f * P).sum(-1)).mean()
+    else:
+        counts = torch.bincount(ids.reshape(-1), minlength=E).to(x.dtype)
+        f = counts / (N * K)                                    # constant
+        P = q.mean(0)
+        aux = E * (f * P).sum()
     z = (torch.logsumexp(logits, dim=-1) ** 2).mean()
     loss = (y * dy).sum() + cfg["aux_coef"] * aux + cfg["z_coef"] * z
     return dict(y=y, ids=ids, weights=gw, aux=aux, z=z, loss=loss)

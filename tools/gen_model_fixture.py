@@ -1,10 +1,14 @@
 #!/usr/bin/python3
 """PyTorch reference fixtures for the C language model (docs/model.md).
 
-usage: /usr/bin/python3 tools/gen_model_fixture.py OUTDIR
+usage: /usr/bin/python3 tools/gen_model_fixture.py OUTDIR [NAME ...]
 
-Writes model_tiny_moe.safetensors and model_tiny_mixed.safetensors. The model
-is the twin in tools/model_twin.py (Hugging Face MixtralForCausalLM style).
+Writes model_tiny_moe.safetensors, model_tiny_mixed.safetensors and
+model_tiny_qwen.safetensors (or only the fixtures NAME ...). The model is the
+twin in tools/model_twin.py (Hugging Face MixtralForCausalLM style).
+model_tiny_qwen adds a gated shared expert (Qwen2-MoE shared_expert_gate),
+raw top-k scores (norm_topk_prob false) and the sequence-wise aux loss
+(seq_aux: per sequence of T tokens, averaged over the B sequences).
 Every number is computed in float64 (model.double()) from float32-
 representable weights and stored as float32 (tokens as int32).
 
@@ -22,7 +26,8 @@ Each file holds:
   grad.<name>     d loss / d weight (zeros for a weight no token reached)
   adamw_losses   [10]  loss before each update (steps 0..9)
   adamw_gradnorm [10]  global gradient L2 norm before clipping
-  final.<name>   two weights after the 10 AdamW steps
+  final.<name>   two weights (model_tiny_qwen: three, with layer 1's
+                 shared_expert_gate) after the 10 AdamW steps
 
 Init: weights ~ N(0, 0.02^2), o_proj and w2/down_proj ~ N(0, (0.02/sqrt(2L))^2)
 (docs/model.md), except routers ~ N(0, 0.5^2) and norm gains 1 + 0.1*N(0,1),
@@ -83,6 +88,13 @@ FIXTURES = [
          config=dict(TINY, tie_word_embeddings=True, moe_layer_indices=[1],
                      dense_intermediate_size=48, num_experts_per_tok=1,
                      norm_topk_prob=False, router_z_loss_coef=0.0)),
+    # Qwen2-MoE style: shared expert with a sigmoid gate, raw top-k scores,
+    # and DeepSeek's sequence-wise aux loss.
+    dict(name="model_tiny_qwen", B=2, T=16, seed=7000,
+         config=dict(TINY, n_shared_experts=1, shared_expert_intermediate_size=16,
+                     shared_expert_gate=True, norm_topk_prob=False, seq_aux=True,
+                     router_aux_loss_coef=0.01),
+         final_names=FINAL_NAMES + ["model.layers.1.block_sparse_moe.shared_expert_gate.weight"]),
 ]
 
 
@@ -174,14 +186,21 @@ def formula_forward(cfg, W, tokens):
             lcfg = dict(N=B * T, C=C, E=E, K=K, act="swiglu", score=cfg["scoring_func"],
                         renorm=int(cfg["norm_topk_prob"]), scale=cfg["routed_scaling_factor"],
                         aux_coef=cfg["router_aux_loss_coef"], z_coef=cfg["router_z_loss_coef"])
+            if cfg.get("seq_aux", False):
+                lcfg["aux_seq_len"] = T      # one block per sequence
             mm = m.reshape(B * T, C)
             r = layer_formula(lcfg, mm, W[q_ + "gate.weight"], stack("w1"), stack("w2"),
                               stack("w3"), torch.zeros_like(mm))
             y = r["y"]
             if cfg["n_shared_experts"] > 0:
                 se = q_ + "shared_expert."
-                y = y + (F.silu(mm @ W[se + "gate_proj.weight"].T) * (mm @ W[se + "up_proj.weight"].T)) \
+                sh = (F.silu(mm @ W[se + "gate_proj.weight"].T) * (mm @ W[se + "up_proj.weight"].T)) \
                     @ W[se + "down_proj.weight"].T
+                if cfg.get("shared_expert_gate", False):
+                    # per token: sh * 1 / (1 + exp(-<x, w>)), w [1][C]
+                    zg = (mm * W[q_ + "shared_expert_gate.weight"][0]).sum(-1, keepdim=True)
+                    sh = sh / (1.0 + torch.exp(-zg))
+                y = y + sh
             x = x + y.reshape(B, T, C)
             aux_total = aux_total + r["loss"] / n_moe     # aux_coef*aux + z_coef*z (dy = 0)
         else:
@@ -236,8 +255,10 @@ def check_finite_differences(model64, tokens, grads64, seed, name):
     names = list(params)
     inp, tgt = tokens[:, :-1], tokens[:, 1:]
     # The routers first (their gradient carries the aux and z losses), then
-    # random tensors; a random element of each.
+    # the shared-expert gates, then random tensors; a random element of each.
     picks = [n for n in names if n.endswith("block_sparse_moe.gate.weight")][:N_FD]
+    # then the shared-expert gates, if any
+    picks += [n for n in names if n.endswith("shared_expert_gate.weight")][:N_FD - len(picks)]
     while len(picks) < N_FD:
         picks.append(names[int(torch.randint(len(names), (1,), generator=g))])
     h = 1e-5
@@ -288,7 +309,7 @@ def adamw_run(model64, tokens):
     return losses, norms, changes, min(margins), sets, model
 
 
-def check_adamw_float32(model32, tokens, losses64, sets64, final64, name):
+def check_adamw_float32(model32, tokens, losses64, sets64, final64, name, final_names=FINAL_NAMES):
     """The same run in float32 routes identically at every step and tracks
     the float64 losses and final weights (what a float32 C run can match)."""
     losses, _, _, _, sets, final = adamw_run(model32, tokens)
@@ -299,7 +320,7 @@ def check_adamw_float32(model32, tokens, losses64, sets64, final64, name):
     worst = max(abs(a - b) / abs(b) for a, b in zip(losses, losses64))
     assert worst <= 1e-5, "%s: float32 AdamW losses differ by %g relative" % (name, worst)
     p32, p64 = dict(final.named_parameters()), dict(final64.named_parameters())
-    for n in FINAL_NAMES:
+    for n in final_names:
         d = float((p32[n].detach().double() - p64[n].detach()).abs().max())
         assert d <= 1e-4 * float(p64[n].abs().max()), "%s: float32 final %s differs by %g" % (
             name, n, d)
@@ -331,7 +352,8 @@ def build_fixture(fx):
     rel32 = check_float32(model32, tokens, out64, name)
     check_formula(cfg, model64, tokens, out64, grads64, name)
     fd_err = check_finite_differences(model64, tokens, grads64, seed, name)
-    adamw32 = check_adamw_float32(model32, tokens, losses, sets, final, name)
+    final_names = fx.get("final_names", FINAL_NAMES)
+    adamw32 = check_adamw_float32(model32, tokens, losses, sets, final, name, final_names)
     assert abs(losses[0] - float(out64.loss)) <= 1e-12 * abs(losses[0]), name + ": step 0 loss"
 
     f32 = lambda t: t.detach().to(torch.float32).contiguous()
@@ -349,7 +371,7 @@ def build_fixture(fx):
     tensors["adamw_losses"] = torch.tensor(losses, dtype=torch.float64).to(torch.float32)
     tensors["adamw_gradnorm"] = torch.tensor(norms, dtype=torch.float64).to(torch.float32)
     fparams = dict(final.named_parameters())
-    for n in FINAL_NAMES:
+    for n in final_names:
         tensors["final." + n] = f32(fparams[n])
 
     meta = {
@@ -375,14 +397,21 @@ def build_fixture(fx):
 
 
 def main(argv):
-    if len(argv) != 2 or argv[1] in ("-h", "--help"):
-        sys.stderr.write("usage: %s OUTDIR\n" % argv[0])
+    if len(argv) < 2 or argv[1] in ("-h", "--help"):
+        sys.stderr.write("usage: %s OUTDIR [NAME ...]\n" % argv[0])
         return 2
     outdir = argv[1]
+    names = argv[2:]
+    unknown = sorted(set(names) - {fx["name"] for fx in FIXTURES})
+    if unknown:
+        sys.stderr.write("unknown fixture(s): %s\n" % " ".join(unknown))
+        return 2
     os.makedirs(outdir, exist_ok=True)
     torch.set_num_threads(1)
     total = 0
     for fx in FIXTURES:
+        if names and fx["name"] not in names:
+            continue
         tensors, meta, info = build_fixture(fx)
         nbytes = write_fixture(outdir, fx["name"], tensors, meta)
         total += nbytes

@@ -13,12 +13,17 @@ and docs/layer.md:
     (a stable descending sort; torch.topk guarantees no tie order);
   - scores may be sigmoid (scoring_func), with route scale
     (routed_scaling_factor) and an optional dense shared expert;
+  - optional Qwen2-MoE shared-expert gate (shared_expert_gate): the shared
+    output is multiplied per token by sigmoid(x . w), w = the [1][C]
+    block_sparse_moe.shared_expert_gate.weight, x the same normed input;
   - the auxiliary losses are per MoE layer, over that layer's N = B*T tokens:
         aux_raw = E * sum_i f_i P_i,  f_i = count_i / (N*K) (all K slots,
                   no gradient), P_i = mean_t q[t,i], q = softmax or
                   sigmoid / sum sigmoid
         z_raw   = mean_t logsumexp(logits_t)^2
-    and the objective is
+    or, with seq_aux (DeepSeek's sequence-wise balance loss), aux_raw is
+    that formula on each sequence's T tokens (f_i = count_i / (T*K)),
+    averaged over the B sequences; and the objective is
         loss = mean CE + sum_l (aux_coef*aux_raw_l + z_coef*z_raw_l) / n_moe;
   - "fp32" computations (RMSNorm, attention softmax, router scores) run in
     float64 when the model is float64 (model.double()), so a float64 twin is
@@ -59,6 +64,11 @@ CONFIG_KEYS = (
     "initializer_range",
 )
 
+# Optional boolean keys of the C config (include/moe.h), default false. They
+# appear in a resolved config only when given, so configs without them
+# resolve (and serialise) exactly as before.
+OPTIONAL_BOOL_KEYS = ("shared_expert_gate", "seq_aux")
+
 
 def resolve_config(cfg):
     """A copy of cfg with every key of docs/model.md explicit (defaults applied)
@@ -98,6 +108,9 @@ def resolve_config(cfg):
     sis = cfg.get("shared_expert_intermediate_size")
     c["shared_expert_intermediate_size"] = int(sis) if sis is not None else c["intermediate_size"]
     c["initializer_range"] = float(cfg.get("initializer_range", 0.02))
+    for k in OPTIONAL_BOOL_KEYS:
+        if k in cfg:
+            c[k] = bool(cfg[k])
 
     def bad(msg):
         raise ValueError("config: " + msg)
@@ -130,6 +143,8 @@ def resolve_config(cfg):
     if c["n_shared_experts"] < 0 or (c["n_shared_experts"] > 0
                                      and c["shared_expert_intermediate_size"] <= 0):
         bad("bad shared expert sizes")
+    if c.get("shared_expert_gate") and c["n_shared_experts"] == 0:
+        bad("shared_expert_gate needs n_shared_experts > 0")
     for k in ("rope_theta", "rms_norm_eps", "routed_scaling_factor", "router_aux_loss_coef",
               "router_z_loss_coef", "initializer_range"):
         if not math.isfinite(c[k]):
@@ -282,8 +297,9 @@ def topk_by_logit(router_logits, k):
 
 
 class SparseMoeBlock(nn.Module):
-    """Hugging Face's MixtralSparseMoeBlock, with the options of docs/layer.md.
-    forward returns (y, router_logits) and leaves the raw auxiliary losses of
+    """Hugging Face's MixtralSparseMoeBlock, with the options of docs/layer.md
+    (plus Qwen2MoeSparseMoeBlock's shared_expert_gate and a per-sequence aux
+    loss). forward returns (y, router_logits) and leaves the raw auxiliary losses of
     this call in self.aux_raw, self.z_raw and the chosen ids in self.topk_ids."""
 
     def __init__(self, cfg):
@@ -305,6 +321,12 @@ class SparseMoeBlock(nn.Module):
                                      cfg["n_shared_experts"] * cfg["shared_expert_intermediate_size"])
         else:
             self.shared_expert = None
+        if cfg.get("shared_expert_gate", False):
+            # Qwen2MoeSparseMoeBlock: shared output * sigmoid(shared_expert_gate(x)).
+            self.shared_expert_gate = nn.Linear(self.hidden_dim, 1, bias=False)
+        else:
+            self.shared_expert_gate = None
+        self.seq_aux = bool(cfg.get("seq_aux", False))
         self.aux_raw = None
         self.z_raw = None
         self.topk_ids = None
@@ -349,10 +371,27 @@ class SparseMoeBlock(nn.Module):
             final_hidden_states.index_add_(0, top_x, current_hidden_states.to(hidden_states.dtype))
 
         if self.shared_expert is not None:
-            final_hidden_states = final_hidden_states + self.shared_expert(hidden_states)
+            shared_expert_output = self.shared_expert(hidden_states)
+            if self.shared_expert_gate is not None:
+                shared_expert_output = torch.sigmoid(self.shared_expert_gate(hidden_states)) \
+                    * shared_expert_output
+            final_hidden_states = final_hidden_states + shared_expert_output
 
         # Auxiliary losses (docs/layer.md), over this call's N tokens.
-        if n_tokens > 0:
+        if n_tokens > 0 and self.seq_aux:
+            # Sequence-wise: the same formula on each sequence of T tokens
+            # (T*K slots), averaged over the B sequences.
+            per_seq = []
+            for b in range(batch_size):
+                rows = slice(b * sequence_length, (b + 1) * sequence_length)
+                counts = torch.bincount(selected_experts[rows].reshape(-1), minlength=self.num_experts)
+                f = counts.to(score_dtype) / (sequence_length * self.top_k)   # no gradient
+                P = q[rows].mean(0)
+                per_seq.append(self.num_experts * (f * P).sum())
+            self.aux_raw = torch.stack(per_seq).mean()
+            lse = torch.logsumexp(router_logits.to(score_dtype), dim=-1)
+            self.z_raw = (lse ** 2).mean()
+        elif n_tokens > 0:
             counts = torch.bincount(selected_experts.reshape(-1), minlength=self.num_experts)
             f = counts.to(score_dtype) / (n_tokens * self.top_k)           # no gradient
             P = q.mean(0)
