@@ -281,6 +281,11 @@ int moe_layer_set_top_k(moe_layer *l, int k) {
     if (k < 1 || k > l->k_cap)
         return moe__set_err(l->err, sizeof l->err, MOE_EINVAL, "set_top_k: k = %d: must be in [1, %d]", k,
                             l->k_cap);
+    if (l->cfg.router == MOE_ROUTER_HIERARCHICAL &&
+        (k % l->cfg.topk_groups || k / l->cfg.topk_groups > l->cfg.n_experts / l->cfg.n_groups))
+        return moe__set_err(l->err, sizeof l->err, MOE_EINVAL,
+                            "set_top_k: k = %d: hierarchical needs topk_groups (%d) times at most %d experts per group",
+                            k, l->cfg.topk_groups, l->cfg.n_experts / l->cfg.n_groups);
     l->cfg.top_k = k;
     l->have_fwd = 0;
     return MOE_OK;
