@@ -206,6 +206,12 @@ int moe_cli_generate(int argc, char **argv) {
         fprintf(stderr, "moe generate: %s\n", moe_model_errmsg(m));
         return 2;
     }
+    if (moe_model_decode_reset(m)) { /* e.g. expert choice: non-causal */
+        fprintf(stderr, "moe generate: %s\n", moe_model_errmsg(m));
+        moe_model_free(m);
+        moe_tokenizer_free(tok);
+        return 1;
+    }
     const int V = moe_model_get_config(m)->vocab_size, ctx = moe_model_get_config(m)->max_position_embeddings;
     size_t plen = strlen(prompt), np = 0;
     int32_t *ids = malloc(sizeof(int32_t) * (plen + 2));

@@ -422,7 +422,7 @@ const char *moe_router_name(moe_router_type r);
 int moe_router_from_name(const char *name);
 
 /* Incremental decoding with a KV cache: resets the cache, then feeds tokens
- * one position at a time; logits [V] of the position just fed. Fails with
+ * one position at a time; logits [V] of the position just fed. Both fail with
  * MOE_EUNSUPPORTED for expert-choice routing (non-causal: a token's experts
  * depend on the tokens after it). */
 int moe_model_decode_reset(moe_model *m);

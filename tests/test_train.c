@@ -26,9 +26,16 @@ static int32_t *make_stream(size_t n, uint64_t seed) {
     return s;
 }
 
+/* TINY with routing keys added (extra: `"key": value, ...` or "") */
+static const char *g_extra = "";
+
 static moe_model *tiny_model(moe_model_config *c, uint64_t seed) {
-    char msg[256];
-    if (moe_model_config_parse(TINY, strlen(TINY), "tiny", c, msg, sizeof msg)) return NULL;
+    char msg[256], json[1024];
+    snprintf(json, sizeof json, "%.*s%s%s}", (int)strlen(TINY) - 1, TINY, *g_extra ? ", " : "", g_extra);
+    if (moe_model_config_parse(json, strlen(json), "tiny", c, msg, sizeof msg)) {
+        fprintf(stderr, "    config: %s\n", msg);
+        return NULL;
+    }
     moe_model *m = moe_model_create(c, 4, 16, 1, 2, NULL, msg, sizeof msg);
     if (m) moe_model_init(m, seed);
     return m;
@@ -48,7 +55,7 @@ static char *tmpdir(void) {
     return moe_test_tmpdir(d, "train");
 }
 
-TEST(train_resume_is_bit_exact) {
+static void check_resume(void) {
     moe_model_config c;
     int32_t *tr = make_stream(4000, 1), *va = make_stream(1000, 2);
     moe_train_config tc = tiny_train();
@@ -87,11 +94,29 @@ TEST(train_resume_is_bit_exact) {
     }
     CHECK_MSG(memcmp(full, split, sizeof full) == 0, "losses differ: step 19 %.9g vs %.9g", full[19], split[19]);
     CHECK_MSG(full[19] < full[0] - 0.3f, "no learning: %.4f -> %.4f", full[0], full[19]);
-    printf("    20 steps: loss %.4f -> %.4f, resumed run identical\n", full[0], full[19]);
+    printf("    20 steps: loss %.4f -> %.4f, resumed run identical (%s)\n", full[0], full[19],
+           *g_extra ? g_extra : "softmax top-k");
     moe_trainer_free(t);
     moe_model_free(m);
     moe_test_rmdir(dir);
     free(tr), free(va);
+}
+
+/* Also with routing noise, random routing and the balancer's bias: their
+ * state (the noise counter, the bias) must come back from the checkpoint. */
+TEST(train_resume_is_bit_exact) {
+    const char *variants[] = {
+        "",
+        "\"router_type\": \"noisy_topk\", \"router_importance_loss_coef\": 0.1, \"router_load_loss_coef\": 0.1",
+        "\"scoring_func\": \"sigmoid\", \"router_bias_update_rate\": 0.01, \"n_group\": 2, \"topk_group\": 1, "
+        "\"seq_aux\": true, \"gshard_random\": true, \"capacity_factor\": 1.0",
+        "\"router_type\": \"hierarchical\", \"n_group\": 2, \"topk_group\": 1, \"router_load_loss_coef\": 0.1",
+    };
+    for (size_t i = 0; i < sizeof variants / sizeof variants[0]; i++) {
+        g_extra = variants[i];
+        check_resume();
+    }
+    g_extra = "";
 }
 
 TEST(checkpoint_roundtrip_same_logits) {

@@ -365,14 +365,20 @@ int moe_model_init(moe_model *m, uint64_t seed) {
     for (int i = 0; i < m->n_tensors; i++) {
         const moe_param_info *t = &m->tensors[i];
         float *p = m->params + t->offset;
-        if (t->ndim == 1) {
-            for (size_t j = 0; j < t->numel; j++) p[j] = 1.0f;
+        if (t->ndim == 1) { /* norm gains 1; the balancer's selection bias 0 */
+            const float v = strstr(t->name, "e_score_correction_bias") ? 0.0f : 1.0f;
+            for (size_t j = 0; j < t->numel; j++) p[j] = v;
             continue;
         }
         /* residual-branch outputs get GPT-2's 1/sqrt(2L) */
         const int out = strstr(t->name, "o_proj") || strstr(t->name, ".w2.") || strstr(t->name, "down_proj");
         const double s = out ? sd_out : sd;
         for (size_t j = 0; j < t->numel; j++) p[j] = (float)(moe__rng_normal(&rng) * s);
+        /* noisy gates start at zero (Shazeer et al.: no signal, some noise); the
+         * draws above are still made so every other tensor starts the same */
+        if ((c->router_type == MOE_ROUTER_NOISY_TOPK || c->router_type == MOE_ROUTER_HIERARCHICAL) &&
+            strstr(t->name, "block_sparse_moe.gate."))
+            memset(p, 0, sizeof(float) * t->numel);
     }
     m->have_fwd = 0;
     return MOE_OK;
@@ -591,10 +597,18 @@ int moe_model_backward(moe_model *m) {
 
 /* ---- decoding with a KV cache ----------------------------------------------------- */
 
+static int refuse_noncausal(moe_model *m) {
+    if (m->cfg.router_type != MOE_ROUTER_EXPERT_CHOICE || m->cfg.num_local_experts == 0) return MOE_OK;
+    return moe__set_err(m->err, sizeof m->err, MOE_EUNSUPPORTED,
+                        "decode: expert-choice routing is non-causal (each expert picks among all tokens of a "
+                        "batch, including later ones) and cannot generate token by token; use it for training "
+                        "or encoders");
+}
+
 int moe_model_decode_reset(moe_model *m) {
     if (!m) return MOE_EINVAL;
     m->pos = 0;
-    return MOE_OK;
+    return refuse_noncausal(m);
 }
 
 int moe_model_decode(moe_model *m, int32_t token, const float **logits) {
@@ -607,11 +621,8 @@ int moe_model_decode(moe_model *m, int32_t token, const float **logits) {
         return moe__set_err(m->err, sizeof m->err, MOE_EINVAL, "decode: token %d is outside [0, %d)", token, V);
     if (m->pos >= m->max_T)
         return moe__set_err(m->err, sizeof m->err, MOE_ELIMIT, "decode: context full (%d positions)", m->max_T);
-    if (c->router_type == MOE_ROUTER_EXPERT_CHOICE && c->num_local_experts > 0)
-        return moe__set_err(m->err, sizeof m->err, MOE_EUNSUPPORTED,
-                            "decode: expert-choice routing is non-causal (each expert picks among all tokens of a "
-                            "batch, including later ones) and cannot generate token by token; use it for training "
-                            "or encoders");
+    int rc = refuse_noncausal(m);
+    if (rc) return rc;
     const float *P = m->params;
     float *x = m->dec.x, *a = m->dec.a;
     float rstd;
@@ -629,7 +640,7 @@ int moe_model_decode(moe_model *m, int32_t token, const float **logits) {
         moe__gemm(0, 1, 1, C, HD, 1.0f, m->dec.o, HD, P + L->wo, HD, 1.0f, x, C, th);
         moe__rmsnorm_forward(a, &rstd, x, P + L->ln2, 1, C, c->rms_norm_eps, 1);
         if (L->is_moe) {
-            int rc = moe_layer_forward(L->moe, a, 1, m->dec.y);
+            rc = moe_layer_forward(L->moe, a, 1, m->dec.y);
             if (rc) return moe__set_err(m->err, sizeof m->err, rc, "layer %d MoE: %s", i, moe_layer_errmsg(L->moe));
             for (int j = 0; j < C; j++) x[j] += m->dec.y[j];
             float g;
