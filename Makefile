@@ -89,6 +89,7 @@ fixtures:
 	$(PYTHON) tools/gen_layer_fixtures.py tests/data
 	$(PYTHON) tools/gen_model_fixture.py tests/data
 	$(PYTHON) tools/gen_noisy_fixture.py tests/data
+	$(PYTHON) tools/gen_router_fixtures.py tests/data
 
 clean:
 	rm -rf $(BUILD)

@@ -210,7 +210,8 @@ typedef struct moe_layer_stats {
      * scores, top-k, losses), dispatch (sort + gather), experts (grouped
      * GEMMs + activations), combine */
     double ms_router, ms_dispatch, ms_experts, ms_combine;
-    int capacity;           /* per-expert capacity of the call, 0 when dropless */
+    int capacity;           /* per-expert capacity of the call (tokens per expert for
+                               expert choice), 0 when dropless */
     float z_loss;           /* z_coef * mean_t logsumexp(logits_t)^2 */
     float importance_loss;  /* importance_coef * CV(importance)^2 */
     float load_loss;        /* load_coef * CV(smooth load)^2 */
@@ -282,7 +283,8 @@ int moe_layer_update_bias(moe_layer *l);
  * by one. Set it to make a resumed run draw what the uninterrupted one did. */
 void moe_layer_set_rng_counter(moe_layer *l, uint64_t counter);
 /* Block length of the sequence-wise aux loss (e.g. the batch's T); the layer
- * must have been created with aux_seq_len > 0 and seq_len >= that value. */
+ * must have been created with aux_seq_len > 0, and max_tokens / seq_len blocks
+ * must fit the buffers sized at creation (any seq_len >= the creation value). */
 int moe_layer_set_aux_seq_len(moe_layer *l, int seq_len);
 
 /* Message for the last error on this handle ("" when none). */

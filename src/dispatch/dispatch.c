@@ -52,9 +52,12 @@ void moe__dispatch_build(moe_layer *l, int n) {
         const double c = ceil((double)l->cfg.capacity_factor * n * K / E);
         cap = c < 1 ? 1 : c > R ? R : (int)c;
     }
+    /* slots the router already dropped (GShard's random routing) are not
+     * capacity drops: stats.dropped_fraction counts only the latter */
+    int router_dropped = 0, dropped = 0;
+    for (int i = 0; i < R; i++) router_dropped += !l->keep[i];
     if (cap > 0) apply_capacity(l, cap);
     memset(l->kept, 0, sizeof(int) * (size_t)E);
-    int dropped = 0;
     for (int i = 0; i < R; i++) {
         if (l->keep[i]) l->kept[l->topk_ids[i]]++;
         else dropped++;
@@ -78,11 +81,13 @@ void moe__dispatch_build(moe_layer *l, int n) {
     off[0] = 0;
     l->stats.capacity = cap;
     if (l->cfg.router == MOE_ROUTER_EXPERT_CHOICE) { /* tokens no expert took */
+        cap = moe__ec_capacity(&l->cfg, n);
+        l->stats.capacity = cap;
         int none = 0;
         for (int t = 0; t < n; t++) none += l->tok_off[t + 1] == l->tok_off[t];
         l->stats.dropped_fraction = n ? (float)none / n : 0.0f;
     } else {
-        l->stats.dropped_fraction = R ? (float)dropped / R : 0.0f;
+        l->stats.dropped_fraction = R ? (float)(dropped - router_dropped) / R : 0.0f;
     }
 }
 
