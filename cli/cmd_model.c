@@ -92,7 +92,7 @@ int moe_cli_info(int argc, char **argv) {
     cli_arg args[] = {
         {"--model", "-m", ARG_STR, &dir, "model directory"},
         {"--print-config", NULL, ARG_BOOL, &print_config, "print the config.json instead of the card"},
-        {"--preset", NULL, ARG_STR, &preset, "or a preset (tiny, tiny-dense, small, small-dense)"},
+        {"--preset", NULL, ARG_STR, &preset, "or a preset (tiny, tiny-dense, small, small-dense, small-mixtral)"},
         {"--config", NULL, ARG_STR, &config, "or a config.json"},
         {"--ctx", NULL, ARG_INT, &ctx, "context for the FLOPs per token (0: the model's)"},
         {"--json", NULL, ARG_BOOL, &json, "print one JSON object"},

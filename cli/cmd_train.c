@@ -128,7 +128,7 @@ int moe_cli_train(int argc, char **argv) {
     int experts = -1, top_k = -1, groups = -1, topk_groups = -1, seq_aux = 0, gshard = 0;
     float cap = -1, aux_coef = -1, z_coef = -1, imp_coef = -1, load_coef = -1, bias_rate = -1;
     cli_arg args[] = {
-        {"--preset", NULL, ARG_STR, &preset, "model preset: tiny, tiny-dense, small, small-dense"},
+        {"--preset", NULL, ARG_STR, &preset, "model preset: tiny, tiny-dense, small, small-dense, small-mixtral"},
         {"--config", NULL, ARG_STR, &config, "model config.json (Hugging Face Mixtral keys) instead of a preset"},
         {"--out", "-o", ARG_STR, &out, "output model directory (required)"},
         {"--data", NULL, ARG_STR, &data, "Brown corpus directory (make data)"},
@@ -186,7 +186,7 @@ int moe_cli_train(int argc, char **argv) {
         rc = moe_model_config_load(config, &cfg, err, sizeof err);
     } else {
         rc = moe_model_preset(preset ? preset : "small", &cfg);
-        if (rc) snprintf(err, sizeof err, "unknown preset '%s' (tiny, tiny-dense, small, small-dense)", preset);
+        if (rc) snprintf(err, sizeof err, "unknown preset '%s' (tiny, tiny-dense, small, small-dense, small-mixtral)", preset);
     }
     if (rc) {
         fprintf(stderr, "moe train: %s\n", err);

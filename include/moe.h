@@ -351,7 +351,8 @@ int moe_model_config_check(const moe_model_config *c, char *err, size_t errsz);
 char *moe_model_config_to_json(const moe_model_config *c);
 int moe_model_config_save(const moe_model_config *c, const char *path, char *err, size_t errsz);
 int moe_model_n_moe_layers(const moe_model_config *c);
-/* Named configurations: "tiny", "tiny-dense", "small", "small-dense" (the
+/* Named configurations: "tiny", "tiny-dense", "small" (16 experts top-2 + 1
+ * shared), "small-dense", "small-mixtral" (8 experts top-2) (the
  * dense ones match their MoE twin's active parameters per token). The vocab
  * size is left at 4096; callers set it from their tokenizer. */
 int moe_model_preset(const char *name, moe_model_config *c);
