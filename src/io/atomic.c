@@ -7,6 +7,8 @@
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
+#include <stdint.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -122,4 +124,29 @@ int moe__read_file(const char *path, size_t max_bytes, char **out, size_t *len, 
     *out = buf;
     if (len) *len = n;
     return MOE_OK;
+}
+
+int moe__map_file(const char *path, const void **base, size_t *size, char *err, size_t errsz) {
+    *base = NULL;
+    *size = 0;
+    /* O_NONBLOCK so that a FIFO fails the regular-file check instead of hanging. */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) return moe__set_err(err, errsz, MOE_EIO, "%s: cannot open: %s", path, strerror(errno));
+    struct stat st;
+    int rc = MOE_OK;
+    if (fstat(fd, &st) != 0) rc = moe__set_err(err, errsz, MOE_EIO, "%s: cannot stat: %s", path, strerror(errno));
+    else if (!S_ISREG(st.st_mode)) rc = moe__set_err(err, errsz, MOE_EIO, "%s: not a regular file", path);
+    else if ((uintmax_t)st.st_size > SIZE_MAX)
+        rc = moe__set_err(err, errsz, MOE_ELIMIT, "%s: file too large to map", path);
+    else if (st.st_size > 0) {
+        void *p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+        if (p == MAP_FAILED) rc = moe__set_err(err, errsz, MOE_EIO, "%s: mmap failed: %s", path, strerror(errno));
+        else *base = p, *size = (size_t)st.st_size;
+    }
+    close(fd);
+    return rc;
+}
+
+void moe__unmap_file(const void *base, size_t size) {
+    if (base) munmap((void *)base, size);
 }

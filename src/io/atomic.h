@@ -20,4 +20,12 @@ int moe__write_atomic(const char *path, const moe__iov *parts, int nparts, char 
  * buffer (free with moe__free). MOE_EIO / MOE_ELIMIT with a message. */
 int moe__read_file(const char *path, size_t max_bytes, char **out, size_t *len, char *err, size_t errsz);
 
+/* Maps a whole regular file read-only (FIFOs and directories are refused,
+ * never waited on). *base is NULL for an empty file. The mapping assumes
+ * nobody truncates the file while it is mapped (SIGBUS); the project's
+ * writers replace files by rename, which is safe. MOE_EIO / MOE_ELIMIT with a
+ * message naming the file. Release with moe__unmap_file. */
+int moe__map_file(const char *path, const void **base, size_t *size, char *err, size_t errsz);
+void moe__unmap_file(const void *base, size_t size);
+
 #endif

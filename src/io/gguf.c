@@ -535,7 +535,7 @@ void moe__gguf_close(moe__gguf *g) {
     moe__free(g->kv_by_key);
     moe__free(g->tensors);
     moe__free(g->t_by_name);
-    if (g->mapped) munmap((void *)g->base, g->size);
+    if (g->mapped) moe__unmap_file(g->base, g->size);
     moe__free(g->label);
     moe__free(g);
 }
@@ -568,45 +568,20 @@ int moe__gguf_open_mem(const void *buf, size_t len, moe__gguf **out, char *err, 
 int moe__gguf_open(const char *path, moe__gguf **out, char *err, size_t errsz) {
     if (!out || !path) return moe__set_err(err, errsz, MOE_EINVAL, "moe__gguf_open: NULL argument");
     *out = NULL;
-    /* O_NONBLOCK so that a FIFO fails the regular-file check instead of hanging. */
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-    if (fd < 0) return moe__set_err(err, errsz, MOE_EIO, "%s: cannot open: %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) != 0) {
-        int e = errno;
-        close(fd);
-        return moe__set_err(err, errsz, MOE_EIO, "%s: cannot stat: %s", path, strerror(e));
-    }
-    if (!S_ISREG(st.st_mode)) {
-        close(fd);
-        return moe__set_err(err, errsz, MOE_EIO, "%s: not a regular file", path);
-    }
-    if ((uintmax_t)st.st_size > SIZE_MAX) {
-        close(fd);
-        return moe__set_err(err, errsz, MOE_ELIMIT, "%s: file too large to map", path);
-    }
+    const void *base;
+    size_t size;
+    int rc = moe__map_file(path, &base, &size, err, errsz);
+    if (rc) return rc;
     moe__gguf *g = moe__calloc(1, sizeof *g);
     if (g) g->label = moe__strdup(path);
     if (!g || !g->label) {
-        close(fd);
+        moe__unmap_file(base, size);
         moe__free(g);
         return moe__set_err(err, errsz, MOE_ENOMEM, "%s: out of memory", path);
     }
-    g->size = (size_t)st.st_size;
-    /* The mapping assumes nobody truncates the file while it is open (SIGBUS);
-     * the writer below replaces files by rename, which is safe. */
-    if (g->size > 0) {
-        void *p = mmap(NULL, g->size, PROT_READ, MAP_PRIVATE, fd, 0);
-        if (p == MAP_FAILED) {
-            int e = errno;
-            close(fd);
-            moe__gguf_close(g);
-            return moe__set_err(err, errsz, MOE_EIO, "%s: mmap failed: %s", path, strerror(e));
-        }
-        g->base = p;
-        g->mapped = 1;
-    }
-    close(fd);
+    g->base = base;
+    g->size = size;
+    g->mapped = base != NULL;
     return finish_open(g, out, err, errsz);
 }
 

@@ -342,7 +342,7 @@ void moe__st_close(moe__st_file *f) {
     moe__free(f->ents);
     moe__free(f->by_name);
     moe__free(f->meta);
-    if (f->mapped) munmap((void *)f->base, f->size);
+    if (f->mapped) moe__unmap_file(f->base, f->size);
     moe__free(f);
 }
 
@@ -371,43 +371,18 @@ int moe__st_open_mem(const void *buf, size_t len, moe__st_file **out, char *err,
 int moe__st_open(const char *path, moe__st_file **out, char *err, size_t errsz) {
     if (!out || !path) return moe__set_err(err, errsz, MOE_EINVAL, "moe__st_open: NULL argument");
     *out = NULL;
-    /* O_NONBLOCK so that a FIFO fails the regular-file check instead of hanging. */
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-    if (fd < 0) return moe__set_err(err, errsz, MOE_EIO, "%s: cannot open: %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) != 0) {
-        int e = errno;
-        close(fd);
-        return moe__set_err(err, errsz, MOE_EIO, "%s: cannot stat: %s", path, strerror(e));
-    }
-    if (!S_ISREG(st.st_mode)) {
-        close(fd);
-        return moe__set_err(err, errsz, MOE_EIO, "%s: not a regular file", path);
-    }
-    if ((uintmax_t)st.st_size > SIZE_MAX) {
-        close(fd);
-        return moe__set_err(err, errsz, MOE_ELIMIT, "%s: file too large to map", path);
-    }
+    const void *base;
+    size_t size;
+    int rc = moe__map_file(path, &base, &size, err, errsz);
+    if (rc) return rc;
     moe__st_file *f = moe__calloc(1, sizeof *f);
     if (!f) {
-        close(fd);
+        moe__unmap_file(base, size);
         return moe__set_err(err, errsz, MOE_ENOMEM, "%s: out of memory", path);
     }
-    f->size = (size_t)st.st_size;
-    /* The mapping assumes nobody truncates the file while it is open (SIGBUS);
-     * writers here replace files by rename, which is safe. */
-    if (f->size > 0) {
-        void *p = mmap(NULL, f->size, PROT_READ, MAP_PRIVATE, fd, 0);
-        if (p == MAP_FAILED) {
-            int e = errno;
-            close(fd);
-            moe__free(f);
-            return moe__set_err(err, errsz, MOE_EIO, "%s: mmap failed: %s", path, strerror(e));
-        }
-        f->base = p;
-        f->mapped = 1;
-    }
-    close(fd);
+    f->base = base;
+    f->size = size;
+    f->mapped = base != NULL;
     return finish_open(f, path, out, err, errsz);
 }
 
