@@ -12,20 +12,23 @@ static void logits_of(const moe_layer_config *c, const double *wg, const double 
     }
 }
 
-/* Full sort by logit, descending, lower id first on ties. */
-static void order_of(int E, const double *lg, int *ord) {
-    for (int e = 0; e < E; e++) ord[e] = e;
-    for (int i = 1; i < E; i++) {
-        int v = ord[i], j = i;
-        while (j > 0 && (lg[ord[j - 1]] < lg[v] || (lg[ord[j - 1]] == lg[v] && ord[j - 1] > v))) {
+void ref_sort_desc(const double *v, int lo, int hi, int *ord) {
+    const int m = hi - lo;
+    for (int i = 0; i < m; i++) ord[i] = lo + i;
+    for (int i = 1; i < m; i++) {
+        int a = ord[i], j = i;
+        while (j > 0 && (v[ord[j - 1]] < v[a] || (v[ord[j - 1]] == v[a] && ord[j - 1] > a))) {
             ord[j] = ord[j - 1];
             j--;
         }
-        ord[j] = v;
+        ord[j] = a;
     }
 }
 
-static double act_of(moe_act a, double h1, double h3) {
+/* Full sort by logit, descending, lower id first on ties. */
+static void order_of(int E, const double *lg, int *ord) { ref_sort_desc(lg, 0, E, ord); }
+
+double ref_act(moe_act a, double h1, double h3) {
     switch (a) {
     case MOE_ACT_RELU: return h1 > 0 ? h1 : 0;
     case MOE_ACT_GELU: return 0.5 * h1 * (1 + tanh(sqrt(2 / M_PI) * (h1 + 0.044715 * h1 * h1 * h1)));
@@ -33,6 +36,16 @@ static double act_of(moe_act a, double h1, double h3) {
     }
     return 0;
 }
+
+double ref_cv2(const double *v, int n) {
+    double m = 0, var = 0;
+    for (int e = 0; e < n; e++) m += v[e];
+    m /= n;
+    for (int e = 0; e < n; e++) var += (v[e] - m) * (v[e] - m);
+    return var / n / (m * m + 1e-10);
+}
+
+double ref_softplus(double v) { return (v > 0 ? v : 0) + log1p(exp(-fabs(v))); }
 
 /* Routing of every token first (the capacity rule needs all of it), then
  * the capacity decisions, then the experts over the kept slots. */
@@ -112,7 +125,7 @@ double ref_layer_objective(const moe_layer_config *c, const moe_layer_params *of
                     a1 += w1[(size_t)f * C + i] * xt[i];
                     if (w3) a3 += w3[(size_t)f * C + i] * xt[i];
                 }
-                h[f] = act_of(c->act, a1, a3);
+                h[f] = ref_act(c->act, a1, a3);
             }
             for (int o = 0; o < C; o++) {
                 double v = 0;

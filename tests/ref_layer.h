@@ -17,4 +17,13 @@ double ref_layer_objective(const moe_layer_config *c, const moe_layer_params *of
 double ref_layer_margin(const moe_layer_config *c, const moe_layer_params *off, const double *p,
                         const double *x, int n);
 
+/* Shared pieces of the double references (routing scheme tests):
+ * the expert activation, CV^2 with the library's convention (population
+ * variance, var / (mean^2 + 1e-10)), softplus, and indices lo..hi-1 of v
+ * sorted descending with the lower index first on ties (ord [hi-lo]). */
+double ref_act(moe_act a, double h1, double h3);
+double ref_cv2(const double *v, int n);
+double ref_softplus(double v);
+void ref_sort_desc(const double *v, int lo, int hi, int *ord);
+
 #endif

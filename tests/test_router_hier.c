@@ -5,6 +5,7 @@
  * training, G = 1 against plain top-k, and determinism across threads. */
 #include "layer/layer_impl.h"
 #include "test.h"
+#include "ref_layer.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -30,7 +31,6 @@ static moe_layer_config hier_cfg(int C, int F, int E, int G, int K1, int K, int 
 
 /* ---- double reference ------------------------------------------------------ */
 
-static double softplus_d(double r) { return r > 0 ? r + log1p(exp(-r)) : log1p(exp(r)); }
 static double phi_cdf(double z) { return 0.5 * erfc(-z / sqrt(2.0)); }
 
 static double dot_d(const double *w, const double *x, int C) {
@@ -39,37 +39,8 @@ static double dot_d(const double *w, const double *x, int C) {
     return s;
 }
 
-/* Indices lo..hi-1 sorted by v, descending, lower index first on ties. */
-static void sort_desc(const double *v, int lo, int hi, int *ord) {
-    const int m = hi - lo;
-    for (int i = 0; i < m; i++) ord[i] = lo + i;
-    for (int i = 1; i < m; i++) {
-        int a = ord[i], j = i;
-        while (j > 0 && (v[ord[j - 1]] < v[a] || (v[ord[j - 1]] == v[a] && ord[j - 1] > a))) {
-            ord[j] = ord[j - 1];
-            j--;
-        }
-        ord[j] = a;
-    }
-}
 
-static double act_of(moe_act a, double h1, double h3) {
-    switch (a) {
-    case MOE_ACT_RELU: return h1 > 0 ? h1 : 0;
-    case MOE_ACT_GELU: return 0.5 * h1 * (1 + tanh(sqrt(2 / M_PI) * (h1 + 0.044715 * h1 * h1 * h1)));
-    case MOE_ACT_SWIGLU: return h1 / (1 + exp(-h1)) * h3;
-    }
-    return 0;
-}
 
-/* CV^2 with population variance, as the library: var / (mean^2 + 1e-10). */
-static double cv2(const double *v, int E) {
-    double m = 0, var = 0;
-    for (int e = 0; e < E; e++) m += v[e];
-    m /= E;
-    for (int e = 0; e < E; e++) var += (v[e] - m) * (v[e] - m);
-    return var / E / (m * m + 1e-10);
-}
 
 typedef struct ref_out {
     double aux, z, imp, load;
@@ -102,7 +73,7 @@ static double ref_objective(const moe_layer_config *c, const moe_layer_params *o
         for (int g = 0; g < G; g++) {
             pc[g] = dot_d(p + off->wgroup + (size_t)g * C, xt, C);
             pr[g] = dot_d(p + off->wgroup_noise + (size_t)g * C, xt, C);
-            hp[g] = pc[g] + (training ? eps_p[(size_t)t * G + g] * softplus_d(pr[g]) : 0);
+            hp[g] = pc[g] + (training ? eps_p[(size_t)t * G + g] * ref_softplus(pr[g]) : 0);
         }
         /* scores for aux and z */
         double mx = lg[0], sum = 0;
@@ -112,7 +83,7 @@ static double ref_objective(const moe_layer_config *c, const moe_layer_params *o
         zsum += lse * lse;
         for (int e = 0; e < E; e++) P[e] += exp(lg[e] - lse);
 
-        sort_desc(hp, 0, G, ordp);
+        ref_sort_desc(hp, 0, G, ordp);
         /* the kept order, the cut, and the (k+1)-th vs (k+2)-th (a threshold) */
         for (int j = 0; j <= K1 && j + 1 < G; j++) margin = fmin(margin, hp[ordp[j]] - hp[ordp[j + 1]]);
         double gp[64], den = 0;
@@ -126,7 +97,7 @@ static double ref_objective(const moe_layer_config *c, const moe_layer_params *o
                     continue;
                 }
                 const double thr = j < K1 ? hp[ordp[K1]] : hp[ordp[K1 - 1]];
-                LP[g] += phi_cdf((pc[g] - thr) / softplus_d(pr[g]));
+                LP[g] += phi_cdf((pc[g] - thr) / ref_softplus(pr[g]));
             }
         }
         memset(yt, 0, sizeof(double) * C);
@@ -134,8 +105,8 @@ static double ref_objective(const moe_layer_config *c, const moe_layer_params *o
             const int g = ordp[j1];
             CNT[g] += 1;
             for (int e = g * B; e < (g + 1) * B; e++)
-                hs[e] = lg[e] + (training ? eps_s[(size_t)t * E + e] * softplus_d(sn[e]) : 0);
-            sort_desc(hs, g * B, (g + 1) * B, ords);
+                hs[e] = lg[e] + (training ? eps_s[(size_t)t * E + e] * ref_softplus(sn[e]) : 0);
+            ref_sort_desc(hs, g * B, (g + 1) * B, ords);
             for (int j = 0; j <= K2 && j + 1 < B; j++) margin = fmin(margin, hs[ords[j]] - hs[ords[j + 1]]);
             double sden = 0;
             for (int j = 0; j < K2; j++) sden += exp(hs[ords[j]] - hs[ords[0]]);
@@ -147,7 +118,7 @@ static double ref_objective(const moe_layer_config *c, const moe_layer_params *o
                         continue;
                     }
                     const double thr = j < K2 ? hs[ords[K2]] : hs[ords[K2 - 1]];
-                    LS[e] += phi_cdf((lg[e] - thr) / softplus_d(sn[e]));
+                    LS[e] += phi_cdf((lg[e] - thr) / ref_softplus(sn[e]));
                 }
             for (int j2 = 0; j2 < K2; j2++) {
                 const int e = ords[j2], slot = t * K + j1 * K2 + j2;
@@ -159,7 +130,7 @@ static double ref_objective(const moe_layer_config *c, const moe_layer_params *o
                 const double *w1 = p + off->w1 + (size_t)e * F * C, *w2 = p + off->w2 + (size_t)e * C * F;
                 const double *w3 = c->act == MOE_ACT_SWIGLU ? p + off->w3 + (size_t)e * F * C : NULL;
                 for (int f = 0; f < F; f++)
-                    hid[f] = act_of(c->act, dot_d(w1 + (size_t)f * C, xt, C), w3 ? dot_d(w3 + (size_t)f * C, xt, C) : 0);
+                    hid[f] = ref_act(c->act, dot_d(w1 + (size_t)f * C, xt, C), w3 ? dot_d(w3 + (size_t)f * C, xt, C) : 0);
                 for (int o = 0; o < C; o++) yt[o] += wt * dot_d(w2 + (size_t)o * F, hid, F);
             }
         }
@@ -172,14 +143,14 @@ static double ref_objective(const moe_layer_config *c, const moe_layer_params *o
     for (int e = 0; e < E && n > 0; e++) aux += (double)count[e] / ((double)n * K) * P[e] / n;
     aux *= (double)c->aux_coef * E;
     const double z = n > 0 ? c->z_coef * zsum / n : 0;
-    const double li = c->importance_coef * cv2(imp, E);
+    const double li = c->importance_coef * ref_cv2(imp, E);
     double ll = 0;
     if (load) {
         for (int e = 0; e < E; e++) {
             const int g = e / B;
             LH[e] = LP[g] * (CNT[g] > 0 ? LS[e] / CNT[g] : (double)K2 / B);
         }
-        ll = c->load_coef * cv2(LH, E);
+        ll = c->load_coef * ref_cv2(LH, E);
     }
     if (out) out->aux = aux, out->z = z, out->imp = li, out->load = ll, out->margin = margin;
     free(lg), free(hs), free(sn), free(pc), free(pr), free(hp), free(P), free(imp), free(LS), free(LP), free(CNT);

@@ -6,6 +6,7 @@
 #include "io/safetensors.h"
 #include "layer/layer_impl.h"
 #include "test.h"
+#include "ref_layer.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -21,25 +22,8 @@ static double randn(uint64_t *s) {
     return sqrt(-2 * log(u1)) * cos(2 * M_PI * u2);
 }
 
-static double softplus_d(double v) { return (v > 0 ? v : 0) + log1p(exp(-fabs(v))); }
 
-static double act_of(moe_act a, double h1, double h3) {
-    switch (a) {
-    case MOE_ACT_RELU: return h1 > 0 ? h1 : 0;
-    case MOE_ACT_GELU: return 0.5 * h1 * (1 + tanh(sqrt(2 / M_PI) * (h1 + 0.044715 * h1 * h1 * h1)));
-    case MOE_ACT_SWIGLU: return h1 / (1 + exp(-h1)) * h3;
-    }
-    return 0;
-}
 
-/* CV^2 with the population variance, the library's convention. */
-static double cv2(const double *v, int E) {
-    double m = 0, var = 0;
-    for (int e = 0; e < E; e++) m += v[e];
-    m /= E;
-    for (int e = 0; e < E; e++) var += (v[e] - m) * (v[e] - m);
-    return var / E / (m * m + 1e-10);
-}
 
 /* ---- double reference ------------------------------------------------------ */
 
@@ -70,7 +54,7 @@ static double ref_noisy(const moe_layer_config *c, const moe_layer_params *off, 
             double a = 0, b = 0;
             for (int i = 0; i < C; i++) a += wg[(size_t)e * C + i] * xt[i], b += wn[(size_t)e * C + i] * xt[i];
             lg[e] = a;
-            sp[e] = softplus_d(b);
+            sp[e] = ref_softplus(b);
             H[e] = eps ? a + eps[(size_t)t * E + e] * sp[e] : a;
             mx = fmax(mx, a);
         }
@@ -116,7 +100,7 @@ static double ref_noisy(const moe_layer_config *c, const moe_layer_params *off, 
                     a1 += w1[(size_t)f * C + i] * xt[i];
                     if (w3) a3 += w3[(size_t)f * C + i] * xt[i];
                 }
-                hid[f] = act_of(c->act, a1, a3);
+                hid[f] = ref_act(c->act, a1, a3);
             }
             for (int i = 0; i < C; i++) {
                 double v = 0;
@@ -133,8 +117,8 @@ static double ref_noisy(const moe_layer_config *c, const moe_layer_params *off, 
     for (int e = 0; e < E && n > 0; e++) aux += (double)count[e] / ((double)n * K) * Psum[e] / n;
     aux *= (double)c->aux_coef * E;
     const double z = n > 0 ? c->z_coef * zsum / n : 0;
-    const double li = c->importance_coef * cv2(imp, E);
-    const double ll = eps && c->load_coef > 0 && K < E ? c->load_coef * cv2(load, E) : 0;
+    const double li = c->importance_coef * ref_cv2(imp, E);
+    const double ll = eps && c->load_coef > 0 && K < E ? c->load_coef * ref_cv2(load, E) : 0;
     if (o) o->aux = aux, o->z = z, o->imp = li, o->load = ll, o->margin = margin;
     free(lg), free(H), free(sp), free(Psum), free(imp), free(load), free(hid), free(yt), free(g), free(ord);
     free(count);
@@ -289,8 +273,8 @@ TEST(noisy_hand_computed_eval_and_train) {
         }
     }
     const moe_layer_stats *st = moe_layer_get_stats(l);
-    CHECK_CLOSE(st->load_loss, 0.1 * cv2(load, 4), 1e-7, 1e-5);
-    CHECK_CLOSE(st->importance_loss, 0.1 * cv2(imp, 4), 1e-7, 1e-5);
+    CHECK_CLOSE(st->load_loss, 0.1 * ref_cv2(load, 4), 1e-7, 1e-5);
+    CHECK_CLOSE(st->importance_loss, 0.1 * ref_cv2(imp, 4), 1e-7, 1e-5);
     CHECK(st->load_loss > 0);
     moe_layer_free(l);
 }
