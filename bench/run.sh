@@ -35,7 +35,7 @@ for core in "${cores[@]}"; do
             | sed "s/}$/, \"core\": \"$core\"}/" | tee -a "$out/torch.jsonl"
     done
     # routing overhead (router + dispatch + combine, excluding expert GEMMs) on S1
-    for router in topk switch; do
+    for router in topk noisy-topk switch gshard expert-choice sigmoid-bias hierarchical balanced; do
         $MOE bench layer --shape S1 --router $router --threads "$THREADS" --reps "$REPS" --warmup "$WARMUP" --json \
             | tee -a "$out/router.jsonl"
     done
