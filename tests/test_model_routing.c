@@ -107,3 +107,25 @@ TEST(model_bias_balancer_state_is_saved) {
     }
     moe_test_rmdir(dir);
 }
+
+/* The model card's parameter count includes every scheme's extra gates. */
+TEST(model_routing_costs_count_every_tensor) {
+    const char *variants[] = {
+        "\"router_type\": \"noisy_topk\"",
+        "\"router_type\": \"hierarchical\", \"n_group\": 2, \"topk_group\": 1",
+        "\"scoring_func\": \"sigmoid\", \"router_bias_update_rate\": 0.001",
+        "\"n_shared_experts\": 1, \"shared_expert_intermediate_size\": 8, \"shared_expert_gate\": true",
+    };
+    for (size_t i = 0; i < sizeof variants / sizeof variants[0]; i++) {
+        moe_model_config c;
+        char err[256];
+        CHECK_MSG(parse(variants[i], &c, err, sizeof err) == 0, "%s", err);
+        moe_model *m = moe_model_create(&c, 1, 8, 0, 1, NULL, err, sizeof err);
+        CHECK_MSG(m != NULL, "%s", err);
+        if (!m) continue;
+        const moe_model_costs k = moe_model_config_costs(&c, 8);
+        CHECK_MSG(k.total_params == (double)moe_model_n_params(m), "%s: card %.0f, model %zu", variants[i],
+                  k.total_params, moe_model_n_params(m));
+        moe_model_free(m);
+    }
+}

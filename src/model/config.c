@@ -406,9 +406,14 @@ moe_model_costs moe_model_config_costs(const moe_model_config *c, int n_ctx) {
         active_mm += attn;
         flops_attn += 2.0 * 2.0 * H * D * (n_ctx / 2.0); /* q·k and p·v over ctx/2 positions */
         if (c->num_local_experts > 0 && c->is_moe_layer[l]) {
-            total += E * C + E * 3 * C * F + 3 * C * Fs;
+            /* the router and its scheme's extra gates run for every token */
+            const int noisy = c->router_type == MOE_ROUTER_NOISY_TOPK || c->router_type == MOE_ROUTER_HIERARCHICAL;
+            const double Gg = c->n_group > 0 ? c->n_group : 1;
+            const double gates = E * C * (noisy ? 2 : 1) + (c->router_type == MOE_ROUTER_HIERARCHICAL ? 2 * Gg * C : 0) +
+                                 (c->shared_expert_gate ? C : 0);
+            total += gates + E * 3 * C * F + 3 * C * Fs + (c->router_bias_update_rate > 0 ? E : 0);
             k.expert_params += E * 3 * C * F;
-            active_mm += E * C + K * 3 * C * F + 3 * C * Fs;
+            active_mm += gates + K * 3 * C * F + 3 * C * Fs;
         } else {
             total += 3 * C * Fd;
             active_mm += 3 * C * Fd;
