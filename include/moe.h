@@ -234,7 +234,9 @@ const moe_layer_config *moe_layer_get_config(const moe_layer *l);
  * drops tokens. */
 void moe_layer_set_training(moe_layer *l, int training);
 /* Changes k for the next calls (e.g. more or fewer experts at inference);
- * 1 <= k <= max(top_k at creation, max_top_k). */
+ * 1 <= k <= max(top_k at creation, max_top_k), and k must fit the groups
+ * (group-limited: k experts in the kept groups; hierarchical: a multiple of
+ * topk_groups, at most a group per kept group). */
 int moe_layer_set_top_k(moe_layer *l, int k);
 moe_layer_params moe_layer_param_offsets(const moe_layer *l);
 float *moe_layer_params_ptr(moe_layer *l); /* [total] */

@@ -31,6 +31,21 @@ moe_layer_config moe_layer_config_default(int d_model, int d_ff, int n_experts, 
     return c;
 }
 
+/* k against the groups (valid groups assumed): hierarchical takes k /
+ * topk_groups experts in each kept group, group-limited top-k needs k experts
+ * in the kept groups. Checked at creation and by moe_layer_set_top_k. */
+static int check_group_k(const moe_layer_config *c, int K, char *err, size_t n) {
+    const int E = c->n_experts, G = c->n_groups, kg = c->topk_groups;
+    if (c->router == MOE_ROUTER_HIERARCHICAL && (K % kg || K / kg > E / G))
+        return moe__set_err(err, n, MOE_EINVAL,
+                            "hierarchical: top_k = %d must be topk_groups (%d) times at most %d experts per group", K,
+                            kg, E / G);
+    if (c->router == MOE_ROUTER_TOPK && G > 1 && K > kg * (E / G))
+        return moe__set_err(err, n, MOE_EINVAL, "top_k = %d: more than the %d experts of %d groups", K, kg * (E / G),
+                            kg);
+    return MOE_OK;
+}
+
 static int check_routing(const moe_layer_config *c, char *err, size_t n) {
     const int E = c->n_experts, K = c->top_k;
     const int noisy = c->router == MOE_ROUTER_NOISY_TOPK || c->router == MOE_ROUTER_HIERARCHICAL;
@@ -65,13 +80,8 @@ static int check_routing(const moe_layer_config *c, char *err, size_t n) {
             return moe__set_err(err, n, MOE_EINVAL, "n_groups = %d: must divide n_experts = %d", G, E);
         if (kg < 1 || kg > G)
             return moe__set_err(err, n, MOE_EINVAL, "topk_groups = %d: must be in [1, n_groups = %d]", kg, G);
-        if (c->router == MOE_ROUTER_HIERARCHICAL && (K % kg || K / kg > E / G))
-            return moe__set_err(err, n, MOE_EINVAL,
-                                "hierarchical: top_k = %d must be topk_groups (%d) times at most %d experts per group",
-                                K, kg, E / G);
-        if (c->router == MOE_ROUTER_TOPK && K > kg * (E / G))
-            return moe__set_err(err, n, MOE_EINVAL, "top_k = %d: more than the %d experts of %d groups", K,
-                                kg * (E / G), kg);
+        int rc = check_group_k(c, K, err, n);
+        if (rc) return rc;
     }
     if (c->router == MOE_ROUTER_EXPERT_CHOICE && (long long)E * moe__ec_capacity(c, c->max_tokens) > MAX_DIM * 64LL)
         return moe__set_err(err, n, MOE_EINVAL, "expert choice: %d experts x capacity for %d tokens: too many slots",
@@ -281,11 +291,9 @@ int moe_layer_set_top_k(moe_layer *l, int k) {
     if (k < 1 || k > l->k_cap)
         return moe__set_err(l->err, sizeof l->err, MOE_EINVAL, "set_top_k: k = %d: must be in [1, %d]", k,
                             l->k_cap);
-    if (l->cfg.router == MOE_ROUTER_HIERARCHICAL &&
-        (k % l->cfg.topk_groups || k / l->cfg.topk_groups > l->cfg.n_experts / l->cfg.n_groups))
-        return moe__set_err(l->err, sizeof l->err, MOE_EINVAL,
-                            "set_top_k: k = %d: hierarchical needs topk_groups (%d) times at most %d experts per group",
-                            k, l->cfg.topk_groups, l->cfg.n_experts / l->cfg.n_groups);
+    char msg[160];
+    if (check_group_k(&l->cfg, k, msg, sizeof msg))
+        return moe__set_err(l->err, sizeof l->err, MOE_EINVAL, "set_top_k: %s", msg);
     l->cfg.top_k = k;
     l->have_fwd = 0;
     return MOE_OK;

@@ -298,12 +298,7 @@ static void load_loss(moe_layer *l, const hier_ws *v, int n) {
 
 int moe__hier_select(moe_layer *l, int n) {
     const moe_layer_config *c = &l->cfg;
-    const int C = c->d_model, E = c->n_experts, G = c->n_groups, K = c->top_k, K1 = c->topk_groups;
-    /* top_k may have moved since creation (moe_layer_set_top_k) */
-    if (K % K1 || K / K1 > E / G)
-        return moe__set_err(l->err, sizeof l->err, MOE_EINVAL,
-                            "hierarchical: top_k = %d must be topk_groups (%d) times at most %d experts per group",
-                            K, K1, E / G);
+    const int C = c->d_model, E = c->n_experts, G = c->n_groups, K = c->top_k;
     const hier_ws v = views(l);
     const int noisy = l->training, load = noisy && c->load_coef > 0;
     const float *x = l->x;
