@@ -102,6 +102,9 @@ struct moe_layer {
  * scheme; selection for TOPK. */
 int moe__router_forward(moe_layer *l, const float *x, int n);
 void moe__router_backward(moe_layer *l, const float *x, float *dx);
+/* The k largest of v[i * stride], i in [lo, hi), into ids (indices i),
+ * decreasing; on equal values the lower index wins. Every router's top-k. */
+void moe__topk(const float *v, size_t stride, int lo, int hi, int k, int *ids);
 /* Token-choice slot layout for n tokens of K slots (tok_off, slot_tok). */
 void moe__slots_token_choice(moe_layer *l, int n, int K);
 /* A standard normal draw for (call, token, index), from the layer's seed:

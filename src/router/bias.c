@@ -39,19 +39,9 @@ void moe__biased_topk(const moe_layer *l, int t, int *ids, float *scratch) {
                 for (int e = g * per; e < (g + 1) * per; e++) v[e] = -INFINITY;
         }
     }
-    /* top k of v, decreasing, ties to the lower id (v > -inf for >= K experts
-     * by the config check) */
-    int m = 0;
-    for (int e = 0; e < E; e++) {
-        if (v[e] == -INFINITY) continue;
-        if (m == K && !(v[e] > v[ids[K - 1]])) continue;
-        int j = m < K ? m++ : K - 1;
-        while (j > 0 && v[e] > v[ids[j - 1]]) {
-            ids[j] = ids[j - 1];
-            j--;
-        }
-        ids[j] = e;
-    }
+    /* top k of v: the kept groups hold at least K finite values (the k
+     * check at creation and in moe_layer_set_top_k), so -inf never wins */
+    moe__topk(v, 1, 0, E, K, ids);
 }
 
 int moe_layer_update_bias(moe_layer *l) {

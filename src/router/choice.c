@@ -25,22 +25,7 @@ int moe__ec_select(moe_layer *l, int n) {
     /* order[] holds, per expert, its chosen tokens: [E][cap] */
     int *chosen = l->order;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(l->threads)
-    for (int e = 0; e < E; e++) {
-        int *ids = chosen + (size_t)e * cap;
-        int m = 0;
-        float kth = -INFINITY;
-        for (int t = 0; t < n; t++) {
-            const float v = l->scores[(size_t)t * E + e];
-            if (m == cap && !(v > kth)) continue;
-            int j = m < cap ? m++ : cap - 1;
-            while (j > 0 && v > l->scores[(size_t)ids[j - 1] * E + e]) {
-                ids[j] = ids[j - 1];
-                j--;
-            }
-            ids[j] = t;
-            if (m == cap) kth = l->scores[(size_t)ids[cap - 1] * E + e];
-        }
-    }
+    for (int e = 0; e < E; e++) moe__topk(l->scores + e, (size_t)E, 0, n, cap, chosen + (size_t)e * cap);
     /* counting sort by token */
     int *off = l->tok_off;
     memset(off, 0, sizeof(int) * (size_t)(n + 1));

@@ -92,22 +92,6 @@ static hier_ws views(moe_layer *l) {
 
 static float softplus(float r) { return r > 0.0f ? r + log1pf(expf(-r)) : log1pf(expf(r)); }
 
-/* The k largest of v[lo..hi) into ids, decreasing; strict '>' over
- * increasing ids keeps the lower id ahead on equal values. */
-static void topk_range(const float *v, int lo, int hi, int k, int *ids) {
-    int m = 0;
-    for (int e = lo; e < hi; e++) {
-        const float x = v[e];
-        if (m == k && !(x > v[ids[k - 1]])) continue;
-        int j = m < k ? m++ : k - 1;
-        while (j > 0 && x > v[ids[j - 1]]) {
-            ids[j] = ids[j - 1];
-            j--;
-        }
-        ids[j] = e;
-    }
-}
-
 /* Softmax over v[ids[0..k)] (ids[0] the largest) into p. */
 static void softmax_kept(const float *v, const int *ids, int k, float *p) {
     const float mx = v[ids[0]];
@@ -152,7 +136,7 @@ static int route_token(moe_layer *l, const hier_ws *v, int t, int noisy) {
         finite &= isfinite(hp[g]) != 0;
     }
     if (!finite) return -1;
-    topk_range(hp, 0, G, K1, ids);
+    moe__topk(hp, 1, 0, G, K1, ids);
     softmax_kept(hp, ids, K1, gp);
     for (int j1 = K1 - 1; j1 >= 0; j1--) {
         const int g = ids[j1];
@@ -165,7 +149,7 @@ static int route_token(moe_layer *l, const hier_ws *v, int t, int noisy) {
         if (!finite) return -1;
         int *sid = ids + j1 * K2;
         float *sg = gs + j1 * K2;
-        topk_range(hs, g * B, (g + 1) * B, K2, sid);
+        moe__topk(hs, 1, g * B, (g + 1) * B, K2, sid);
         softmax_kept(hs, sid, K2, sg);
         for (int j2 = 0; j2 < K2; j2++) {
             gp[j1 * K2 + j2] = p;

@@ -83,24 +83,6 @@ static inline float softplus(float v) {
 
 static inline float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
 
-/* The K largest of v[0..E) into ids, decreasing; strict '>' keeps the lower
- * id ahead on equal values (as router.c's top-k). */
-static void topk_of(const float *v, int E, int K, int *ids) {
-    int m = 0;
-    float kth = -INFINITY;
-    for (int e = 0; e < E; e++) {
-        const float x = v[e];
-        if (m == K && !(x > kth)) continue;
-        int j = m < K ? m++ : K - 1;
-        while (j > 0 && x > v[ids[j - 1]]) {
-            ids[j] = ids[j - 1];
-            j--;
-        }
-        ids[j] = e;
-        if (m == K) kth = v[ids[K - 1]];
-    }
-}
-
 /* Expert i is ranked at or before expert k (H descending, then id). */
 static inline int ranks_before(const float *h, int i, int k) { return h[i] > h[k] || (h[i] == h[k] && i <= k); }
 
@@ -188,7 +170,7 @@ int moe__noisy_select(moe_layer *l, int n) {
             }
             int *ids = l->topk_ids + (size_t)t * K;
             float *gw = l->topk_w + (size_t)t * K;
-            topk_of(h, E, K, ids);
+            moe__topk(h, 1, 0, E, K, ids);
             /* softmax over the kept H; ids[0] holds the largest */
             float sum = 0.0f;
             for (int j = 0; j < K; j++) {

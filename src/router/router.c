@@ -93,22 +93,21 @@ static float score_token(const moe_layer_config *c, const float *lg, float *s, f
     return logf(ssum) - slog / ssum;
 }
 
-/* The K largest of v[0..E) into ids, decreasing; strict '>' keeps the lower
- * id ahead on equal values. The K-th best lives in a register, so the common
- * case is one compare per expert. */
-static void topk_ids(const float *v, int E, int K, int *ids) {
-    int n = 0;
+void moe__topk(const float *v, size_t stride, int lo, int hi, int k, int *ids) {
+    /* a sorted insertion; the k-th best lives in a register, so the common
+     * case is one compare per candidate */
+    int m = 0;
     float kth = -INFINITY;
-    for (int e = 0; e < E; e++) {
-        const float x = v[e];
-        if (n == K && !(x > kth)) continue;
-        int j = n < K ? n++ : K - 1;
-        while (j > 0 && x > v[ids[j - 1]]) {
+    for (int i = lo; i < hi; i++) {
+        const float x = v[(size_t)i * stride];
+        if (m == k && !(x > kth)) continue;
+        int j = m < k ? m++ : k - 1;
+        while (j > 0 && x > v[(size_t)ids[j - 1] * stride]) {
             ids[j] = ids[j - 1];
             j--;
         }
-        ids[j] = e;
-        if (n == K) kth = v[ids[K - 1]];
+        ids[j] = i;
+        if (m == k) kth = v[(size_t)ids[k - 1] * stride];
     }
 }
 
@@ -258,7 +257,7 @@ int moe__router_forward(moe_layer *l, const float *x, int n) {
             if (plain_topk) {
                 int *ids = l->topk_ids + (size_t)t * K;
                 if (biased) moe__biased_topk(l, t, ids, l->tscr + (size_t)omp_get_thread_num() * 2 * E);
-                else topk_ids(lg, E, K, ids);
+                else moe__topk(lg, 1, 0, E, K, ids);
                 topk_weights(c, s, ids, K, l->topk_w + (size_t)t * K);
             }
             const float inv = 1.0f / score_norm(c, s);
