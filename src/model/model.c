@@ -94,19 +94,18 @@ static int build_table(moe_model *m) {
                     rc |= add_tensor(m, name, 2, k == 1 ? C : F, k == 1 ? F : C, 0);
                 }
             /* the routing schemes' blocks, in the layer's order (moe.h) */
-            const moe_layer_config lc = moe__model_layer_config(c, i, 1, 1);
             const int Gg = c->n_group > 0 ? c->n_group : 1;
-            if (lc.router == MOE_ROUTER_NOISY_TOPK || lc.router == MOE_ROUTER_HIERARCHICAL) {
+            if (c->router_type == MOE_ROUTER_NOISY_TOPK || c->router_type == MOE_ROUTER_HIERARCHICAL) {
                 snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.gate.noise.weight", i);
                 rc |= add_tensor(m, name, 2, E, C, 0);
             }
-            if (lc.router == MOE_ROUTER_HIERARCHICAL) {
+            if (c->router_type == MOE_ROUTER_HIERARCHICAL) {
                 snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.gate.group.weight", i);
                 rc |= add_tensor(m, name, 2, Gg, C, 0);
                 snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.gate.group_noise.weight", i);
                 rc |= add_tensor(m, name, 2, Gg, C, 0);
             }
-            if (lc.bias_update_rate > 0) { /* DeepSeek-V3's name; moved by the balancer, not by AdamW */
+            if (c->router_bias_update_rate > 0) { /* DeepSeek-V3's name; moved by the balancer, not by AdamW */
                 snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.gate.e_score_correction_bias", i);
                 rc |= add_tensor(m, name, 1, E, 0, 0);
             }
