@@ -124,8 +124,9 @@ static int heatmaps(const moe__route_acc *a, const int *lidx, const int *gi, int
     for (int c = 0; c < gc; c++) {
         const int e = c % E;
         if (l_only >= 0) snprintf(cl[c], sizeof cl[c], "%d", e);
-        else if (E <= 16) snprintf(cl[c], sizeof cl[c], "%d", e);
-        else snprintf(cl[c], sizeof cl[c], e == 0 ? "L%d" : "", lidx[c / E]);
+        else if (e == 0) snprintf(cl[c], sizeof cl[c], "L%d", lidx[c / E]);
+        else if (e % 4 == 0) snprintf(cl[c], sizeof cl[c], "%d", e);
+        else cl[c][0] = 0; /* every label would overlap its neighbours */
         clp[c] = cl[c];
     }
     char xl[160];
@@ -134,7 +135,7 @@ static int heatmaps(const moe__route_acc *a, const int *lidx, const int *gi, int
         snprintf(xl, sizeof xl, "expert");
     } else {
         snprintf(title, sizeof title, "Expert share of each genre's tokens, every MoE layer");
-        snprintf(xl, sizeof xl, "expert, layer by layer (%d blocks of %d: layer %d first)", L, E, lidx[0]);
+        snprintf(xl, sizeof xl, "expert, layer by layer (L<i>: expert 0 of layer i; %d blocks of %d)", L, E);
     }
     snprintf(path, sizeof path, "%s/genre_heatmap.svg", out);
     if (moe__heatmap_svg(path, title, xl, rlp, clp, v, P, gc, vmax > 0 ? vmax : 1, err, sizeof err)) {
