@@ -131,7 +131,7 @@ int moe_cli_route(int argc, char **argv) {
         {"--seq", NULL, ARG_INT, &seq, "tokens per sequence (0: the context length)"},
         {"--layer", NULL, ARG_INT, &layer_sel, "model layer of genre_heatmap.svg (-1: every MoE layer side by side)"},
         {"--flag-ratio", NULL, ARG_DOUBLE, &flag_ratio, "flag an expert a genre uses this many times more than the rest"},
-        {"--min-count", NULL, ARG_U64, &min_count, "... and routes at least this many tokens to"},
+        {"--min-count", NULL, ARG_U64, &min_count, "... over at least this many of the genre's tokens on that expert"},
         {"--out", "-o", ARG_STR, &out, "output directory (required)"},
     };
     int rc = cli_parse("moe route -m MODEL_DIR [--data DIR] [--split val|train] [--max-tokens N] [--experts-used K] "

@@ -316,10 +316,10 @@ int cli_route_report(const moe__route_acc *a, const int *lidx, const char *model
                        moe_brown_genre_name(lo), exp(loss[lo]), moe_brown_genre_name(hi), exp(loss[hi]));
     }
     if (nflags > 0)
-        moe__sb_printf(&md, "- %d (genre, layer, expert) triples pass the flag rule (the genre's share of the layer's "
-                            "tokens on that expert is at least %.2g times the other genres' share, over at least %lld "
-                            "tokens). The strongest: **%s** sends %.1f%% of its tokens in layer %d to expert %d, the "
-                            "other genres %.1f%%.\n",
+        moe__sb_printf(&md, "- %d (genre, layer, expert) triples pass the flag rule (the expert's share of the genre's "
+                            "slots in that layer is at least %.2g times its share of the other genres' slots, over at "
+                            "least %lld tokens). The strongest: **%s** gives %.1f%% of its slots (token-expert pairs) in "
+                            "layer %d to expert %d, the other genres %.1f%%.\n",
                        nflags, flag_ratio, (long long)min_count, moe_brown_genre_name(fl[0].group), 100 * fl[0].share,
                        lidx[fl[0].layer], fl[0].expert, 100 * fl[0].rest_share);
     else
@@ -330,7 +330,7 @@ int cli_route_report(const moe__route_acc *a, const int *lidx, const char *model
                             "upwards and the flags are noisy; run on the whole split for conclusions.\n",
                        (long long)(ntok / P));
 
-    moe__sb_str(&md, "\n## Layers\n\nLoad = tokens routed to each expert (all k slots). CV = population std/mean of "
+    moe__sb_str(&md, "\n## Layers\n\nLoad = tokens routed to each expert (k slots per token). CV = population std/mean of "
                      "the load; entropy normalised by ln E (1 = even); gate-mass CV = CV of the summed gate weights; "
                      "router entropy = mean over tokens of the entropy of the router's scores, in nats and over ln E.\n\n"
                      "| layer | load CV | max/mean | load entropy | gate-mass CV | router entropy (nats) | router "
@@ -360,11 +360,12 @@ int cli_route_report(const moe__route_acc *a, const int *lidx, const char *model
         for (int q = 0; q < P; q++) moe__sb_printf(&md, " %.3f |", jsm[(size_t)gi[p] * G + gi[q]]);
         moe__sb_str(&md, "\n");
     }
-    moe__sb_printf(&md, "\n## Experts one genre uses far more than the rest\n\nRule: share of the genre's tokens in the "
-                        "layer >= %.2g x the share of the other genres' tokens, and at least %lld tokens. %d found%s.\n\n",
+    moe__sb_printf(&md, "\n## Experts one genre uses far more than the rest\n\nA slot is one (token, expert) pair, k per "
+                        "token. Rule: the expert's share of the genre's slots in the layer >= %.2g x its share of the other "
+                        "genres' slots, and at least %lld of the genre's tokens on it. %d found%s.\n\n",
                    flag_ratio, (long long)min_count, nflags, nflags > MAX_FLAGS_SHOWN ? " (the strongest shown)" : "");
     if (nflags > 0) {
-        moe__sb_str(&md, "| genre | layer | expert | tokens | genre share | rest share | ratio |\n"
+        moe__sb_str(&md, "| genre | layer | expert | tokens | share of genre's slots | share of rest's slots | ratio |\n"
                          "|---|---:|---:|---:|---:|---:|---:|\n");
         for (int i = 0; i < nflags && i < MAX_FLAGS_SHOWN; i++)
             moe__sb_printf(&md, "| %s | %d | %d | %lld | %.2f%% | %.2f%% | %.2f |\n", moe_brown_genre_name(fl[i].group),
