@@ -84,7 +84,8 @@ static int run_batch(route_run *r, const int32_t *tok, const int32_t *tgt, int b
             return 1;
         }
     }
-    moe__route_acc_add_loss(&r->acc, N, r->group, moe_model_token_losses(r->m));
+    const float *ce = moe_model_token_losses(r->m);
+    if (ce) moe__route_acc_add_loss(&r->acc, N, r->group, ce);
     for (int n = 0; r->trace && n < N; n++) {
         moe__trace_tok *tt = r->tt;
         tt->pos = n % T, tt->token = tok[n];
@@ -189,6 +190,7 @@ int moe_cli_route(int argc, char **argv) {
     r.tt = malloc(sizeof *r.tt);
     int32_t *tok = malloc(sizeof(int32_t) * (size_t)batch * seq), *tgt = malloc(sizeof(int32_t) * (size_t)batch * seq);
     rc = !r.moe_layer || !r.group || !r.tt || !tok || !tgt || moe__route_acc_init(&r.acc, G, L, E);
+    if (rc) fprintf(stderr, "moe route: out of memory\n");
     for (int l = 0, i = 0; !rc && l < mc.num_hidden_layers; l++)
         if (moe_model_layer_stats(m, l)) r.moe_layer[i++] = l;
     if (trace) {
