@@ -358,3 +358,32 @@ TEST(route_experts_used_override_changes_the_loss) {
     CHECK(memcmp(&ce_back, &ce_k, sizeof ce_k) == 0);
     moe_model_free(m);
 }
+
+/* The heatmap: one cell per value, 0 white and vmax the darkest blue, labels
+ * XML-escaped, bad sizes refused. */
+TEST(route_heatmap_svg_cells_and_colours) {
+    char dir[64], path[128], err[256];
+    if (!moe_test_tmpdir(dir, "heatmap")) return;
+    snprintf(path, sizeof path, "%s/h.svg", dir);
+    const char *rows[2] = {"layer <0>", "layer 1"}, *cols[3] = {"0", "1", "2"};
+    const double v[6] = {0, 0.5, 1, 0.25, 0.75, 1};
+    CHECK(moe__heatmap_svg(path, "t & t", "expert", rows, cols, v, 2, 3, 1.0, err, sizeof err) == 0);
+    FILE *f = fopen(path, "rb");
+    CHECK(f != NULL);
+    if (f) {
+        static char buf[1 << 16];
+        size_t n = fread(buf, 1, sizeof buf - 1, f);
+        buf[n] = 0;
+        fclose(f);
+        CHECK(strstr(buf, "layer &lt;0&gt;") && strstr(buf, "t &amp; t") && !strstr(buf, "layer <0>"));
+        /* cell (0,0) is 0: white; (0,2) is vmax: #08306b */
+        CHECK(strstr(buf, "fill=\"#ffffff\" stroke=\"#eee\"><title>layer &lt;0&gt;, 0: 0</title>") != NULL);
+        CHECK(strstr(buf, "fill=\"#08306b\" stroke=\"#eee\"><title>layer &lt;0&gt;, 2: 1</title>") != NULL);
+        int titled = 0;
+        for (const char *p = buf; (p = strstr(p, "<title>")) != NULL; p++) titled++;
+        CHECK_EQ_INT(titled, 6);
+    }
+    CHECK(moe__heatmap_svg(path, "t", "x", rows, cols, v, 0, 3, 1.0, err, sizeof err) == MOE_EINVAL);
+    CHECK(moe__heatmap_svg(path, "t", "x", rows, cols, v, 2, 3, 0.0, err, sizeof err) == MOE_EINVAL);
+    moe_test_rmdir(dir);
+}
