@@ -339,6 +339,15 @@ int cli_route_report(const moe__route_acc *a, const int *lidx, const char *model
         moe__sb_printf(&md, "| %d | %.4f | %.3f | %.4f | %.4f | %.4f | %.4f | %.0f |\n", lidx[l], ls[l].cv,
                        ls[l].max_over_mean, ls[l].norm_entropy, ls[l].importance_cv, ls[l].router_entropy,
                        E > 1 ? ls[l].router_entropy / log(E) : 0, ls[l].dead);
+    moe__sb_str(&md, "\n### Tokens per expert\n\n| layer |");
+    for (int e = 0; e < E; e++) moe__sb_printf(&md, " %d |", e);
+    moe__sb_str(&md, "\n|---:|");
+    for (int e = 0; e < E; e++) moe__sb_str(&md, "---:|");
+    for (int l = 0; l < L; l++) {
+        moe__sb_printf(&md, "\n| %d |", lidx[l]);
+        for (int e = 0; e < E; e++) moe__sb_printf(&md, " %lld |", (long long)moe__route_count(a, -1, l, e));
+    }
+    moe__sb_str(&md, "\n");
     moe__sb_str(&md, "\n![layer x expert load](heatmap.svg)\n\n## Genres\n\nLoss = mean next-token cross-entropy over "
                      "the genre's tokens (nats). JS vs rest = Jensen-Shannon divergence (bits) between the genre's expert "
                      "usage and that of every other genre together, mean over layers. Usage entropy = normalised entropy "
