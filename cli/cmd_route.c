@@ -11,8 +11,6 @@
 #include "report/route_stats.h"
 #include "tokenizer/tokenizer.h"
 
-#include <cjson/cJSON.h>
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
