@@ -101,7 +101,7 @@ static int heatmaps(const moe__route_acc *a, const int *lidx, const int *gi, int
     for (int e = 0; e < E; e++) snprintf(cl[e], sizeof cl[e], "%d", e), clp[e] = cl[e];
     snprintf(path, sizeof path, "%s/heatmap.svg", out);
     snprintf(title, sizeof title, "Share of each layer's routed tokens per expert (even split: %.3g)", 1.0 / E);
-    if (moe__heatmap_svg(path, title, "expert", rlp, clp, v, L, E, vmax > 0 ? vmax : 1, err, sizeof err)) {
+    if (moe__heatmap_svg(path, title, "expert", rlp, clp, v, L, E, 0, vmax > 0 ? vmax : 1, err, sizeof err)) {
         fprintf(stderr, "moe route: %s\n", err);
         goto done;
     }
@@ -138,7 +138,7 @@ static int heatmaps(const moe__route_acc *a, const int *lidx, const int *gi, int
         snprintf(xl, sizeof xl, "expert, layer by layer (L<i>: expert 0 of layer i; %d blocks of %d)", L, E);
     }
     snprintf(path, sizeof path, "%s/genre_heatmap.svg", out);
-    if (moe__heatmap_svg(path, title, xl, rlp, clp, v, P, gc, vmax > 0 ? vmax : 1, err, sizeof err)) {
+    if (moe__heatmap_svg(path, title, xl, rlp, clp, v, P, gc, l_only >= 0 ? 0 : E, vmax > 0 ? vmax : 1, err, sizeof err)) {
         fprintf(stderr, "moe route: %s\n", err);
         goto done;
     }

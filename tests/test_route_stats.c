@@ -367,7 +367,7 @@ TEST(route_heatmap_svg_cells_and_colours) {
     snprintf(path, sizeof path, "%s/h.svg", dir);
     const char *rows[2] = {"layer <0>", "layer 1"}, *cols[3] = {"0", "1", "2"};
     const double v[6] = {0, 0.5, 1, 0.25, 0.75, 1};
-    CHECK(moe__heatmap_svg(path, "t & t", "expert", rows, cols, v, 2, 3, 1.0, err, sizeof err) == 0);
+    CHECK(moe__heatmap_svg(path, "t & t", "expert", rows, cols, v, 2, 3, 0, 1.0, err, sizeof err) == 0);
     FILE *f = fopen(path, "rb");
     CHECK(f != NULL);
     if (f) {
@@ -383,7 +383,7 @@ TEST(route_heatmap_svg_cells_and_colours) {
         for (const char *p = buf; (p = strstr(p, "<title>")) != NULL; p++) titled++;
         CHECK_EQ_INT(titled, 6);
     }
-    CHECK(moe__heatmap_svg(path, "t", "x", rows, cols, v, 0, 3, 1.0, err, sizeof err) == MOE_EINVAL);
-    CHECK(moe__heatmap_svg(path, "t", "x", rows, cols, v, 2, 3, 0.0, err, sizeof err) == MOE_EINVAL);
+    CHECK(moe__heatmap_svg(path, "t", "x", rows, cols, v, 0, 3, 0, 1.0, err, sizeof err) == MOE_EINVAL);
+    CHECK(moe__heatmap_svg(path, "t", "x", rows, cols, v, 2, 3, 0, 0.0, err, sizeof err) == MOE_EINVAL);
     moe_test_rmdir(dir);
 }

@@ -27,8 +27,8 @@ static void colour(double f, char out[8]) {
 }
 
 int moe__heatmap_svg(const char *path, const char *title, const char *xlabel, const char *const *row_labels,
-                     const char *const *col_labels, const double *v, int R, int C, double vmax, char *err,
-                     size_t errsz) {
+                     const char *const *col_labels, const double *v, int R, int C, int col_group, double vmax,
+                     char *err, size_t errsz) {
     if (R <= 0 || C <= 0 || R > 4096 || C > 4096 || !(vmax > 0))
         return moe__set_err(err, errsz, MOE_EINVAL, "%s: heatmap of %d x %d cells, scale %g", path, R, C, vmax);
     const int cw = C <= 16 ? 36 : C <= 64 ? 14 : 6, ch = 22, L = 120, T = 50, legend = 90;
@@ -56,6 +56,9 @@ int moe__heatmap_svg(const char *path, const char *title, const char *xlabel, co
             moe__sb_printf(&b, ": %.4g</title></rect>\n", x);
         }
     }
+    for (int c = col_group; col_group > 0 && c < C; c += col_group)
+        moe__sb_printf(&b, "<line x1=\"%d\" x2=\"%d\" y1=\"%d\" y2=\"%d\" stroke=\"#333\" stroke-width=\"2\"/>\n",
+                       L + c * cw, L + c * cw, T - 4, T + R * ch + 4);
     for (int c = 0; c < C; c += label_every) {
         moe__sb_printf(&b, "<text x=\"%.1f\" y=\"%d\" text-anchor=\"middle\">", L + (c + 0.5) * cw, T + R * ch + 14);
         xml_text(&b, col_labels[c]);

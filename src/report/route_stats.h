@@ -104,9 +104,10 @@ int moe__trace_parse(const char *line, size_t len, moe__trace_tok *t, char *err,
 
 /* ---- a heatmap as SVG ----------------------------------------------------- */
 /* v [R][C] in [0, vmax] (vmax > 0) drawn white -> dark blue, with row and
- * column labels, a title and a colour legend; written atomically. */
+ * column labels, a title and a colour legend; a dark line every col_group
+ * columns when col_group > 0 (blocks of layers); written atomically. */
 int moe__heatmap_svg(const char *path, const char *title, const char *xlabel, const char *const *row_labels,
-                     const char *const *col_labels, const double *v, int R, int C, double vmax, char *err,
-                     size_t errsz);
+                     const char *const *col_labels, const double *v, int R, int C, int col_group, double vmax,
+                     char *err, size_t errsz);
 
 #endif
