@@ -11,6 +11,7 @@ int moe_cli_generate(int argc, char **argv);
 int moe_cli_tokenizer(int argc, char **argv);
 int moe_cli_plot(int argc, char **argv);
 int moe_cli_tokenize(int argc, char **argv);
+int moe_cli_route(int argc, char **argv);
 
 /* The Brown corpus tokenized: the tokenizer (trained on the train split
  * unless tokenizer_path names one) and the train/val token streams. */

@@ -1,8 +1,10 @@
 /* moe eval, moe info, moe generate: use a trained model directory. */
 #include "args.h"
 #include "cli.h"
+#include "route.h"
 
 #include "data/shard.h"
+#include "io/atomic.h"
 #include "tokenizer/tokenizer.h"
 
 #include <math.h>
@@ -170,8 +172,19 @@ static int sample(const float *logits, int V, float temp, int top_k, float top_p
     return idx[n - 1];
 }
 
+/* --routing-log: one trace line for the token just fed to the decoder */
+static void log_routing(moe__sb *b, const moe_model *m, const moe_tokenizer *tok, moe__trace_tok *tt, long long pos,
+                        int id, const char *src) {
+    if (!b) return;
+    tt->pos = pos, tt->token = id, tt->genre[0] = 0;
+    snprintf(tt->src, sizeof tt->src, "%s", src);
+    cli_trace_piece(tok, id, tt);
+    cli_trace_fill(m, 0, tt);
+    moe__trace_write(b, tt);
+}
+
 int moe_cli_generate(int argc, char **argv) {
-    const char *dir = NULL, *prompt = "";
+    const char *dir = NULL, *prompt = "", *routing_log = NULL;
     int n = 64, threads = 2, top_k = 0, k = 0;
     float temp = 0.8f, top_p = 0.95f;
     uint64_t seed = 42;
@@ -185,6 +198,7 @@ int moe_cli_generate(int argc, char **argv) {
         {"--seed", NULL, ARG_U64, &seed, "sampling seed"},
         {"--threads", "-t", ARG_INT, &threads, "threads"},
         {"--experts-used", NULL, ARG_INT, &k, "override k, the experts per token (0: as trained)"},
+        {"--routing-log", NULL, ARG_STR, &routing_log, "write each token's experts and gate weights (JSON lines) here"},
     };
     int rc = cli_parse("moe generate -m DIR -p TEXT -n N [--temp T --top-p P --seed S]", args,
                        sizeof args / sizeof args[0], argc, argv);
@@ -227,9 +241,16 @@ int moe_cli_generate(int argc, char **argv) {
     int *idx = malloc(sizeof(int) * V);
     const float *logits = NULL;
     moe_model_decode_reset(m);
+    moe__sb rlog = {0};
+    moe__trace_tok *tt = routing_log ? malloc(sizeof *tt) : NULL;
+    if (tt) cli_trace_header(&rlog, dir, moe_model_get_config(m), k);
+    moe__sb *lb = tt ? &rlog : NULL;
     fputs(prompt, stdout);
     double t0 = cli_now();
-    for (size_t i = 0; i < np && !rc; i++) rc = moe_model_decode(m, ids[i], &logits);
+    for (size_t i = 0; i < np && !rc; i++) {
+        rc = moe_model_decode(m, ids[i], &logits);
+        if (!rc) log_routing(lb, m, tok, tt, (long long)i, ids[i], "prompt");
+    }
     double t1 = cli_now();
     uint64_t rng = seed * 0x9E3779B97F4A7C15ULL + 1;
     int made = 0;
@@ -241,10 +262,20 @@ int moe_cli_generate(int argc, char **argv) {
         fwrite(piece, 1, len, stdout);
         fflush(stdout);
         rc = moe_model_decode(m, next, &logits);
+        if (!rc) log_routing(lb, m, tok, tt, (long long)np + made, next, "gen");
     }
     if (rc) fprintf(stderr, "\nmoe generate: %s\n", moe_model_errmsg(m));
     fprintf(stderr, "\n[prompt %zu tokens in %.2f s; %d tokens at %.1f tokens/s]\n", np, t1 - t0, made,
             made / (cli_now() - t1));
+    if (routing_log) {
+        moe__iov part = {rlog.p, rlog.len};
+        if (!tt || rlog.oom || moe__write_atomic(routing_log, &part, 1, err, sizeof err)) {
+            fprintf(stderr, "moe generate: %s\n", tt && !rlog.oom ? err : "out of memory for the routing log");
+            rc = rc ? rc : 1;
+        }
+    }
+    moe__sb_free(&rlog);
+    free(tt);
     free(prob), free(idx), free(ids);
     moe_model_free(m);
     moe_tokenizer_free(tok);

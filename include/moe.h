@@ -413,6 +413,14 @@ const float *moe_model_logits(const moe_model *m); /* [B][T][V] of the last forw
 void moe_model_last_losses(const moe_model *m, float *ce, float *aux);
 /* Routing statistics of the last forward, one per MoE layer (NULL for dense layers). */
 const moe_layer_stats *moe_model_layer_stats(const moe_model *m, int layer);
+/* Routing of MoE layer `layer` in the last forward or decode step (see
+ * moe_layer_routing; a decode step is one token). Returns R, the number of
+ * slots, or MOE_EINVAL for a dense layer or a bad index. */
+int moe_model_layer_routing(const moe_model *m, int layer, const int **tok_off, const int **ids, const float **weights,
+                            const unsigned char **kept);
+/* Cross-entropy of each token [B*T] of the last forward with targets (nats);
+ * NULL when the last call had no targets or was a decode step. */
+const float *moe_model_token_losses(const moe_model *m);
 /* Training mode of every MoE layer (capacity drops only in training). */
 void moe_model_set_training(moe_model *m, int training);
 /* Override k at inference (1..E); 0 restores the configured value. */

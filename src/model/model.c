@@ -319,6 +319,14 @@ const moe_layer_stats *moe_model_layer_stats(const moe_model *m, int layer) {
     if (layer < 0 || layer >= m->cfg.num_hidden_layers || !m->layers[layer].moe) return NULL;
     return moe_layer_get_stats(m->layers[layer].moe);
 }
+int moe_model_layer_routing(const moe_model *m, int layer, const int **tok_off, const int **ids, const float **weights,
+                            const unsigned char **kept) {
+    if (!m || layer < 0 || layer >= m->cfg.num_hidden_layers || !m->layers[layer].moe) return MOE_EINVAL;
+    return moe_layer_routing(m->layers[layer].moe, tok_off, ids, weights, kept);
+}
+const float *moe_model_token_losses(const moe_model *m) {
+    return m && m->have_fwd && m->have_targets ? m->ce_tok : NULL;
+}
 
 int moe_model_set_experts_used(moe_model *m, int k) {
     if (!m) return MOE_EINVAL;
