@@ -199,6 +199,7 @@ int moe_cli_train(int argc, char **argv) {
         fprintf(stderr, "moe train: --on-nan must be error or skip, not '%s'\n", on_nan);
         return 2;
     }
+    install_stop_handlers(); /* from here on a signal ends in a saved checkpoint */
     if (!!preset + !!config + resume > 1) {
         fprintf(stderr, "moe train: give one of --preset, --config, --resume\n");
         return 2;
@@ -321,7 +322,6 @@ int moe_cli_train(int argc, char **argv) {
         strncat(cmdline, argv[i], sizeof cmdline - strlen(cmdline) - 1);
     }
 
-    install_stop_handlers();
     const int tty = isatty(STDERR_FILENO) && !quiet;
     const double t0 = cli_now();
     double last_val = NAN, tokens = 0;
