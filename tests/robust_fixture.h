@@ -11,7 +11,7 @@ typedef struct {
     int32_t *train, *val;
 } rb_fix;
 
-/* Model (2 layers, 4 experts top-2, vocab 40) initialised with seed 1 and a
+/* Model (2 layers, 4 experts top-2, vocab 40, aux-loss-free bias) initialised with seed 1 and a
  * trainer (batch 2 x 16, seed 7) on a fixed synthetic stream. policy and
  * spike_factor go to the trainer config. 0 on success. */
 int rb_fix_create(rb_fix *f, moe_nan_policy policy, float spike_factor);
