@@ -18,6 +18,18 @@ int moe__find_nonfinite(const moe_model *m, const float *arr, int backward, size
     return -1;
 }
 
+int moe__find_largest(const moe_model *m, const float *arr, size_t *at) {
+    int best = -1;
+    float big = -1;
+    for (int k = 0; k < moe_model_n_tensors(m); k++) {
+        const moe_param_info *pi = moe_model_tensor(m, k);
+        const float *p = arr + pi->offset;
+        for (size_t j = 0; j < pi->numel; j++)
+            if (fabsf(p[j]) > big) big = fabsf(p[j]), best = k, *at = j;
+    }
+    return best;
+}
+
 void moe__describe_value(const moe_model *m, int i, size_t at, float v, char *buf, size_t n) {
     const moe_param_info *pi = moe_model_tensor(m, i);
     int layer = -1, used = 0;

@@ -14,6 +14,10 @@
  * finite. *at receives the flat index inside that tensor. */
 int moe__find_nonfinite(const moe_model *m, const float *arr, int backward, size_t *at);
 
+/* Tensor index of the largest |value| of arr (all finite), *at inside it:
+ * when a forward overflows without any NaN weight, the likeliest culprit. */
+int moe__find_largest(const moe_model *m, const float *arr, size_t *at);
+
 /* "layer 2 experts.0.w1 (model.layers.2.block_sparse_moe.experts.0.w1.weight)
  * [1][3] = nan" for tensor i of m and the flat index at inside it. */
 void moe__describe_value(const moe_model *m, int i, size_t at, float v, char *buf, size_t n);

@@ -129,17 +129,22 @@ static int nonfinite_step(moe_trainer *t, const char *what, int have_grads, moe_
         strcpy(where, ": first non-finite gradient (from the loss back) in ");
         moe__describe_value(m, i, at, m->grads[m->tensors[i].offset + at], where + strlen(where),
                             sizeof where - strlen(where));
+    } else if ((i = moe__find_largest(m, m->params, &at)) >= 0) { /* an overflow: point at the biggest weight */
+        strcpy(where, " (no weight is NaN/Inf; the largest is ");
+        moe__describe_value(m, i, at, m->params[m->tensors[i].offset + at], where + strlen(where),
+                            sizeof where - strlen(where) - 1);
+        strcat(where, ")");
     }
     moe__set_err(t->err, sizeof t->err, MOE_ENONFINITE, "step %d: %s%s", step, what, where);
     if (t->tc.nan_policy != MOE_NAN_SKIP) return MOE_ENONFINITE;
     discard_bias_loads(m);
-    t->n_skipped++;
-    if (++t->consecutive_skips > MOE_MAX_CONSECUTIVE_SKIPS) {
+    if (t->consecutive_skips >= MOE_MAX_CONSECUTIVE_SKIPS) {
         char last[sizeof t->err];
         memcpy(last, t->err, sizeof last);
-        return moe__set_err(t->err, sizeof t->err, MOE_ENONFINITE, "%d steps in a row skipped (non-finite); last: %.400s",
+        return moe__set_err(t->err, sizeof t->err, MOE_ENONFINITE, "after %d skipped updates in a row: %.400s",
                             t->consecutive_skips, last);
     }
+    t->n_skipped++, t->consecutive_skips++;
     if (info) {
         memset(info, 0, sizeof *info);
         info->step = step;

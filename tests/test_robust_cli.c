@@ -1,7 +1,8 @@
-/* Crash safety of `moe train` itself (docs/robustness.md): SIGKILL at seeded
+/* Robustness of `moe train` itself (docs/robustness.md): SIGKILL at seeded
  * random times while it checkpoints every step never leaves a checkpoint
  * that fails its manifest, does not load, or mixes steps; SIGINT/SIGTERM save
- * and exit 130, a second SIGINT exits at once, still consistent.
+ * and exit 130, a second SIGINT exits at once, still consistent; --on-nan
+ * error stops with the cause named, skip drops updates until the limit.
  * MOE_KILLTEST_N sets the number of kills (default 8; bench/killtest.sh runs
  * 100). Needs build/moe and the Brown corpus (4 of its files make the data). */
 #include "test.h"
@@ -54,19 +55,25 @@ static int kt_setup(kt_env *e) {
     return 0;
 }
 
-/* moe train on the small corpus, checkpointing every step; output to log */
-static pid_t kt_spawn(const kt_env *e, int resume, const char *steps) {
+/* moe train on the small corpus, checkpointing every step, with up to 8
+ * extra flags (NULL-terminated); output to log */
+static pid_t kt_spawn_with(const kt_env *e, int resume, const char *steps, const char *const *extra) {
     const pid_t pid = fork();
     if (pid != 0) return pid;
     int fd = open(e->log, O_WRONLY | O_CREAT | O_TRUNC, 0666);
     if (fd >= 0) dup2(fd, 1), dup2(fd, 2);
-    char *argv[] = {(char *)MOE_BIN, "train", resume ? "--resume" : "--preset", resume ? "--quiet" : "tiny",
-                    "--data", (char *)e->corpus, "--out", (char *)e->run, "--steps", (char *)steps,
-                    "--batch", "2", "--seq", "32", "--threads", "1", "--ckpt-every", "1", "--eval-every", "0",
-                    "--log-every", "1", NULL};
+    char *argv[40] = {(char *)MOE_BIN, "train", resume ? "--resume" : "--preset", resume ? "--quiet" : "tiny",
+                      "--data", (char *)e->corpus, "--out", (char *)e->run, "--steps", (char *)steps,
+                      "--batch", "2", "--seq", "32", "--threads", "1", "--ckpt-every", "1", "--eval-every", "0",
+                      "--log-every", "1"};
+    int n = 22;
+    for (int i = 0; extra && extra[i] && i < 8; i++) argv[n++] = (char *)extra[i];
+    argv[n] = NULL;
     execv(MOE_BIN, argv);
     _exit(127);
 }
+
+static pid_t kt_spawn(const kt_env *e, int resume, const char *steps) { return kt_spawn_with(e, resume, steps, NULL); }
 
 static int kt_wait(pid_t pid) {
     int status;
@@ -200,5 +207,29 @@ TEST(ckpt_sigint_and_sigterm_save_and_exit_130) {
             CHECK(!rb_has_leftovers(e.run));
         }
     }
+    moe_test_rmdir(e.base);
+}
+
+/* A learning rate of 1e37 blows the weights up to finite but huge values in
+ * one step; the next forward overflows. */
+TEST(robust_cli_on_nan_error_and_skip) {
+    kt_env e;
+    if (kt_setup(&e)) return;
+    const char *err_flags[] = {"--lr", "1e37", "--warmup", "0", NULL};
+    CHECK_EQ_INT(kt_wait(kt_spawn_with(&e, 0, "5", err_flags)), 1);
+    CHECK_MSG(log_has(&e, "moe train: step 1: ") && log_has(&e, "(no weight is NaN/Inf; the largest is ") &&
+                  log_has(&e, "e+37)"),
+              "no cause in the output");
+    CHECK(!log_has(&e, "update skipped"));
+    moe_test_rmdir(e.run);
+    const char *skip_flags[] = {"--lr", "1e37", "--warmup", "0", "--on-nan", "skip", NULL};
+    CHECK_EQ_INT(kt_wait(kt_spawn_with(&e, 0, "5", skip_flags)), 1);
+    CHECK_MSG(log_has(&e, "moe train: update skipped (10 so far): step 1: ") &&
+                  log_has(&e, "after 10 skipped updates in a row") &&
+                  log_has(&e, "10 updates skipped (non-finite)"),
+              "skip reports missing");
+    moe_test_rmdir(e.run);
+    const char *bad[] = {"--on-nan", "ignore", NULL};
+    CHECK_EQ_INT(kt_wait(kt_spawn_with(&e, 0, "5", bad)), 2);
     moe_test_rmdir(e.base);
 }
