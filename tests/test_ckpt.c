@@ -182,3 +182,23 @@ TEST(ckpt_disk_full_is_reported_and_keeps_the_previous_checkpoint) {
     rb_fix_free(&f);
     moe_test_rmdir(base);
 }
+
+TEST(ckpt_recover_removes_only_leftovers) {
+    char base[64], err[512], path[700];
+    if (!moe_test_tmpdir(base, "ckpt")) return;
+    const char *gone[] = {"model.safetensors.new", "model.safetensors.tmp.123.4", "checkpoint.commit.tmp.9.0"};
+    const char *kept[] = {"notes.tmp.txt", "run.tmp.1", "x.tmp.1.2.bak", "newer", "README"};
+    for (int k = 0; k < 2; k++)
+        for (int i = 0; i < (k ? 5 : 3); i++) {
+            snprintf(path, sizeof path, "%s/%s", base, k ? kept[i] : gone[i]);
+            moe__iov part = {"x", 1};
+            CHECK(moe__write_atomic(path, &part, 1, err, sizeof err) == 0);
+        }
+    CHECK_MSG(moe__ckpt_recover(base, err, sizeof err) == 0, "%s", err);
+    for (int k = 0; k < 2; k++)
+        for (int i = 0; i < (k ? 5 : 3); i++) {
+            snprintf(path, sizeof path, "%s/%s", base, k ? kept[i] : gone[i]);
+            CHECK_MSG((access(path, F_OK) == 0) == k, "%s", path);
+        }
+    moe_test_rmdir(base);
+}

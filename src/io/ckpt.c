@@ -207,11 +207,21 @@ int moe__ckpt_verify(const char *dir, int *step, char *err, size_t errsz) {
 
 /* ---- writers ----------------------------------------------------------------- */
 
+static int digits(const char *s, const char **end) {
+    const char *p = s;
+    while (*p >= '0' && *p <= '9') p++;
+    *end = p;
+    return p > s;
+}
+
 /* Staged files of an uncommitted checkpoint and temporaries of interrupted
- * atomic writes: NAME.new and NAME.tmp.PID.SEQ. */
+ * atomic writes (io/atomic.c): NAME.new and NAME.tmp.PID.SEQ. */
 static int is_leftover(const char *s) {
     const size_t n = strlen(s);
-    return (n > 4 && !strcmp(s + n - 4, ".new")) || strstr(s, ".tmp.") != NULL;
+    if (n > 4 && !strcmp(s + n - 4, ".new")) return 1;
+    const char *t = NULL, *e;
+    for (const char *p = strstr(s, ".tmp."); p; p = strstr(p + 1, ".tmp.")) t = p;
+    return t && t > s && digits(t + 5, &e) && *e == '.' && digits(e + 1, &e) && !*e;
 }
 
 int moe__ckpt_recover(const char *dir, char *err, size_t errsz) {
