@@ -12,11 +12,13 @@
 #include "robust_fixture.h"
 
 #include <cjson/cJSON.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -57,9 +59,16 @@ static int kt_setup(kt_env *e) {
 
 /* moe train on the small corpus, checkpointing every step, with up to 8
  * extra flags (NULL-terminated); output to log */
+static long kt_fsize_limit; /* > 0: the child's RLIMIT_FSIZE, a disk that fills up */
+
 static pid_t kt_spawn_with(const kt_env *e, int resume, const char *steps, const char *const *extra) {
     const pid_t pid = fork();
     if (pid != 0) return pid;
+    if (kt_fsize_limit > 0) {
+        struct rlimit rl = {(rlim_t)kt_fsize_limit, (rlim_t)kt_fsize_limit};
+        signal(SIGXFSZ, SIG_IGN); /* inherited through exec: writes fail with EFBIG instead */
+        setrlimit(RLIMIT_FSIZE, &rl);
+    }
     int fd = open(e->log, O_WRONLY | O_CREAT | O_TRUNC, 0666);
     if (fd >= 0) dup2(fd, 1), dup2(fd, 2);
     char *argv[40] = {(char *)MOE_BIN, "train", resume ? "--resume" : "--preset", resume ? "--quiet" : "tiny",
@@ -231,5 +240,24 @@ TEST(robust_cli_on_nan_error_and_skip) {
     moe_test_rmdir(e.run);
     const char *bad[] = {"--on-nan", "ignore", NULL};
     CHECK_EQ_INT(kt_wait(kt_spawn_with(&e, 0, "5", bad)), 2);
+    moe_test_rmdir(e.base);
+}
+
+/* A disk that fills up: the resumed run's first checkpoint cannot be written
+ * (model.safetensors is 2.8 MB, the limit 1 MB); moe train reports the path
+ * and cause, stops with status 1, and the previous checkpoint stays whole. */
+TEST(robust_cli_full_disk_stops_with_the_previous_checkpoint) {
+    kt_env e;
+    if (kt_setup(&e)) return;
+    CHECK_EQ_INT(kt_wait(kt_spawn(&e, 0, "2")), 0);
+    kt_fsize_limit = 1 << 20;
+    const int rc = kt_wait(kt_spawn(&e, 1, "10"));
+    kt_fsize_limit = 0;
+    CHECK_EQ_INT(rc, 1);
+    CHECK_MSG(log_has(&e, "checkpoint at step 3 failed: ") && log_has(&e, "model.safetensors") &&
+                  log_has(&e, strerror(EFBIG)) && log_has(&e, "holds the previous checkpoint"),
+              "no full-disk report in the output");
+    CHECK_EQ_INT(kt_check(e.run, "after the full disk"), 2);
+    CHECK(!rb_has_leftovers(e.run));
     moe_test_rmdir(e.base);
 }
