@@ -257,6 +257,7 @@ TEST(robust_cli_full_disk_stops_with_the_previous_checkpoint) {
     CHECK_MSG(log_has(&e, "checkpoint at step 3 failed: ") && log_has(&e, "model.safetensors") &&
                   log_has(&e, strerror(EFBIG)) && log_has(&e, "holds the previous checkpoint"),
               "no full-disk report in the output");
+    CHECK_MSG(!log_has(&e, "checkpoint at step 4"), "training went on after the failed checkpoint");
     CHECK_EQ_INT(kt_check(e.run, "after the full disk"), 2);
     CHECK(!rb_has_leftovers(e.run));
     moe_test_rmdir(e.base);
