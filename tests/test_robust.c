@@ -109,6 +109,7 @@ TEST(robust_skip_policy_counts_skips_and_resume_stays_exact) {
     for (int i = 0; i < 3; i++) CHECK(moe_trainer_step(b.t, &sb) == 0);
     CHECK(sb.step == 5 && sb.n_skipped == 1);
     CHECK(rb_params_equal(b.m, moe_model_params(a.m)));
+    CHECK(sb.loss_ema == si.loss_ema && sb.loss_ema > 0); /* the spike EMA is checkpointed exactly */
     /* a weight that stays bad: MOE_MAX_CONSECUTIVE_SKIPS skips, then an error */
     poison(a.m, NAN);
     int skips = 0, rc = 0;
