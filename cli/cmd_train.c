@@ -407,7 +407,8 @@ int moe_cli_train(int argc, char **argv) {
     printf("trained %d steps in %.1f s (%.0f tokens/s); val loss %.4f, perplexity %.2f\n", step - start, train_s,
            step > start ? (step - start) * tok_per_step / train_s : 0.0, vl, exp(vl));
     if (n_skipped || n_spikes) printf("numerics: %d updates skipped (non-finite), %d loss spikes\n", n_skipped, n_spikes);
-    printf("saved %s (config.json, model.safetensors, tokenizer.json, optimizer.safetensors, loss.svg)\n", out);
+    if (!save_rc)
+        printf("saved %s (config.json, model.safetensors, tokenizer.json, optimizer.safetensors, loss.svg)\n", out);
     free(hist_tr.step), free(hist_tr.val), free(hist_va.step), free(hist_va.val);
     moe_trainer_free(tr);
     moe_model_free(m);
