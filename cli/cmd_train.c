@@ -6,6 +6,7 @@
 #include "data/shard.h"
 #include "internal.h"
 #include "io/atomic.h"
+#include "io/ckpt.h"
 #include "tokenizer/tokenizer.h"
 
 #include <cjson/cJSON.h>
@@ -18,10 +19,23 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+/* SIGINT/SIGTERM: the first asks the loop to stop after the current step and
+ * save; a second one exits at once. Either is safe at any point: checkpoints
+ * are replaced as a whole (docs/robustness.md). */
 static volatile sig_atomic_t g_stop;
-static void on_sigint(int sig) {
-    (void)sig;
-    g_stop = 1;
+static void on_stop_signal(int sig) {
+    if (g_stop) _exit(130);
+    g_stop = sig;
+}
+
+static void install_stop_handlers(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop_signal;
+    sa.sa_flags = SA_RESTART; /* a checkpoint write in progress carries on */
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
 }
 
 typedef struct {
@@ -56,9 +70,9 @@ static cJSON *series_json(const series *s) {
 /* Restores the history of a run being resumed (best effort: a missing or
  * malformed file just starts a new curve). */
 static void history_load(const char *dir, series *tr, series *va) {
-    char path[4096], err[256], *buf;
+    char path[4200], err[256], *buf;
     size_t n;
-    snprintf(path, sizeof path, "%s/train_state.json", dir);
+    if (moe__ckpt_path(dir, "train_state.json", path, sizeof path, err, sizeof err)) return;
     if (moe__read_file(path, 64u << 20, &buf, &n, err, sizeof err)) return;
     cJSON *root = cJSON_ParseWithLength(buf, n);
     moe__free(buf);
@@ -75,26 +89,31 @@ static void history_load(const char *dir, series *tr, series *va) {
     cJSON_Delete(root);
 }
 
-static int history_save(const char *dir, const series *tr, const series *va, int step, double tokens,
-                        const char *cmdline) {
+/* One checkpoint: model, optimizer state and the loss history of the same
+ * step, replaced together. */
+static int save_checkpoint(moe_trainer *tr, const char *dir, const series *trs, const series *va, int step,
+                           double tokens, int n_skipped, int n_spikes, const char *cmdline, char *err, size_t errsz) {
     cJSON *o = cJSON_CreateObject();
     cJSON_AddNumberToObject(o, "step", step);
     cJSON_AddNumberToObject(o, "tokens", tokens);
+    cJSON_AddNumberToObject(o, "skipped_steps", n_skipped);
+    cJSON_AddNumberToObject(o, "loss_spikes", n_spikes);
     cJSON_AddStringToObject(o, "command", cmdline);
-    cJSON_AddItemToObject(o, "train", series_json(tr));
+    cJSON_AddItemToObject(o, "train", series_json(trs));
     cJSON_AddItemToObject(o, "val", series_json(va));
     char *s = cJSON_Print(o);
     cJSON_Delete(o);
-    char path[4096], err[512];
-    snprintf(path, sizeof path, "%s/train_state.json", dir);
-    moe__iov part = {s, s ? strlen(s) : 0};
-    int rc = s ? moe__write_atomic(path, &part, 1, err, sizeof err) : MOE_ENOMEM;
-    free(s);
-    if (rc) {
-        fprintf(stderr, "moe: %s\n", s ? err : "out of memory");
-        return 1;
+    if (!s) return moe__set_err(err, errsz, MOE_ENOMEM, "%s: out of memory", dir);
+    moe__ckpt *c;
+    int rc = moe__ckpt_begin(dir, step, &c, err, errsz);
+    if (!rc) {
+        moe__iov part = {s, strlen(s)};
+        rc = moe__trainer_stage(tr, c, err, errsz);
+        if (!rc) rc = moe__ckpt_write(c, "train_state.json", &part, 1, err, errsz);
+        rc = rc ? (moe__ckpt_abort(c), rc) : moe__ckpt_commit(c, err, errsz);
     }
-    return 0;
+    free(s);
+    return rc;
 }
 
 /* mkdir -p: the output directory and its parents */
@@ -122,7 +141,8 @@ int moe_cli_train(int argc, char **argv) {
         warmup = -1, resume = 0, sched_steps = 0, ckpt_every = 500, log_every = 10, quiet = 0;
     double minutes = 0;
     uint64_t seed = 1234;
-    float lr = 3e-3f, wd = 0.1f, clip = 1.0f, min_lr_ratio = 0.1f;
+    float lr = 3e-3f, wd = 0.1f, clip = 1.0f, min_lr_ratio = 0.1f, spike_factor = 2.0f;
+    const char *on_nan = "error";
     /* model overrides: negative = keep the preset's / config's value */
     const char *router = NULL;
     int experts = -1, top_k = -1, groups = -1, topk_groups = -1, seq_aux = 0, gshard = 0;
@@ -150,6 +170,8 @@ int moe_cli_train(int argc, char **argv) {
         {"--ckpt-every", NULL, ARG_INT, &ckpt_every, "steps between checkpoints (0: only at the end)"},
         {"--log-every", NULL, ARG_INT, &log_every, "steps between progress lines when not on a terminal"},
         {"--resume", NULL, ARG_BOOL, &resume, "continue the run saved in --out (bit-exact)"},
+        {"--on-nan", NULL, ARG_STR, &on_nan, "NaN/Inf loss, gradients or weights: error (stop, naming the tensor) or skip (drop the update)"},
+        {"--spike-factor", NULL, ARG_FLOAT, &spike_factor, "report a loss above this x its running mean (<= 0: off)"},
         {"--quiet", "-q", ARG_BOOL, &quiet, "only the summary"},
         {"--router", NULL, ARG_STR, &router, "routing: topk, noisy_topk, expert_choice, hierarchical, balanced (docs/routing.md)"},
         {"--experts", NULL, ARG_INT, &experts, "experts per MoE layer (-1: the model's)"},
@@ -173,15 +195,21 @@ int moe_cli_train(int argc, char **argv) {
         return 2;
     }
     if (!steps && minutes <= 0) steps = 1000;
+    if (strcmp(on_nan, "error") && strcmp(on_nan, "skip")) {
+        fprintf(stderr, "moe train: --on-nan must be error or skip, not '%s'\n", on_nan);
+        return 2;
+    }
+    install_stop_handlers(); /* from here on a signal ends in a saved checkpoint */
     if (!!preset + !!config + resume > 1) {
         fprintf(stderr, "moe train: give one of --preset, --config, --resume\n");
         return 2;
     }
-    char err[512], path[4096];
+    char err[512], path[4200];
     moe_model_config cfg;
-    if (resume) {
-        snprintf(path, sizeof path, "%s/config.json", out);
-        rc = moe_model_config_load(path, &cfg, err, sizeof err);
+    if (resume) { /* a checkpoint a crash interrupted is finished or discarded first */
+        rc = moe__ckpt_recover(out, err, sizeof err);
+        if (!rc) rc = moe__ckpt_path(out, "config.json", path, sizeof path, err, sizeof err);
+        if (!rc) rc = moe_model_config_load(path, &cfg, err, sizeof err);
     } else if (config) {
         rc = moe_model_config_load(config, &cfg, err, sizeof err);
     } else {
@@ -256,6 +284,8 @@ int moe_cli_train(int argc, char **argv) {
     memset(&tc, 0, sizeof tc);
     tc.batch = batch, tc.seq = seq, tc.grad_accum = accum, tc.eval_batches = eval_batches, tc.seed = seed;
     tc.n_threads = threads;
+    tc.nan_policy = strcmp(on_nan, "skip") ? MOE_NAN_ERROR : MOE_NAN_SKIP;
+    tc.spike_factor = spike_factor > 0 ? spike_factor : -1;
     tc.opt = moe_adamw_config_default();
     tc.opt.lr = lr, tc.opt.min_lr = lr * min_lr_ratio, tc.opt.weight_decay = wd, tc.opt.grad_clip = clip;
     /* The schedule's length: the steps asked for, or a guess from the time
@@ -292,12 +322,11 @@ int moe_cli_train(int argc, char **argv) {
         strncat(cmdline, argv[i], sizeof cmdline - strlen(cmdline) - 1);
     }
 
-    signal(SIGINT, on_sigint);
     const int tty = isatty(STDERR_FILENO) && !quiet;
     const double t0 = cli_now();
     double last_val = NAN, tokens = 0;
     const double tok_per_step = (double)batch * seq * accum;
-    int step = moe_trainer_get_step(tr), start = step, failed = 0;
+    int step = moe_trainer_get_step(tr), start = step, failed = 0, n_skipped = 0, n_spikes = 0;
     const int target = steps > 0 ? steps : 1 << 30;
     while (step < target && !g_stop) {
         const double el = cli_now() - t0;
@@ -309,6 +338,15 @@ int moe_cli_train(int argc, char **argv) {
             failed = 1;
             break;
         }
+        n_skipped = si.n_skipped, n_spikes = si.n_spikes;
+        if (si.skipped) {
+            fprintf(stderr, "%smoe train: update skipped (%d so far): %s\n", tty ? "\n" : "", si.n_skipped,
+                    moe_trainer_errmsg(tr));
+            continue;
+        }
+        if (si.spike)
+            fprintf(stderr, "%smoe train: step %d: loss spike %.4f, %.1fx the running mean %.4f\n", tty ? "\n" : "",
+                    si.step, si.loss, si.loss / si.loss_ema, si.loss_ema);
         step = si.step;
         tokens = si.tokens;
         series_add(&hist_tr, step, si.loss);
@@ -325,9 +363,13 @@ int moe_cli_train(int argc, char **argv) {
                 series_add(&hist_va, step, vl);
             }
         }
-        if (ckpt_every > 0 && step % ckpt_every == 0) {
-            if (moe_trainer_save(tr, out, err, sizeof err) || history_save(out, &hist_tr, &hist_va, step, si.tokens, cmdline))
-                fprintf(stderr, "\nmoe train: checkpoint: %s\n", err);
+        if (ckpt_every > 0 && step % ckpt_every == 0 &&
+            save_checkpoint(tr, out, &hist_tr, &hist_va, step, si.tokens, n_skipped, n_spikes, cmdline, err, sizeof err)) {
+            /* a full disk fails every later checkpoint too: stop rather than train unsaved */
+            fprintf(stderr, "\nmoe train: checkpoint at step %d failed: %s\nmoe train: stopping; %s holds the previous "
+                            "checkpoint\n", step, err, out);
+            failed = 2;
+            break;
         }
         double eta = steps > 0 ? (target - step) * elapsed / (step - start) : minutes * 60 - elapsed;
         char etas[32];
@@ -344,14 +386,19 @@ int moe_cli_train(int argc, char **argv) {
         }
     }
     if (tty) fputc('\n', stderr);
-    if (g_stop) fprintf(stderr, "interrupted: saving the checkpoint\n");
+    if (g_stop) fprintf(stderr, "moe train: %s at step %d: saving the checkpoint (again to quit at once)\n",
+                        g_stop == SIGTERM ? "terminated" : "interrupted", step);
     const double train_s = cli_now() - t0;
     float vl = NAN;
     if (hist_va.n > 0 && hist_va.step[hist_va.n - 1] == step) vl = (float)hist_va.val[hist_va.n - 1]; /* just done */
-    else if (!failed && moe_trainer_eval(tr, &vl) == 0) series_add(&hist_va, step, vl);
-    int save_rc = moe_trainer_save(tr, out, err, sizeof err);
-    if (save_rc) fprintf(stderr, "moe train: checkpoint: %s\n", err);
-    save_rc |= history_save(out, &hist_tr, &hist_va, step, tokens, cmdline);
+    else if (!failed && !g_stop && moe_trainer_eval(tr, &vl) == 0) series_add(&hist_va, step, vl);
+    /* after a failed checkpoint the last good one stays; a failed step saves
+     * the state before it (the trainer left it untouched) */
+    int save_rc = failed == 2 ? 1
+                              : save_checkpoint(tr, out, &hist_tr, &hist_va, step, tokens, n_skipped, n_spikes, cmdline,
+                                                err, sizeof err);
+    if (save_rc && failed != 2) fprintf(stderr, "moe train: checkpoint: %s\n", err);
+    if (g_stop && !save_rc) fprintf(stderr, "moe train: checkpoint of step %d saved in %s (--resume to continue)\n", step, out);
     moe_plot_series ps[2] = {{"train loss", hist_tr.step, hist_tr.val, hist_tr.n, 0},
                              {"val loss", hist_va.step, hist_va.val, hist_va.n, 1}};
     snprintf(path, sizeof path, "%s/loss.svg", out);
@@ -359,7 +406,9 @@ int moe_cli_train(int argc, char **argv) {
         fprintf(stderr, "moe train: %s\n", err);
     printf("trained %d steps in %.1f s (%.0f tokens/s); val loss %.4f, perplexity %.2f\n", step - start, train_s,
            step > start ? (step - start) * tok_per_step / train_s : 0.0, vl, exp(vl));
-    printf("saved %s (config.json, model.safetensors, tokenizer.json, optimizer.safetensors, loss.svg)\n", out);
+    if (n_skipped || n_spikes) printf("numerics: %d updates skipped (non-finite), %d loss spikes\n", n_skipped, n_spikes);
+    if (!save_rc)
+        printf("saved %s (config.json, model.safetensors, tokenizer.json, optimizer.safetensors, loss.svg)\n", out);
     free(hist_tr.step), free(hist_tr.val), free(hist_va.step), free(hist_va.val);
     moe_trainer_free(tr);
     moe_model_free(m);

@@ -442,10 +442,11 @@ int moe_model_decode_reset(moe_model *m);
 int moe_model_decode(moe_model *m, int32_t token, const float **logits);
 
 /* Model directories (docs/model.md): config.json + model.safetensors (Hugging
- * Face names, F32), each written atomically (temp, fsync, rename). */
+ * Face names, F32), replaced together atomically (docs/robustness.md). */
 int moe_model_save(const moe_model *m, const char *dir, char *err, size_t errsz);
 /* Loads config.json and model.safetensors from dir (hostile input: every
- * tensor's name, dtype and shape checked; F16/BF16 converted). */
+ * tensor's name, dtype and shape checked; F16/BF16 converted; NaN/Inf
+ * weights fail with MOE_ENONFINITE naming the tensor). */
 int moe_model_load(const char *dir, int max_batch, int max_seq, int want_grads, int n_threads, moe_model **out,
                    char *err, size_t errsz);
 
@@ -484,6 +485,17 @@ void moe_adamw_set_step(moe_adamw *o, int step);
 
 /* ---- training -------------------------------------------------------------- */
 
+/* What a step does when its loss, gradients or weights hold NaN/Inf
+ * (docs/robustness.md). Either way parameters and optimizer state are left
+ * as they were before the step. */
+typedef enum moe_nan_policy {
+    MOE_NAN_ERROR = 0, /* the step fails with MOE_ENONFINITE; the message names
+                          the layer and tensor (default) */
+    MOE_NAN_SKIP = 1,  /* the update is skipped and counted (step info); after
+                          MOE_MAX_CONSECUTIVE_SKIPS skips in a row it fails */
+} moe_nan_policy;
+#define MOE_MAX_CONSECUTIVE_SKIPS 10
+
 typedef struct moe_train_config {
     int batch;          /* B sequences per micro-batch */
     int seq;            /* T tokens per sequence */
@@ -492,6 +504,10 @@ typedef struct moe_train_config {
     uint64_t seed;      /* data sampling (and init, done by the caller) */
     int n_threads;
     moe_adamw_config opt;
+    moe_nan_policy nan_policy;
+    float spike_factor; /* a step's loss above spike_factor x the running mean
+                           (EMA, decay 0.98, after 20 steps) is a spike, reported
+                           in the step info. 0: default 2; < 0: off */
 } moe_train_config;
 
 typedef struct moe_train_step_info {
@@ -500,6 +516,11 @@ typedef struct moe_train_step_info {
     float lr, grad_norm;
     double tokens;           /* tokens seen so far */
     double step_seconds;
+    int skipped;             /* 1: non-finite, the update was skipped (MOE_NAN_SKIP);
+                                moe_trainer_errmsg says where */
+    int spike;               /* 1: loss > spike_factor x loss_ema */
+    float loss_ema;          /* running mean of the loss before this step */
+    int n_skipped, n_spikes; /* totals over the run (kept by checkpoints) */
 } moe_train_step_info;
 
 typedef struct moe_trainer moe_trainer;
@@ -513,9 +534,11 @@ int moe_trainer_step(moe_trainer *t, moe_train_step_info *info);
 /* Mean validation cross-entropy (nats/token) over the fixed windows. */
 int moe_trainer_eval(moe_trainer *t, float *val_loss);
 const char *moe_trainer_errmsg(const moe_trainer *t);
-/* Saves the model (moe_model_save) and the optimizer/sampler state
- * (optimizer.safetensors) into dir; load_state restores the latter from a
- * directory written by save, for a bit-exact resume. */
+/* Saves the model (config.json, model.safetensors) and the optimizer/sampler
+ * state (optimizer.safetensors) into dir as one checkpoint: a crash at any
+ * point leaves the previous checkpoint or this one, never a mix
+ * (docs/robustness.md); load_state restores the state from a directory
+ * written by save, for a bit-exact resume. */
 int moe_trainer_save(moe_trainer *t, const char *dir, char *err, size_t errsz);
 int moe_trainer_load_state(moe_trainer *t, const char *dir, char *err, size_t errsz);
 int moe_trainer_get_step(const moe_trainer *t);

@@ -93,21 +93,25 @@ static float score_token(const moe_layer_config *c, const float *lg, float *s, f
     return logf(ssum) - slog / ssum;
 }
 
+/* NaN ranks as -Inf: a NaN score must never win a slot over a number, and
+ * comparisons with it must not break the insertion order */
+static inline float rank_key(float x) { return x != x ? -INFINITY : x; }
+
 void moe__topk(const float *v, size_t stride, int lo, int hi, int k, int *ids) {
     /* a sorted insertion; the k-th best lives in a register, so the common
      * case is one compare per candidate */
     int m = 0;
     float kth = -INFINITY;
     for (int i = lo; i < hi; i++) {
-        const float x = v[(size_t)i * stride];
+        const float x = rank_key(v[(size_t)i * stride]);
         if (m == k && !(x > kth)) continue;
         int j = m < k ? m++ : k - 1;
-        while (j > 0 && x > v[(size_t)ids[j - 1] * stride]) {
+        while (j > 0 && x > rank_key(v[(size_t)ids[j - 1] * stride])) {
             ids[j] = ids[j - 1];
             j--;
         }
         ids[j] = i;
-        if (m == k) kth = v[(size_t)ids[k - 1] * stride];
+        if (m == k) kth = rank_key(v[(size_t)ids[k - 1] * stride]);
     }
 }
 

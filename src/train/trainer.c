@@ -1,8 +1,11 @@
 /* Training: micro-batch sampling, gradient accumulation, AdamW steps,
  * evaluation on fixed validation windows, and the state a bit-exact resume
  * needs (AdamW moments, step, sampler RNG). */
+#include "io/ckpt.h"
 #include "io/safetensors.h"
+#include "layer/layer_impl.h"
 #include "model/model_impl.h"
+#include "train/numerics.h"
 
 #include <inttypes.h>
 #include <math.h>
@@ -20,7 +23,10 @@ struct moe_trainer {
     moe__rng rng;
     int32_t *tok, *tgt; /* [B][T] */
     double tokens;
-    char err[256];
+    /* numerics (docs/robustness.md), kept by checkpoints */
+    int n_skipped, consecutive_skips, n_spikes, n_ema;
+    double loss_ema;
+    char err[512];
 };
 
 static double now_s(void) {
@@ -91,6 +97,79 @@ static void sample(moe_trainer *t) {
     }
 }
 
+/* ---- numerics ------------------------------------------------------------------ */
+
+#define SPIKE_DECAY 0.98
+#define SPIKE_WARMUP 20
+
+/* A skipped step must leave no trace: the routers' load counts of its forward
+ * calls would otherwise move the next aux-loss-free bias update (and be lost
+ * by a checkpoint taken in between, breaking exact resume). */
+static void discard_bias_loads(moe_model *m) {
+    for (int i = 0; i < m->cfg.num_hidden_layers; i++) {
+        moe_layer *l = m->layers[i].moe;
+        if (l && l->bias_load) memset(l->bias_load, 0, sizeof(int64_t) * (size_t)l->cfg.n_experts);
+    }
+}
+
+/* The step found NaN/Inf (what: the symptom). Names the first bad weight, or
+ * else the bad gradient closest to the loss, then fails or skips by policy.
+ * Parameters and optimizer state are untouched either way. */
+static int nonfinite_step(moe_trainer *t, const char *what, int have_grads, moe_train_step_info *info) {
+    moe_model *m = t->m;
+    const int step = moe_adamw_get_step(t->opt);
+    char where[384] = "";
+    size_t at;
+    int i = moe__find_nonfinite(m, m->params, 0, &at);
+    if (i >= 0) {
+        strcpy(where, ": non-finite weight in ");
+        moe__describe_value(m, i, at, m->params[m->tensors[i].offset + at], where + strlen(where),
+                            sizeof where - strlen(where));
+    } else if (have_grads && (i = moe__find_nonfinite(m, m->grads, 1, &at)) >= 0) {
+        strcpy(where, ": first non-finite gradient (from the loss back) in ");
+        moe__describe_value(m, i, at, m->grads[m->tensors[i].offset + at], where + strlen(where),
+                            sizeof where - strlen(where));
+    } else if ((i = moe__find_largest(m, m->params, &at)) >= 0) { /* an overflow: point at the biggest weight */
+        strcpy(where, " (no weight is NaN/Inf; the largest is ");
+        moe__describe_value(m, i, at, m->params[m->tensors[i].offset + at], where + strlen(where),
+                            sizeof where - strlen(where) - 1);
+        strcat(where, ")");
+    }
+    moe__set_err(t->err, sizeof t->err, MOE_ENONFINITE, "step %d: %s%s", step, what, where);
+    if (t->tc.nan_policy != MOE_NAN_SKIP) return MOE_ENONFINITE;
+    discard_bias_loads(m);
+    if (t->consecutive_skips >= MOE_MAX_CONSECUTIVE_SKIPS) {
+        char last[sizeof t->err];
+        memcpy(last, t->err, sizeof last);
+        return moe__set_err(t->err, sizeof t->err, MOE_ENONFINITE, "after %d skipped updates in a row: %.400s",
+                            t->consecutive_skips, last);
+    }
+    t->n_skipped++, t->consecutive_skips++;
+    if (info) {
+        memset(info, 0, sizeof *info);
+        info->step = step;
+        info->loss = info->ce = info->grad_norm = NAN;
+        info->lr = moe_adamw_lr(moe__adamw_config(t->opt), step);
+        info->tokens = t->tokens;
+        info->skipped = 1;
+        info->loss_ema = (float)t->loss_ema;
+        info->n_skipped = t->n_skipped, info->n_spikes = t->n_spikes;
+    }
+    return MOE_OK;
+}
+
+/* Spike rule: after SPIKE_WARMUP finite losses, loss > factor x EMA. Every
+ * finite loss (spikes included) then enters the EMA, so a lasting level
+ * change stops being reported after a few dozen steps. */
+static int spike_update(moe_trainer *t, double loss) {
+    const double f = t->tc.spike_factor == 0 ? 2.0 : t->tc.spike_factor;
+    const int spike = f > 0 && t->n_ema >= SPIKE_WARMUP && loss > f * t->loss_ema;
+    t->loss_ema = t->n_ema ? SPIKE_DECAY * t->loss_ema + (1 - SPIKE_DECAY) * loss : loss;
+    t->n_ema++;
+    t->n_spikes += spike;
+    return spike;
+}
+
 int moe_trainer_step(moe_trainer *t, moe_train_step_info *info) {
     const double t0 = now_s();
     const int B = t->tc.batch, T = t->tc.seq, A = t->tc.grad_accum;
@@ -104,29 +183,44 @@ int moe_trainer_step(moe_trainer *t, moe_train_step_info *info) {
         moe_model_set_rng_counter(m, (uint64_t)moe_adamw_get_step(t->opt) * (uint64_t)A + (uint64_t)a);
         int rc = moe_model_forward(m, t->tok, t->tgt, B, T, &l);
         if (!rc) rc = moe_model_backward(m);
+        if (rc == MOE_ENONFINITE) return nonfinite_step(t, m->err, 0, info);
         if (rc) return moe__set_err(t->err, sizeof t->err, rc, "step %d: %s", moe_adamw_get_step(t->opt), m->err);
         moe_model_last_losses(m, &c, &x);
         loss += l, ce += c, aux += x;
+    }
+    if (!isfinite(loss)) {
+        char what[64];
+        snprintf(what, sizeof what, "the loss is %g", loss / A);
+        return nonfinite_step(t, what, 1, info);
     }
     if (A > 1) { /* the mean over micro-batches: scale the summed gradients */
         const float s = 1.0f / A;
         for (size_t i = 0; i < m->n_params; i++) m->grads[i] *= s;
     }
     const float lr = moe_adamw_lr(moe__adamw_config(t->opt), moe_adamw_get_step(t->opt));
+    const double ema_before = t->loss_ema;
     float gn;
     int rc = moe_adamw_step(t->opt, m->params, m->grads, m->tensors, m->n_tensors, &gn);
-    if (rc)
-        return moe__set_err(t->err, sizeof t->err, rc, "step %d: gradient norm is %g (NaN/Inf gradients)",
-                            moe_adamw_get_step(t->opt), (double)gn);
+    if (rc == MOE_ENONFINITE) {
+        char what[64];
+        snprintf(what, sizeof what, "the gradient norm is %g", (double)gn);
+        return nonfinite_step(t, what, 1, info);
+    }
+    if (rc) return moe__set_err(t->err, sizeof t->err, rc, "step %d: optimizer failed", moe_adamw_get_step(t->opt));
     if ((rc = moe_model_update_bias(m)))
         return moe__set_err(t->err, sizeof t->err, rc, "step %d: %s", moe_adamw_get_step(t->opt), m->err);
     t->tokens += (double)A * B * T;
+    t->consecutive_skips = 0;
+    const int spike = spike_update(t, loss / A);
     if (info) {
         info->step = moe_adamw_get_step(t->opt);
         info->loss = (float)(loss / A), info->ce = (float)(ce / A), info->aux = (float)(aux / A);
         info->lr = lr, info->grad_norm = gn;
         info->tokens = t->tokens;
         info->step_seconds = now_s() - t0;
+        info->skipped = 0, info->spike = spike;
+        info->loss_ema = (float)ema_before;
+        info->n_skipped = t->n_skipped, info->n_spikes = t->n_spikes;
     }
     return MOE_OK;
 }
@@ -159,16 +253,19 @@ int moe_trainer_eval(moe_trainer *t, float *val_loss) {
 
 /* ---- state ------------------------------------------------------------------- */
 
-int moe_trainer_save(moe_trainer *t, const char *dir, char *err, size_t errsz) {
-    int rc = moe_model_save(t->m, dir, err, errsz);
+int moe__trainer_stage(moe_trainer *t, moe__ckpt *c, char *err, size_t errsz) {
+    int rc = moe__model_stage(t->m, c, err, errsz);
     if (rc) return rc;
+    char path[4200];
+    if (!moe__ckpt_stage(c, "optimizer.safetensors", path, sizeof path))
+        return moe__set_err(err, errsz, MOE_EINVAL, "checkpoint: cannot stage optimizer.safetensors");
     moe_model *m = t->m;
     const int n = m->n_tensors;
     moe__st_out *o = moe__calloc((size_t)2 * n, sizeof *o);
     char *names = moe__calloc((size_t)2 * n, 100);
     if (!o || !names) {
         moe__free(o), moe__free(names);
-        return moe__set_err(err, errsz, MOE_ENOMEM, "%s: out of memory", dir);
+        return moe__set_err(err, errsz, MOE_ENOMEM, "%s: out of memory", path);
     }
     for (int i = 0; i < 2 * n; i++) {
         const moe_param_info *pi = &m->tensors[i % n];
@@ -180,24 +277,59 @@ int moe_trainer_save(moe_trainer *t, const char *dir, char *err, size_t errsz) {
         for (int d = 0; d < pi->ndim; d++) o[i].shape[d] = pi->shape[d];
         o[i].data = (i < n ? moe_adamw_m(t->opt) : moe_adamw_v(t->opt)) + pi->offset;
     }
-    char step[32], rng[4][32], tokens[32];
+    char step[32], rng[4][32], tokens[32], num[4][40];
     snprintf(step, sizeof step, "%d", moe_adamw_get_step(t->opt));
     for (int k = 0; k < 4; k++) snprintf(rng[k], sizeof rng[k], "%016" PRIx64, t->rng.s[k]);
     snprintf(tokens, sizeof tokens, "%.0f", t->tokens);
+    snprintf(num[0], sizeof num[0], "%d", t->n_skipped);
+    snprintf(num[1], sizeof num[1], "%d", t->n_spikes);
+    snprintf(num[2], sizeof num[2], "%d", t->n_ema);
+    snprintf(num[3], sizeof num[3], "%a", t->loss_ema); /* hex: exact, so resumed spike reports match */
     const char *meta[] = {"step", step, "rng0", rng[0], "rng1", rng[1], "rng2", rng[2], "rng3", rng[3],
-                          "tokens", tokens, NULL};
-    char path[4096];
-    snprintf(path, sizeof path, "%s/optimizer.safetensors", dir);
+                          "tokens", tokens, "skipped", num[0], "spikes", num[1], "loss_ema_n", num[2],
+                          "loss_ema", num[3], NULL};
     rc = moe__st_write(path, o, 2 * n, meta, err, errsz);
     moe__free(o), moe__free(names);
     return rc;
 }
 
+int moe_trainer_save(moe_trainer *t, const char *dir, char *err, size_t errsz) {
+    moe__ckpt *c;
+    int rc = moe__ckpt_begin(dir, moe_adamw_get_step(t->opt), &c, err, errsz);
+    if (rc) return rc;
+    if ((rc = moe__trainer_stage(t, c, err, errsz))) {
+        moe__ckpt_abort(c);
+        return rc;
+    }
+    return moe__ckpt_commit(c, err, errsz);
+}
+
+/* The numerics counters; absent in checkpoints from before they existed. */
+static int load_numerics(moe_trainer *t, const moe__st_file *f, const char *path, char *err, size_t errsz) {
+    const char *keys[3] = {"skipped", "spikes", "loss_ema_n"};
+    int *dst[3] = {&t->n_skipped, &t->n_spikes, &t->n_ema};
+    for (int k = 0; k < 3; k++) {
+        const char *v = moe__st_meta(f, keys[k]);
+        char *end;
+        long x = v ? strtol(v, &end, 10) : 0;
+        if (v && (*end || end == v || x < 0 || x > 1L << 30))
+            return moe__set_err(err, errsz, MOE_EFORMAT, "%s: bad \"%s\"", path, keys[k]);
+        *dst[k] = (int)x;
+    }
+    const char *v = moe__st_meta(f, "loss_ema");
+    char *end;
+    t->loss_ema = v ? strtod(v, &end) : 0;
+    if (v && (*end || end == v || !isfinite(t->loss_ema)))
+        return moe__set_err(err, errsz, MOE_EFORMAT, "%s: bad \"loss_ema\"", path);
+    t->consecutive_skips = 0;
+    return MOE_OK;
+}
+
 int moe_trainer_load_state(moe_trainer *t, const char *dir, char *err, size_t errsz) {
-    char path[4096];
-    snprintf(path, sizeof path, "%s/optimizer.safetensors", dir);
+    char path[4200];
     moe__st_file *f;
-    int rc = moe__st_open(path, &f, err, errsz);
+    int rc = moe__ckpt_path(dir, "optimizer.safetensors", path, sizeof path, err, errsz);
+    if (!rc) rc = moe__st_open(path, &f, err, errsz);
     if (rc) return rc;
     moe_model *m = t->m;
     char name[128];
@@ -230,6 +362,7 @@ int moe_trainer_load_state(moe_trainer *t, const char *dir, char *err, size_t er
             t->tokens = strtod(vals[5], NULL);
         }
     }
+    if (!rc) rc = load_numerics(t, f, path, err, errsz);
     moe__st_close(f);
     return rc;
 }
