@@ -331,3 +331,32 @@ TEST(experiment_cli_balance_quick_tiny) {
     cJSON_Delete(j);
     moe_test_rmdir(dir);
 }
+
+/* Log-x axes label 1-2-5 ticks with K/M suffixes when the data span under
+ * three decades (a tick per decade would leave one label or none). */
+static int svg_has(const char *path, const char *needle) {
+    static char buf[1 << 16];
+    FILE *f = fopen(path, "rb");
+    if (!f) return 0;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    return strstr(buf, needle) != NULL;
+}
+
+TEST(experiment_plot_log_x_ticks) {
+    char dir[64], path[128], err[256];
+    CHECK(moe_test_tmpdir(dir, "plot") != NULL);
+    snprintf(path, sizeof path, "%s/p.svg", dir);
+    const double e[5] = {4, 8, 16, 32, 64}, p[5] = {230e3, 450e3, 900e3, 1.3e6, 2.5e6}, y[5] = {0.5, 0.4, 0.3, 0.2, 0.1}; /* y ticks must not look like x ticks */
+    moe_plot_series s = {"s", e, y, 5, 1};
+    CHECK_EQ_INT(moe_plot_svg(path, "t", "x", "y", &s, 1, 1, err, sizeof err), 0);
+    CHECK(svg_has(path, ">5</text>") && svg_has(path, ">10</text>") && svg_has(path, ">20</text>") &&
+          svg_has(path, ">50</text>"));
+    CHECK(!svg_has(path, ">2</text>") && !svg_has(path, ">100</text>")); /* outside the data */
+    s.x = p;
+    CHECK_EQ_INT(moe_plot_svg(path, "t", "x", "y", &s, 1, 1, err, sizeof err), 0);
+    CHECK(svg_has(path, ">500K</text>") && svg_has(path, ">1M</text>") && svg_has(path, ">2M</text>"));
+    CHECK(!svg_has(path, "e+0"));
+    moe_test_rmdir(dir);
+}
