@@ -307,6 +307,10 @@ static int experiment(int kind, int argc, char **argv) {
                         "--steps, --tokens, --stats-steps, --capacity-factor non-negative, --ref-capacity positive\n");
         return 2;
     }
+    if (steps > 0 && tokens > 0) {
+        fprintf(stderr, "moe experiment: give --tokens or --steps, not both\n");
+        return 2;
+    }
     if (!steps) steps = tokens > 0 ? (int)ceil(tokens / tok_per_step) : quick ? bud->quick_steps : bud->steps;
 
     /* the runs */
@@ -439,7 +443,8 @@ static int experiment(int kind, int argc, char **argv) {
         strncat(cmdline, " ", sizeof cmdline - strlen(cmdline) - 1);
         strncat(cmdline, argv[i], sizeof cmdline - strlen(cmdline) - 1);
     }
-    print_table(stdout, kind, runs, n, 0);
+    const int json_stdout = json && !strcmp(json, "-"); /* then stdout holds only the JSON */
+    if (!json_stdout) print_table(stdout, kind, runs, n, 0);
     cJSON *js = json_report(kind, runs, n, protocol, cmdline, &o.train, steps, quick, base);
     char *text = js ? cJSON_Print(js) : NULL;
     cJSON_Delete(js);
@@ -450,13 +455,13 @@ static int experiment(int kind, int argc, char **argv) {
     }
     snprintf(path, sizeof path, "%s/%s.json", out, KIND_NAME[kind]);
     rc = write_text(path, text);
-    if (!rc && json && !strcmp(json, "-")) printf("%s\n", text);
+    if (!rc && json_stdout) printf("%s\n", text);
     else if (!rc && json) rc = write_text(json, text);
     free(text);
     snprintf(path, sizeof path, "%s/%s.md", out, KIND_NAME[kind]);
     if (!rc) rc = write_markdown(path, kind, runs, n, protocol);
     if (!rc && kind == CAPACITY) rc = write_plots(out, runs, n);
-    if (!rc)
+    if (!rc && !json_stdout)
         printf("wrote %s/%s.json, %s/%s.md%s\n", out, KIND_NAME[kind], out, KIND_NAME[kind],
                kind == CAPACITY ? ", capacity_ppl.svg, capacity_speed.svg" : "");
     rc = rc ? 1 : 0;
