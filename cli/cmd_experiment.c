@@ -253,7 +253,7 @@ static int experiment(int kind, int argc, char **argv) {
         quiet = 0, stats_steps = 0, no_dense = 0;
     double tokens = 0;
     uint64_t seed = 1234;
-    float lr = 3e-3f, cap = 0, ref_cap = 1.25f;
+    float lr = 3e-3f, cap = 0, ref_cap = 1.25f, aux_coef = -1;
     cli_arg args[] = {
         {"--out", "-o", ARG_STR, &out, "output directory (required)"},
         {"--quick", NULL, ARG_BOOL, &quick, "a tenth of the default budget (~3 minutes on 2 cores for 'exper')"},
@@ -270,6 +270,7 @@ static int experiment(int kind, int argc, char **argv) {
         {"--accum", NULL, ARG_INT, &accum, "micro-batches per optimizer step (0: the base's, exper 2, tiny 1)"},
         {"--lr", NULL, ARG_FLOAT, &lr, "peak learning rate (5% warm-up, cosine to a tenth)"},
         {"--capacity-factor", NULL, ARG_FLOAT, &cap, "expert capacity factor in training, 0 = dropless"},
+        {"--aux-coef", NULL, ARG_FLOAT, &aux_coef, "capacity: Switch aux loss coefficient of the MoE models (-1: 0.01)"},
         {"--ref-capacity", NULL, ARG_FLOAT, &ref_cap, "capacity factor of the overflow column"},
         {"--stats-steps", NULL, ARG_INT, &stats_steps, "routing stats over the last N steps (0: the last fifth)"},
         {"--eval-batches", NULL, ARG_INT, &eval_batches, "validation micro-batches (fixed windows)"},
@@ -329,6 +330,7 @@ static int experiment(int kind, int argc, char **argv) {
             run *r = &runs[n++];
             r->experts = i < 0 ? 0 : ev[i];
             moe_experiment_model(base, r->experts, &r->cfg);
+            if (aux_coef >= 0) r->cfg.router_aux_loss_coef = aux_coef;
             if (r->experts) snprintf(r->name, sizeof r->name, "moe-%d", r->experts);
             else snprintf(r->name, sizeof r->name, "dense");
         }
