@@ -12,6 +12,7 @@ int moe_cli_tokenizer(int argc, char **argv);
 int moe_cli_plot(int argc, char **argv);
 int moe_cli_tokenize(int argc, char **argv);
 int moe_cli_route(int argc, char **argv);
+int moe_cli_experiment(int argc, char **argv);
 
 /* The Brown corpus tokenized: the tokenizer (trained on the train split
  * unless tokenizer_path names one) and the train/val token streams. */
@@ -27,5 +28,7 @@ void cli_data_free(cli_data *d);
 /* Prints the model card (text or JSON) of a configuration. */
 void cli_print_card(const moe_model_config *c, int ctx, int json);
 double cli_now(void);
+/* mkdir -p (defined in cmd_train.c); 0 or -1 with errno */
+int cli_mkdir_p(const char *dir);
 
 #endif

@@ -117,7 +117,7 @@ static int save_checkpoint(moe_trainer *tr, const char *dir, const series *trs, 
 }
 
 /* mkdir -p: the output directory and its parents */
-static int mkdir_p(const char *dir) {
+int cli_mkdir_p(const char *dir) {
     char p[4096];
     if (snprintf(p, sizeof p, "%s", dir) >= (int)sizeof p) return -1;
     for (char *s = p + 1; *s; s++)
@@ -251,7 +251,7 @@ int moe_cli_train(int argc, char **argv) {
         fprintf(stderr, "moe train: --resume keeps the saved model's configuration; drop the model flags\n");
         return 2;
     }
-    if (mkdir_p(out) != 0 || access(out, W_OK) != 0) {
+    if (cli_mkdir_p(out) != 0 || access(out, W_OK) != 0) {
         fprintf(stderr, "moe train: cannot create %s: %s\n", out, strerror(errno));
         return 1;
     }

@@ -19,6 +19,7 @@ static void usage(FILE *f) {
                "  tokenize      token ids of a text under a GGUF file's tokenizer (as llama-tokenize)\n"
                "  plot          loss curves of several runs in one SVG\n"
                "  route         routing audit: expert load per layer and per genre, trace\n"
+               "  experiment    capacity (dense vs 4..64 experts) and balancing ablation tables\n"
                "  bench layer   time the MoE layer (forward, forward+backward) on fixed shapes\n"
                "  bench sgemm   time OpenBLAS sgemm, the fp32 ceiling of this machine\n"
                "  bench train   time training steps of a model (vs bench/peer_train_torch.py)\n"
@@ -66,7 +67,8 @@ int main(int argc, char **argv) {
     } cmds[] = {{"train", moe_cli_train}, {"eval", moe_cli_eval}, {"generate", moe_cli_generate},
                 {"info", moe_cli_info}, {"tokenizer", moe_cli_tokenizer}, {"plot", moe_cli_plot},
                 {"tokenize", moe_cli_tokenize},
-                {"route", moe_cli_route}};
+                {"route", moe_cli_route},
+                {"experiment", moe_cli_experiment}};
     for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++)
         if (!strcmp(argv[1], cmds[i].name)) return cmds[i].fn(argc - 2, argv + 2);
     fprintf(stderr, "moe: unknown command '%s'\n", argv[1]);

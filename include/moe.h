@@ -558,6 +558,61 @@ typedef struct moe_plot_series {
 int moe_plot_svg(const char *path, const char *title, const char *xlabel, const char *ylabel,
                  const moe_plot_series *series, int n_series, int log_x, char *err, size_t errsz);
 
+/* ---- experiments (docs/experiments.md) ------------------------------------ */
+
+/* The capacity experiment's family of models. base: "exper" (the default
+ * budget) or "tiny" (CI). n_experts E > 0: E routed experts of the base's
+ * width F, top-2, no shared expert, softmax top-k with the default aux and z
+ * losses; E = 0: the dense twin, FFN width K*F, so every member multiplies a
+ * token through the same matrices except the router (E*C per layer). The
+ * vocab is left at 4096. MOE_ENOTFOUND for an unknown base. */
+int moe_experiment_model(const char *base, int n_experts, moe_model_config *c);
+const char *const *moe_experiment_bases(void); /* NULL-terminated */
+/* The balancing ablation: applies one method to an MoE config (it resets
+ * every balancing field first). Methods: "none", "importance", "load",
+ * "importance+load" (noisy top-k, Shazeer et al.), "none-topk", "switch",
+ * "z-loss" (softmax top-k), "loss-free" (sigmoid scores + selection bias,
+ * DeepSeek-V3). MOE_ENOTFOUND for an unknown name. */
+int moe_experiment_balance_method(const char *method, moe_model_config *c);
+const char *const *moe_experiment_balance_methods(void); /* NULL-terminated */
+
+/* Routing statistics averaged over samples (one sample = one MoE layer's
+ * last forward). overflow: the fraction of (token, expert) pairs beyond
+ * ceil(ref_capacity_factor * R / E) per expert, i.e. what that capacity
+ * would drop, computed from the counts whether or not capacity is on. */
+typedef struct moe_routing_summary {
+    int n;                  /* samples */
+    float ref_capacity_factor;
+    double importance_cv, load_cv, max_over_mean, dropped_fraction, overflow; /* means */
+} moe_routing_summary;
+/* Adds one sample from a layer's statistics (E experts). */
+void moe_routing_summary_add(moe_routing_summary *s, const moe_layer_stats *st, int n_experts);
+/* Adds a sample per MoE layer of the model's last forward. */
+void moe_routing_summary_add_model(moe_routing_summary *s, const moe_model *m);
+
+/* One run of an experiment: create the model, init (train.seed), train
+ * `steps` optimizer steps, evaluate on the fixed val windows. */
+typedef struct moe_experiment_opts {
+    moe_train_config train; /* batch, seq, accum, eval batches, seed, threads, schedule */
+    int steps;
+    int stats_steps;        /* routing stats from the last micro-batch of each of the
+                               last stats_steps steps (0: a fifth of the steps, >= 1) */
+    float ref_capacity_factor; /* for moe_routing_summary.overflow (0: 1.25) */
+    const char *save_dir;   /* model saved there when not NULL */
+    void (*progress)(void *ctx, const moe_train_step_info *si); /* after each step, or NULL */
+    void *progress_ctx;
+} moe_experiment_opts;
+typedef struct moe_experiment_result {
+    moe_model_costs costs;     /* at context train.seq */
+    double train_seconds;      /* wall time inside the training steps only */
+    double tokens, tokens_per_s;
+    float train_loss;          /* mean cross-entropy of the last stats_steps steps */
+    float val_loss;            /* nats/token */
+    moe_routing_summary routing; /* n = 0 for a dense model */
+} moe_experiment_result;
+int moe_experiment_run(const moe_model_config *c, const moe_experiment_opts *o, const int32_t *train, size_t n_train,
+                       const int32_t *val, size_t n_val, moe_experiment_result *r, char *err, size_t errsz);
+
 #ifdef __cplusplus
 }
 #endif

@@ -27,6 +27,15 @@ static double nice_step(double range, int target) {
     return (f < 1.5 ? 1 : f < 3 ? 2 : f < 7 ? 5 : 10) * mag;
 }
 
+/* Large tick values as 250K, 1.5M rather than 1.5e+06 */
+static void tick_label(double v, char *b, size_t n) {
+    const double a = fabs(v);
+    if (a >= 1e9) snprintf(b, n, "%gG", v / 1e9);
+    else if (a >= 1e6) snprintf(b, n, "%gM", v / 1e6);
+    else if (a >= 1e4) snprintf(b, n, "%gK", v / 1e3);
+    else snprintf(b, n, "%g", v);
+}
+
 static const char *COLORS[] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"};
 
 int moe_plot_svg(const char *path, const char *title, const char *xlabel, const char *ylabel,
@@ -41,8 +50,9 @@ int moe_plot_svg(const char *path, const char *title, const char *xlabel, const 
     if (!(x0 <= x1)) x0 = 0, x1 = 1, y0 = 0, y1 = 1;
     if (x1 == x0) x1 = x0 + 1;
     if (y1 == y0) y1 = y0 + 1;
-    const double pad = (y1 - y0) * 0.05;
+    const double pad = (y1 - y0) * 0.05, xpad = (x1 - x0) * 0.02; /* markers at the ends stay whole */
     y0 -= pad, y1 += pad;
+    x0 -= xpad, x1 += xpad;
     const int W = 720, H = 440, L = 70, R = 20, T = 40, Bm = 55;
     const double pw = W - L - R, ph = H - T - Bm;
 #define PX(x) (L + ((x) - x0) / (x1 - x0) * pw)
@@ -58,11 +68,20 @@ int moe_plot_svg(const char *path, const char *title, const char *xlabel, const 
     for (double y = ceil(y0 / ys) * ys; y <= y1; y += ys)
         moe__sb_printf(&b, "<line x1=\"%d\" x2=\"%d\" y1=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/><text x=\"%d\" y=\"%.1f\" "
                       "text-anchor=\"end\">%g</text>\n", L, W - R, PY(y), PY(y), L - 6, PY(y) + 4, y);
-    double xs = log_x ? 1 : nice_step(x1 - x0, 8);
-    for (double x = ceil(x0 / xs) * xs; x <= x1 + 1e-9; x += xs)
-        moe__sb_printf(&b, "<line x1=\"%.1f\" x2=\"%.1f\" y1=\"%d\" y2=\"%d\" stroke=\"#ddd\"/><text x=\"%.1f\" y=\"%d\" "
-                      "text-anchor=\"middle\">%g</text>\n", PX(x), PX(x), T, H - Bm, PX(x), H - Bm + 16,
-                  log_x ? pow(10, x) : x);
+    /* log x: ticks at 1, 2, 5 times the powers of ten when the data span
+     * fewer than three decades (one tick per decade leaves one or none) */
+    const double xs = log_x ? 1 : nice_step(x1 - x0, 8);
+    static const double MANT[3] = {1, 2, 5};
+    const int nm = log_x && x1 - x0 < 3 ? 3 : 1;
+    for (double d = ceil(x0 / xs) * xs - (log_x ? 1 : 0); d <= x1 + 1e-9; d += xs)
+        for (int i = 0; i < nm; i++) {
+            const double x = log_x ? d + log10(MANT[i]) : d;
+            if (x < x0 - 1e-9 || x > x1 + 1e-9) continue;
+            char lab[32];
+            tick_label(log_x ? pow(10, x) : x, lab, sizeof lab);
+            moe__sb_printf(&b, "<line x1=\"%.1f\" x2=\"%.1f\" y1=\"%d\" y2=\"%d\" stroke=\"#ddd\"/><text x=\"%.1f\" "
+                          "y=\"%d\" text-anchor=\"middle\">%s</text>\n", PX(x), PX(x), T, H - Bm, PX(x), H - Bm + 16, lab);
+        }
     moe__sb_printf(&b, "<rect x=\"%d\" y=\"%d\" width=\"%.0f\" height=\"%.0f\" fill=\"none\" stroke=\"#333\"/>\n", L, T, pw, ph);
     moe__sb_printf(&b, "<text x=\"%.0f\" y=\"%d\" text-anchor=\"middle\">", L + pw / 2, H - 12);
     sb_text(&b, xlabel);
