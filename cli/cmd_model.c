@@ -171,6 +171,7 @@ static int sample(const float *logits, int V, float temp, int top_k, float top_p
 }
 
 int moe_cli_generate(int argc, char **argv) {
+    if (cli_is_gguf_model(argc, argv)) return moe_cli_gguf_generate(argc, argv);
     const char *dir = NULL, *prompt = "";
     int n = 64, threads = 2, top_k = 0, k = 0;
     float temp = 0.8f, top_p = 0.95f;

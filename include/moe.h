@@ -558,14 +558,16 @@ int moe_engine_n_past(const moe_engine *e);
 int moe_engine_truncate(moe_engine *e, int n);
 
 /* llama.cpp's perplexity protocol (tools/perplexity) over tokens [n], the
- * whole text tokenized once: n / n_ctx chunks of n_ctx tokens (n >= 2 n_ctx),
+ * whole text tokenized once: n / n_ctx chunks of n_ctx tokens (n >= n_ctx;
+ * llama-perplexity refuses inputs under 2 n_ctx, moe perplexity too),
  * each evaluated from an empty cache with its first token replaced by bos
  * (bos < 0: kept), scoring the predictions of its tokens n_ctx/2 + 1 ..
  * n_ctx - 1. *ppl = exp(mean NLL), *ppl_err its standard error as llama.cpp
- * prints it; chunk_ppl [n / n_ctx] (may be NULL): the running value after
- * each chunk. n_ctx <= the engine's context. */
+ * prints it; on_chunk (may be NULL) gets the running value after each
+ * chunk (chunk counts from 0). n_ctx <= the engine's context. */
+typedef void (*moe_ppl_chunk_fn)(int chunk, int n_chunk, double running_ppl, void *user);
 int moe_engine_perplexity(moe_engine *e, const int32_t *tokens, size_t n, int n_ctx, int bos, double *ppl,
-                          double *ppl_err, double *chunk_ppl);
+                          double *ppl_err, moe_ppl_chunk_fn on_chunk, void *user);
 
 /* Token sampling, llama.cpp's order: top-k, top-p (on the untempered
  * distribution), temperature, then a seeded draw. temp <= 0: greedy argmax

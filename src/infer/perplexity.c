@@ -5,9 +5,9 @@
 #include <math.h>
 
 int moe_engine_perplexity(moe_engine *e, const int32_t *tokens, size_t n, int n_ctx, int bos, double *ppl,
-                          double *ppl_err, double *chunk_ppl) {
+                          double *ppl_err, moe_ppl_chunk_fn on_chunk, void *user) {
     const moe_engine_hparams *h = moe_engine_get_hparams(e);
-    if (n_ctx < 4 || n_ctx > h->n_ctx || n / 2 < (size_t)n_ctx) return MOE_EINVAL;
+    if (n_ctx < 4 || n_ctx > h->n_ctx || n < (size_t)n_ctx) return MOE_EINVAL;
     const size_t n_chunk = n / (size_t)n_ctx, V = (size_t)h->n_vocab;
     const int first = n_ctx / 2;
     float *logits = moe__malloc(sizeof(float) * (size_t)n_ctx * V);
@@ -34,7 +34,7 @@ int moe_engine_perplexity(moe_engine *e, const int32_t *tokens, size_t n, int n_
             const double x = -((double)l[src[j + 1]] - mx - log(se)); /* scored: the original token */
             nll += x, nll2 += x * x, count++;
         }
-        if (chunk_ppl) chunk_ppl[c] = exp(nll / (double)count);
+        if (on_chunk) on_chunk((int)c, (int)n_chunk, exp(nll / (double)count), user);
     }
     if (!rc) {
         const double mean = nll / (double)count, var = nll2 / (double)count - mean * mean;
