@@ -11,6 +11,7 @@ int moe_cli_generate(int argc, char **argv);
 int moe_cli_tokenizer(int argc, char **argv);
 int moe_cli_plot(int argc, char **argv);
 int moe_cli_tokenize(int argc, char **argv);
+int moe_cli_convert(int argc, char **argv); /* cmd_convert.c */
 /* GGUF models (cmd_gguf.c): moe generate -m FILE.gguf, moe perplexity. */
 int cli_is_gguf_model(int argc, char **argv); /* -m names a file with GGUF magic */
 int moe_cli_gguf_generate(int argc, char **argv);

@@ -65,7 +65,8 @@ int main(int argc, char **argv) {
         int (*fn)(int, char **);
     } cmds[] = {{"train", moe_cli_train}, {"eval", moe_cli_eval}, {"generate", moe_cli_generate},
                 {"info", moe_cli_info}, {"tokenizer", moe_cli_tokenizer}, {"plot", moe_cli_plot},
-                {"perplexity", moe_cli_perplexity}, {"tokenize", moe_cli_tokenize}};
+                {"perplexity", moe_cli_perplexity}, {"tokenize", moe_cli_tokenize},
+                {"convert", moe_cli_convert}};
     for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++)
         if (!strcmp(argv[1], cmds[i].name)) return cmds[i].fn(argc - 2, argv + 2);
     fprintf(stderr, "moe: unknown command '%s'\n", argv[1]);

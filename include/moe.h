@@ -585,6 +585,24 @@ void moe_sampler_free(moe_sampler *s);
 /* logits [V]; returns the token id. */
 int32_t moe_sampler_sample(moe_sampler *s, const float *logits);
 
+/* ---- conversion (docs/convert.md) ------------------------------------------- */
+
+/* Weight type of an exported GGUF: matrices in this type; 1-D tensors and the
+ * router stay F32; rows that do not fill whole 32-value blocks fall back to F16. */
+typedef enum moe_convert_type {
+    MOE_CONVERT_F32 = 0,
+    MOE_CONVERT_F16 = 1,
+    MOE_CONVERT_Q8_0 = 2,
+    MOE_CONVERT_Q4_0 = 3,
+} moe_convert_type;
+/* A `moe train` model directory (config.json, model.safetensors,
+ * tokenizer.json) to a GGUF file llama.cpp loads, written atomically: arch
+ * "llama" (Mixtral layout, q/k rows permuted to adjacent-pair RoPE) for plain
+ * softmax top-k models with norm_topk_prob, "qwen2moe" for a sigmoid-gated
+ * shared expert with raw top-k weights. Anything else (dense layers, other
+ * routers, an ungated shared expert, ...) is MOE_EUNSUPPORTED naming the key. */
+int moe_convert_model_to_gguf(const char *dir, const char *out_path, moe_convert_type type, char *err, size_t errsz);
+
 /* ---- reports ---------------------------------------------------------------- */
 
 /* A line chart as standalone SVG (no dependencies), written atomically. */

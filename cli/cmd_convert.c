@@ -1,0 +1,35 @@
+/* moe convert: a trained model directory to a GGUF file llama.cpp loads. */
+#include "args.h"
+#include "cli.h"
+
+#include <stdio.h>
+#include <string.h>
+
+int moe_cli_convert(int argc, char **argv) {
+    const char *src = NULL, *dst = NULL, *type = "f32";
+    cli_arg args[] = {
+        {"--model", "-m", ARG_STR, &src, "source: a moe train model directory (required)"},
+        {"--out", "-o", ARG_STR, &dst, "destination GGUF file (required)"},
+        {"--type", NULL, ARG_STR, &type, "weight type of the matrices: f32, f16, q8_0 or q4_0"},
+    };
+    int rc = cli_parse("moe convert -m MODEL_DIR --out FILE.gguf [--type f32|f16|q8_0|q4_0]", args,
+                       sizeof args / sizeof args[0], argc, argv);
+    if (rc) return rc == 1 ? 0 : 2;
+    static const struct { const char *name; moe_convert_type t; } types[] = {
+        {"f32", MOE_CONVERT_F32}, {"f16", MOE_CONVERT_F16}, {"q8_0", MOE_CONVERT_Q8_0}, {"q4_0", MOE_CONVERT_Q4_0}};
+    int ti = -1;
+    for (int i = 0; i < 4; i++)
+        if (!strcmp(type, types[i].name)) ti = i;
+    if (!src || !dst || ti < 0) {
+        fprintf(stderr, "moe convert: -m MODEL_DIR and --out FILE.gguf are required; --type is f32, f16, q8_0 or q4_0\n");
+        return 2;
+    }
+    char err[512];
+    rc = moe_convert_model_to_gguf(src, dst, types[ti].t, err, sizeof err);
+    if (rc) {
+        fprintf(stderr, "moe convert: %s\n", err);
+        return 1;
+    }
+    printf("wrote %s (%s)\n", dst, type);
+    return 0;
+}
