@@ -189,3 +189,101 @@ TEST(convert_tokenizer_metadata_encodes_like_ours) {
     moe_model_free(m);
     moe_test_rmdir(dir);
 }
+
+/* Rewrites dir/model.safetensors without tensor drop. */
+static void drop_tensor(const char *dir, const char *drop) {
+    char path[256], err[512];
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    moe__st_file *f = NULL;
+    CHECK_EQ_INT(moe__st_open(path, &f, err, sizeof err), 0);
+    if (!f) return;
+    const int n = moe__st_count(f);
+    moe__st_out *o = calloc((size_t)n, sizeof *o);
+    int k = 0;
+    for (int i = 0; i < n; i++) {
+        const moe__st_tensor *t = moe__st_get(f, i);
+        if (!strcmp(t->name, drop)) continue;
+        o[k].name = t->name, o[k].dtype = t->dtype, o[k].ndim = t->ndim, o[k].data = t->data;
+        memcpy(o[k].shape, t->shape, sizeof o[k].shape);
+        k++;
+    }
+    CHECK_EQ_INT(k, n - 1);
+    CHECK_EQ_INT(moe__st_write(path, o, k, NULL, err, sizeof err), 0);
+    free(o);
+    moe__st_close(f);
+}
+
+/* Converts dir; expects code want with msg_part in the message, and the
+ * pre-existing output file left as it was. */
+static void expect_refusal(const char *dir, int want, const char *msg_part) {
+    char out[256], err[512] = "", buf[16] = "";
+    snprintf(out, sizeof out, "%s/out.gguf", dir);
+    FILE *f = fopen(out, "w");
+    if (f) fputs("keep", f), fclose(f);
+    const int rc = moe_convert_model_to_gguf(dir, out, MOE_CONVERT_F32, err, sizeof err);
+    CHECK_MSG(rc == want, "got %s (%s), want %s", moe_strerror(rc), err, moe_strerror(want));
+    CHECK_MSG(strstr(err, msg_part) != NULL, "message \"%s\" lacks \"%s\"", err, msg_part);
+    f = fopen(out, "r");
+    if (f) {
+        CHECK(fgets(buf, sizeof buf, f) != NULL);
+        fclose(f);
+    }
+    CHECK_MSG(!strcmp(buf, "keep"), "the existing output was replaced");
+}
+
+static void refusal_case(void (*edit)(moe_model_config *), int want, const char *msg_part) {
+    char dir[128];
+    if (!moe_test_tmpdir(dir, "convref")) return;
+    moe_model_config c;
+    CHECK_EQ_INT(moe_model_preset("tiny", &c), 0);
+    edit(&c);
+    moe_model_free(make_dir(dir, &c, 1));
+    expect_refusal(dir, want, msg_part);
+    moe_test_rmdir(dir);
+}
+
+static void edit_dense_layer(moe_model_config *c) { c->is_moe_layer[1] = 0; }
+static void edit_ungated_shared(moe_model_config *c) { c->n_shared_experts = 1, c->shared_expert_intermediate_size = 32; }
+static void edit_no_renorm(moe_model_config *c) { c->norm_topk_prob = 0; }
+static void edit_gated_renorm(moe_model_config *c) {
+    c->n_shared_experts = 1, c->shared_expert_intermediate_size = 32, c->shared_expert_gate = 1;
+}
+static void edit_sigmoid(moe_model_config *c) { c->scoring_func = MOE_SCORE_SIGMOID; }
+static void edit_bias(moe_model_config *c) { c->router_bias_update_rate = 1e-3f; }
+
+TEST(convert_refuses_what_llama_cpp_cannot_compute) {
+    refusal_case(edit_dense_layer, MOE_EUNSUPPORTED, "layer 1 is dense");
+    refusal_case(edit_ungated_shared, MOE_EUNSUPPORTED, "shared_expert_gate");
+    refusal_case(edit_no_renorm, MOE_EUNSUPPORTED, "norm_topk_prob");
+    refusal_case(edit_gated_renorm, MOE_EUNSUPPORTED, "norm_topk_prob");
+    refusal_case(edit_sigmoid, MOE_EUNSUPPORTED, "scoring_func");
+    refusal_case(edit_bias, MOE_EUNSUPPORTED, "router_bias_update_rate");
+}
+
+TEST(convert_hostile_model_directories) {
+    char dir[128], path[256], err[512];
+    if (!moe_test_tmpdir(dir, "convbad")) return;
+    moe_model_config c;
+    CHECK_EQ_INT(moe_model_preset("tiny", &c), 0);
+    moe_model_free(make_dir(dir, &c, 2));
+    /* a missing expert */
+    drop_tensor(dir, "model.layers.1.block_sparse_moe.experts.3.w2.weight");
+    expect_refusal(dir, MOE_ENOTFOUND, "experts.3.w2.weight");
+    /* a config that disagrees with the tensors' shapes */
+    moe_model_free(make_dir(dir, &c, 2));
+    moe_model_config c2 = c;
+    c2.intermediate_size = 64;
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    CHECK_EQ_INT(moe_model_config_save(&c2, path, err, sizeof err), 0);
+    expect_refusal(dir, MOE_ESHAPE, "experts.0.w1.weight");
+    /* a config that is not JSON */
+    FILE *f = fopen(path, "w");
+    if (f) fputs("{\"hidden_size\": 64,", f), fclose(f);
+    expect_refusal(dir, MOE_EFORMAT, "config.json");
+    /* no tokenizer */
+    CHECK_EQ_INT(moe_model_config_save(&c, path, err, sizeof err), 0);
+    snprintf(path, sizeof path, "%s/tokenizer.json", dir);
+    unlink(path);
+    expect_refusal(dir, MOE_ENOTFOUND, "tokenizer.json");
+    moe_test_rmdir(dir);
+}
