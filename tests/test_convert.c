@@ -190,8 +190,9 @@ TEST(convert_tokenizer_metadata_encodes_like_ours) {
     moe_test_rmdir(dir);
 }
 
-/* Rewrites dir/model.safetensors without tensor drop. */
-static void drop_tensor(const char *dir, const char *drop) {
+/* Rewrites dir/model.safetensors without tensor name (cols 0) or with its
+ * last dimension cut to cols. */
+static void edit_tensor(const char *dir, const char *name, int cols) {
     char path[256], err[512];
     snprintf(path, sizeof path, "%s/model.safetensors", dir);
     moe__st_file *f = NULL;
@@ -202,12 +203,13 @@ static void drop_tensor(const char *dir, const char *drop) {
     int k = 0;
     for (int i = 0; i < n; i++) {
         const moe__st_tensor *t = moe__st_get(f, i);
-        if (!strcmp(t->name, drop)) continue;
+        if (!strcmp(t->name, name) && !cols) continue;
         o[k].name = t->name, o[k].dtype = t->dtype, o[k].ndim = t->ndim, o[k].data = t->data;
         memcpy(o[k].shape, t->shape, sizeof o[k].shape);
+        if (!strcmp(t->name, name)) o[k].shape[t->ndim - 1] = cols;
         k++;
     }
-    CHECK_EQ_INT(k, n - 1);
+    CHECK_EQ_INT(k, cols ? n : n - 1);
     CHECK_EQ_INT(moe__st_write(path, o, k, NULL, err, sizeof err), 0);
     free(o);
     moe__st_close(f);
@@ -267,8 +269,12 @@ TEST(convert_hostile_model_directories) {
     CHECK_EQ_INT(moe_model_preset("tiny", &c), 0);
     moe_model_free(make_dir(dir, &c, 2));
     /* a missing expert */
-    drop_tensor(dir, "model.layers.1.block_sparse_moe.experts.3.w2.weight");
+    edit_tensor(dir, "model.layers.1.block_sparse_moe.experts.3.w2.weight", 0);
     expect_refusal(dir, MOE_ENOTFOUND, "experts.3.w2.weight");
+    /* a router of the right rows but too few columns */
+    moe_model_free(make_dir(dir, &c, 2));
+    edit_tensor(dir, "model.layers.0.block_sparse_moe.gate.weight", 32);
+    expect_refusal(dir, MOE_ESHAPE, "gate.weight");
     /* a config that disagrees with the tensors' shapes */
     moe_model_free(make_dir(dir, &c, 2));
     moe_model_config c2 = c;
