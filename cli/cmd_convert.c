@@ -1,18 +1,21 @@
-/* moe convert: a trained model directory to a GGUF file llama.cpp loads. */
+/* moe convert: a trained model directory to a GGUF file llama.cpp loads, or
+ * a GGUF MoE file to a model directory (the direction follows the source). */
 #include "args.h"
 #include "cli.h"
 
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 
 int moe_cli_convert(int argc, char **argv) {
     const char *src = NULL, *dst = NULL, *type = "f32";
     cli_arg args[] = {
-        {"--model", "-m", ARG_STR, &src, "source: a moe train model directory (required)"},
-        {"--out", "-o", ARG_STR, &dst, "destination GGUF file (required)"},
-        {"--type", NULL, ARG_STR, &type, "weight type of the matrices: f32, f16, q8_0 or q4_0"},
+        {"--model", "-m", ARG_STR, &src, "source: a moe train model directory, or a GGUF file (required)"},
+        {"--out", "-o", ARG_STR, &dst, "destination: the GGUF file, or the model directory (required)"},
+        {"--type", NULL, ARG_STR, &type, "GGUF export: weight type of the matrices, f32, f16, q8_0 or q4_0"},
     };
-    int rc = cli_parse("moe convert -m MODEL_DIR --out FILE.gguf [--type f32|f16|q8_0|q4_0]", args,
+    int rc = cli_parse("moe convert -m MODEL_DIR --out FILE.gguf [--type f32|f16|q8_0|q4_0]\n"
+                       "       moe convert -m FILE.gguf --out MODEL_DIR", args,
                        sizeof args / sizeof args[0], argc, argv);
     if (rc) return rc == 1 ? 0 : 2;
     static const struct { const char *name; moe_convert_type t; } types[] = {
@@ -25,11 +28,20 @@ int moe_cli_convert(int argc, char **argv) {
         return 2;
     }
     char err[512];
-    rc = moe_convert_model_to_gguf(src, dst, types[ti].t, err, sizeof err);
+    struct stat st;
+    if (stat(src, &st) == 0 && !S_ISDIR(st.st_mode)) {
+        int tok = 0;
+        rc = moe_convert_gguf_to_model(src, dst, &tok, err, sizeof err);
+        if (!rc)
+            printf("wrote %s (config.json, model.safetensors%s)\n", dst,
+                   tok ? ", tokenizer.json" : "; no tokenizer.json: the vocabulary is not a byte-level BPE of ours");
+    } else {
+        rc = moe_convert_model_to_gguf(src, dst, types[ti].t, err, sizeof err);
+        if (!rc) printf("wrote %s (%s)\n", dst, type);
+    }
     if (rc) {
         fprintf(stderr, "moe convert: %s\n", err);
         return 1;
     }
-    printf("wrote %s (%s)\n", dst, type);
     return 0;
 }
