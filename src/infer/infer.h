@@ -18,13 +18,20 @@ typedef enum moe__arch {
 } moe__arch;
 
 /* A weight matrix (or a stack of n_mat of them: the experts) in the file's
- * type: W [n_mat][rows][cols], rows of row_bytes, matrices of mat_bytes. */
+ * type: W [n_mat][rows][cols], rows of row_bytes, matrices of mat_bytes.
+ * Hugging Face files keep one tensor per expert: then mats[i] is matrix i
+ * (each contiguous, anywhere); NULL when the stack is one block at data. */
 typedef struct moe__wt {
     const uint8_t *data;
+    const uint8_t *const *mats; /* [n_mat] or NULL */
     uint32_t type;
     int rows, cols, n_mat;
     size_t row_bytes, mat_bytes;
 } moe__wt;
+
+static inline const uint8_t *moe__wt_mat(const moe__wt *w, int mat) {
+    return w->mats ? w->mats[mat] : w->data + (size_t)mat * w->mat_bytes;
+}
 
 typedef struct moe__ilayer {
     const float *attn_norm, *ffn_norm;     /* [C] */
@@ -49,10 +56,15 @@ typedef struct moe__imodel {
     float *owned;             /* the converted 1-D tensors */
     moe__gguf *g;
     void *file_buf;           /* the whole file when not mapped */
+    struct moe__hf_files *hf; /* a Hugging Face directory's mapped files (model_hf.c); NULL for GGUF */
 } moe__imodel;
 
-/* Opens, checks and binds a model file; messages name the file and tensor. */
+/* Opens, checks and binds a model file, or a Hugging Face / `moe train`
+ * directory (config.json + *.safetensors, model_hf.c); messages name the
+ * file and tensor. */
 int moe__imodel_load(const char *path, int use_mmap, moe__imodel **out, char *err, size_t errsz);
+int moe__imodel_load_hf(const char *dir, moe__imodel **out, char *err, size_t errsz);
+void moe__hf_files_free(struct moe__hf_files *f); /* NULL is a no-op */
 void moe__imodel_free(moe__imodel *m);
 
 /* ---- kernels (kernels.c) -------------------------------------------------- */

@@ -24,7 +24,7 @@ float moe__dot_f32(const float *a, const float *b, int n) {
 }
 
 void moe__wt_row(const moe__wt *w, int mat, int r, float *out) {
-    const uint8_t *p = w->data + (size_t)mat * w->mat_bytes + (size_t)r * w->row_bytes;
+    const uint8_t *p = moe__wt_mat(w, mat) + (size_t)r * w->row_bytes;
     moe__gguf_dequantize(w->type, p, out, (size_t)w->cols); /* types checked at load */
 }
 
@@ -33,7 +33,7 @@ void moe__wt_matmul(const moe__wt *w, int mat, const float *x, int N, float *y, 
     const int rows = w->rows, cols = w->cols;
     const int quant = w->type == MOE__GGML_Q8_0 || w->type == MOE__GGML_Q4_0;
     const size_t qrow = moe__gguf_row_size(MOE__GGML_Q8_0, (size_t)cols);
-    const uint8_t *base = w->data + (size_t)mat * w->mat_bytes;
+    const uint8_t *base = moe__wt_mat(w, mat);
     const int threads = s->threads;
     if (quant) {
 #pragma omp parallel for num_threads(threads) schedule(static)

@@ -6,6 +6,7 @@
 
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #define MAX_LAYERS 4096
 #define MAX_DIM (1 << 20)
@@ -238,6 +239,8 @@ static int bind_all(moe__imodel *m, binder *b) {
 
 int moe__imodel_load(const char *path, int use_mmap, moe__imodel **out, char *err, size_t errsz) {
     *out = NULL;
+    struct stat st;
+    if (stat(path, &st) == 0 && S_ISDIR(st.st_mode)) return moe__imodel_load_hf(path, out, err, errsz);
     moe__imodel *m = moe__calloc(1, sizeof *m);
     if (!m) return moe__set_err(err, errsz, MOE_ENOMEM, "out of memory");
     int rc;
@@ -274,6 +277,7 @@ int moe__imodel_load(const char *path, int use_mmap, moe__imodel **out, char *er
 void moe__imodel_free(moe__imodel *m) {
     if (!m) return;
     moe__gguf_close(m->g);
+    moe__hf_files_free(m->hf);
     moe__free(m->file_buf);
     moe__free(m->layers);
     moe__free(m->owned);
