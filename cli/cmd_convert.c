@@ -1,21 +1,21 @@
-/* moe convert: a trained model directory to a GGUF file llama.cpp loads, or
- * a GGUF MoE file to a model directory (the direction follows the source). */
+/* moe convert: a trained model directory to a GGUF file llama.cpp loads
+ * (--out ends in .gguf), or a GGUF MoE file / Hugging Face directory to a
+ * model directory (any other --out). */
 #include "args.h"
 #include "cli.h"
 
 #include <stdio.h>
 #include <string.h>
-#include <sys/stat.h>
 
 int moe_cli_convert(int argc, char **argv) {
     const char *src = NULL, *dst = NULL, *type = "f32";
     cli_arg args[] = {
-        {"--model", "-m", ARG_STR, &src, "source: a moe train model directory, or a GGUF file (required)"},
-        {"--out", "-o", ARG_STR, &dst, "destination: the GGUF file, or the model directory (required)"},
+        {"--model", "-m", ARG_STR, &src, "source: a moe train model directory, a GGUF file or a HF directory (required)"},
+        {"--out", "-o", ARG_STR, &dst, "destination: FILE.gguf (export), else a model directory (import) (required)"},
         {"--type", NULL, ARG_STR, &type, "GGUF export: weight type of the matrices, f32, f16, q8_0 or q4_0"},
     };
     int rc = cli_parse("moe convert -m MODEL_DIR --out FILE.gguf [--type f32|f16|q8_0|q4_0]\n"
-                       "       moe convert -m FILE.gguf --out MODEL_DIR", args,
+                       "       moe convert -m FILE.gguf|HF_DIR --out MODEL_DIR", args,
                        sizeof args / sizeof args[0], argc, argv);
     if (rc) return rc == 1 ? 0 : 2;
     static const struct { const char *name; moe_convert_type t; } types[] = {
@@ -28,8 +28,8 @@ int moe_cli_convert(int argc, char **argv) {
         return 2;
     }
     char err[512];
-    struct stat st;
-    if (stat(src, &st) == 0 && !S_ISDIR(st.st_mode)) {
+    const size_t n = strlen(dst);
+    if (n < 5 || strcmp(dst + n - 5, ".gguf")) {
         int tok = 0;
         rc = moe_convert_gguf_to_model(src, dst, &tok, err, sizeof err);
         if (!rc)

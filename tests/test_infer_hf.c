@@ -318,3 +318,38 @@ TEST(infer_hf_hostile_directories) {
     tiny_free(&m);
     moe_test_rmdir(dir);
 }
+
+/* moe convert DIR --out DIR2: a Hugging Face Mixtral directory imported as
+ * our checkpoint computes what the engine computes from the directory. */
+TEST(infer_hf_import_to_checkpoint) {
+    tiny_spec s = tiny_default(TINY_LLAMA);
+    tiny_model tm;
+    tiny_build(&tm, &s, 123);
+    char dir[128], back[160], err[512];
+    if (!moe_test_tmpdir(dir, "hfimport")) return;
+    snprintf(back, sizeof back, "%s/back", dir);
+    write_hf(dir, &tm, MOE__DT_BF16, 2, NULL, NULL);
+    int has_tok = -1;
+    CHECK_MSG(moe_convert_gguf_to_model(dir, back, &has_tok, err, sizeof err) == 0, "import: %s", err);
+    CHECK_EQ_INT(has_tok, 0);
+    moe_model *m = NULL;
+    moe_engine *e = NULL;
+    moe_engine_params ep = moe_engine_params_default();
+    ep.n_threads = 1, ep.n_ctx = 16;
+    CHECK_MSG(moe_model_load(back, 1, T_MAX, 0, 1, &m, err, sizeof err) == 0, "load: %s", err);
+    CHECK_EQ_INT(moe_engine_load(dir, &ep, &e, err, sizeof err), 0);
+    if (m && e) {
+        float *lg = malloc(sizeof(float) * T_MAX * s.V);
+        CHECK_EQ_INT(moe_engine_eval(e, k_tok, T_MAX, lg, 1), 0);
+        CHECK_EQ_INT(moe_model_forward(m, k_tok, NULL, 1, T_MAX, NULL), 0);
+        const float *ref = moe_model_logits(m);
+        double md = 0, mr = 0;
+        for (int i = 0; i < T_MAX * s.V; i++) md = fmax(md, fabs((double)lg[i] - ref[i])), mr = fmax(mr, fabs(ref[i]));
+        CHECK_MSG(md / mr < 1e-5, "imported HF mixtral vs engine: %.3g", md / mr);
+        free(lg);
+    }
+    moe_engine_free(e);
+    moe_model_free(m);
+    tiny_free(&tm);
+    moe_test_rmdir(dir);
+}
