@@ -31,7 +31,7 @@ int moe_cli_convert(int argc, char **argv) {
     const size_t n = strlen(dst);
     if (n < 5 || strcmp(dst + n - 5, ".gguf")) {
         int tok = 0;
-        rc = moe_convert_gguf_to_model(src, dst, &tok, err, sizeof err);
+        rc = moe_convert_to_model_dir(src, dst, &tok, err, sizeof err);
         if (!rc)
             printf("wrote %s (config.json, model.safetensors%s)\n", dst,
                    tok ? ", tokenizer.json" : "; no tokenizer.json: the vocabulary is not a byte-level BPE of ours");

@@ -602,13 +602,14 @@ typedef enum moe_convert_type {
  * shared expert with raw top-k weights. Anything else (dense layers, other
  * routers, an ungated shared expert, ...) is MOE_EUNSUPPORTED naming the key. */
 int moe_convert_model_to_gguf(const char *dir, const char *out_path, moe_convert_type type, char *err, size_t errsz);
-/* A GGUF MoE model (llama with experts, or qwen2moe; any type the engine
- * reads) to a model directory moe_model_load reads: config.json and F32
- * model.safetensors, plus tokenizer.json when the GGUF vocabulary is a
- * byte-level BPE of ours in substance (*has_tokenizer, may be NULL, says
- * whether it was written). Attention biases, q/k norms, partial RoPE and
- * expert weight scaling are MOE_EUNSUPPORTED, naming the tensor or key. */
-int moe_convert_gguf_to_model(const char *gguf_path, const char *dir, int *has_tokenizer, char *err, size_t errsz);
+/* A model the engine loads (a GGUF file: llama with experts or qwen2moe, any
+ * type the engine reads; or a Hugging Face directory) to a model directory
+ * moe_model_load reads: config.json and F32 model.safetensors, plus
+ * tokenizer.json when the vocabulary is a byte-level BPE of ours in
+ * substance (*has_tokenizer, may be NULL, says whether it was written).
+ * Attention biases, q/k norms, partial RoPE and expert weight scaling are
+ * MOE_EUNSUPPORTED, naming the layer or key. */
+int moe_convert_to_model_dir(const char *src, const char *dir, int *has_tokenizer, char *err, size_t errsz);
 
 /* ---- reports ---------------------------------------------------------------- */
 

@@ -1,4 +1,4 @@
-/* moe_convert_gguf_to_model: a model exported to GGUF and imported back is
+/* moe_convert_to_model_dir: a model exported to GGUF and imported back is
  * the same model (bit-identical logits from F32 files: the q/k permutation is
  * undone exactly), tokenizer.json included; quantized files import as their
  * dequantized weights; GGUF features our model lacks are refused. */
@@ -62,7 +62,7 @@ static void roundtrip(moe_model_config *c, moe_convert_type type, double tol, ui
     snprintf(back, sizeof back, "%s/back", dir);
     CHECK_EQ_INT(moe_convert_model_to_gguf(dir, gguf, type, err, sizeof err), 0);
     int has_tok = 0;
-    int rc = moe_convert_gguf_to_model(gguf, back, &has_tok, err, sizeof err);
+    int rc = moe_convert_to_model_dir(gguf, back, &has_tok, err, sizeof err);
     CHECK_MSG(rc == 0, "import: %s", err);
     CHECK_EQ_INT(has_tok, 1);
     moe_model *m2 = NULL;
@@ -123,7 +123,7 @@ TEST(convert_import_foreign_qwen2moe) {
     snprintf(back, sizeof back, "%s/back", dir);
     CHECK_EQ_INT(tiny_write(&tm, gguf, NULL, 0), 0);
     int has_tok = -1;
-    CHECK_MSG(moe_convert_gguf_to_model(gguf, back, &has_tok, err, sizeof err) == 0, "import: %s", err);
+    CHECK_MSG(moe_convert_to_model_dir(gguf, back, &has_tok, err, sizeof err) == 0, "import: %s", err);
     CHECK_EQ_INT(has_tok, 0);
     moe_model *m = NULL;
     moe_engine *e = NULL;
@@ -204,7 +204,7 @@ TEST(convert_import_refuses_what_our_model_lacks) {
     for (int i = 0; i < 3; i++) {
         rewrite(gguf, bad, cases[i].arch, cases[i].extra, cases[i].n);
         err[0] = 0;
-        const int rc = moe_convert_gguf_to_model(bad, back, NULL, err, sizeof err);
+        const int rc = moe_convert_to_model_dir(bad, back, NULL, err, sizeof err);
         CHECK_MSG(rc == cases[i].want, "case %d: %s (%s)", i, moe_strerror(rc), err);
         CHECK_MSG(strstr(err, cases[i].msg) != NULL, "case %d: message \"%s\" lacks \"%s\"", i, err, cases[i].msg);
     }
@@ -215,7 +215,7 @@ TEST(convert_import_refuses_what_our_model_lacks) {
         tiny_build(&tm, &s, 77);
         CHECK_EQ_INT(tiny_write(&tm, bad, NULL, 0), 0);
         err[0] = 0;
-        CHECK_EQ_INT(moe_convert_gguf_to_model(bad, back, NULL, err, sizeof err), MOE_EUNSUPPORTED);
+        CHECK_EQ_INT(moe_convert_to_model_dir(bad, back, NULL, err, sizeof err), MOE_EUNSUPPORTED);
         CHECK_MSG(strstr(err, arch == TINY_OLMOE ? "q/k norms" : "attention biases") != NULL, "%s", err);
         tiny_free(&tm);
     }
@@ -227,6 +227,6 @@ TEST(convert_import_refuses_what_our_model_lacks) {
         fclose(f);
         CHECK(truncate(gguf, n / 2) == 0);
     }
-    CHECK(moe_convert_gguf_to_model(gguf, back, NULL, err, sizeof err) < 0);
+    CHECK(moe_convert_to_model_dir(gguf, back, NULL, err, sizeof err) < 0);
     moe_test_rmdir(dir);
 }

@@ -330,7 +330,7 @@ TEST(infer_hf_import_to_checkpoint) {
     snprintf(back, sizeof back, "%s/back", dir);
     write_hf(dir, &tm, MOE__DT_BF16, 2, NULL, NULL);
     int has_tok = -1;
-    CHECK_MSG(moe_convert_gguf_to_model(dir, back, &has_tok, err, sizeof err) == 0, "import: %s", err);
+    CHECK_MSG(moe_convert_to_model_dir(dir, back, &has_tok, err, sizeof err) == 0, "import: %s", err);
     CHECK_EQ_INT(has_tok, 0);
     moe_model *m = NULL;
     moe_engine *e = NULL;

@@ -207,7 +207,7 @@ static int copy_tokenizer(const char *src, const char *dir, int *written, char *
     return rc;
 }
 
-int moe_convert_gguf_to_model(const char *src, const char *dir, int *has_tokenizer, char *err, size_t errsz) {
+int moe_convert_to_model_dir(const char *src, const char *dir, int *has_tokenizer, char *err, size_t errsz) {
     if (has_tokenizer) *has_tokenizer = 0;
     if (!src || !dir) return moe__set_err(err, errsz, MOE_EINVAL, "convert: bad arguments");
     moe__imodel *im = NULL;

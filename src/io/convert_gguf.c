@@ -40,8 +40,10 @@ typedef struct exporter {
 static void *keep(exporter *x, size_t bytes) {
     if (x->n_bufs == x->cap_bufs) {
         int cap = x->cap_bufs ? 2 * x->cap_bufs : 64;
-        void **b = realloc(x->bufs, (size_t)cap * sizeof *b);
+        void **b = moe__malloc((size_t)cap * sizeof *b);
         if (!b) return NULL;
+        if (x->n_bufs) memcpy(b, x->bufs, (size_t)x->n_bufs * sizeof *b);
+        moe__free(x->bufs);
         x->bufs = b, x->cap_bufs = cap;
     }
     void *p = moe__malloc(bytes ? bytes : 1);
@@ -367,7 +369,7 @@ int moe_convert_model_to_gguf(const char *dir, const char *out_path, moe_convert
 done:
     moe__gguf_writer_free(x.w);
     for (int i = 0; i < x.n_bufs; i++) moe__free(x.bufs[i]);
-    free(x.bufs);
+    moe__free(x.bufs);
     moe__st_close(st);
     moe_tokenizer_free(tok);
     return rc;
