@@ -184,6 +184,7 @@ static void log_routing(moe__sb *b, const moe_model *m, const moe_tokenizer *tok
 }
 
 int moe_cli_generate(int argc, char **argv) {
+    if (cli_is_gguf_model(argc, argv)) return moe_cli_gguf_generate(argc, argv);
     const char *dir = NULL, *prompt = "", *routing_log = NULL;
     int n = 64, threads = 2, top_k = 0, k = 0;
     float temp = 0.8f, top_p = 0.95f;

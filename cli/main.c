@@ -13,7 +13,9 @@ static void usage(FILE *f) {
                "commands:\n"
                "  train         train a MoE language model on the Brown corpus (the main job)\n"
                "  eval          validation loss and perplexity of a trained model\n"
-               "  generate      generate text with a trained model (KV cache)\n"
+               "  generate      generate text with a trained model or a GGUF MoE model (KV cache)\n"
+               "  perplexity    perplexity of a GGUF model on a text (llama.cpp's protocol)\n"
+               "  convert       export a trained model as GGUF (llama.cpp), import GGUF / Hugging Face\n"
                "  info          model card: total vs active parameters, memory, FLOPs per token\n"
                "  tokenizer     train / inspect the byte-level BPE tokenizer\n"
                "  tokenize      token ids of a text under a GGUF file's tokenizer (as llama-tokenize)\n"
@@ -66,9 +68,8 @@ int main(int argc, char **argv) {
         int (*fn)(int, char **);
     } cmds[] = {{"train", moe_cli_train}, {"eval", moe_cli_eval}, {"generate", moe_cli_generate},
                 {"info", moe_cli_info}, {"tokenizer", moe_cli_tokenizer}, {"plot", moe_cli_plot},
-                {"tokenize", moe_cli_tokenize},
-                {"route", moe_cli_route},
-                {"experiment", moe_cli_experiment}};
+                {"tokenize", moe_cli_tokenize}, {"route", moe_cli_route}, {"experiment", moe_cli_experiment},
+                {"perplexity", moe_cli_perplexity}, {"convert", moe_cli_convert}};
     for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++)
         if (!strcmp(argv[1], cmds[i].name)) return cmds[i].fn(argc - 2, argv + 2);
     fprintf(stderr, "moe: unknown command '%s'\n", argv[1]);

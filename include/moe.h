@@ -546,6 +546,102 @@ int moe_trainer_get_step(const moe_trainer *t);
  * is known from the measured speed). */
 void moe_trainer_set_schedule(moe_trainer *t, int max_steps, int warmup_steps);
 
+/* ---- inference on GGUF MoE models (docs/inference.md) ---------------------- */
+
+/* Architectures: Mixtral (GGUF arch "llama" with experts), "qwen2moe",
+ * "olmoe"; weights F32, F16, BF16, Q8_0, Q4_0 (llama.cpp's conventions). */
+typedef struct moe_engine_params {
+    int n_ctx;        /* KV cache positions (0: the model's context length, at most 4096) */
+    int n_batch;      /* tokens per forward pass; longer inputs are split (0: 512) */
+    int n_threads;    /* 0: the library default */
+    int experts_used; /* k, experts per token (0: the file's expert_used_count) */
+    int use_mmap;     /* 1: map the file (experts never routed to are never read); 0: read it */
+} moe_engine_params;
+moe_engine_params moe_engine_params_default(void);
+
+typedef struct moe_engine_hparams {
+    char arch[16];
+    int n_vocab, n_embd, n_layer, n_head, n_head_kv, head_dim, n_rot;
+    int n_expert, n_expert_used, n_ff_exp, n_ff_shexp; /* n_ff_shexp 0: no shared expert */
+    int n_ctx_train, n_ctx;                            /* n_ctx: the engine's cache */
+    float rms_eps, rope_base;
+    int tied_output;          /* no output.weight: the token embedding is the LM head */
+    uint32_t expert_type;     /* ggml type code of the expert weights */
+} moe_engine_hparams;
+
+typedef struct moe_engine moe_engine;
+/* Loads a GGUF model (hostile input: every key, tensor name, type and shape is
+ * checked; the message names the file and the tensor). p NULL: defaults. */
+int moe_engine_load(const char *path, const moe_engine_params *p, moe_engine **out, char *err, size_t errsz);
+void moe_engine_free(moe_engine *e);
+const moe_engine_hparams *moe_engine_get_hparams(const moe_engine *e);
+const char *moe_engine_errmsg(const moe_engine *e);
+/* Overrides k (1..n_expert); 0 restores the file's value. */
+int moe_engine_set_experts_used(moe_engine *e, int k);
+/* Runs tokens [n] at positions n_past .. n_past+n-1 and appends them to the
+ * KV cache. logits: [n][V] when all_logits, else [V] of the last token; may
+ * be NULL. The batch's experts run once each over the tokens routed to them;
+ * a token's logits are bit-identical whether fed alone or in a batch, and for
+ * any thread count. MOE_ELIMIT when the cache would overflow. */
+int moe_engine_eval(moe_engine *e, const int32_t *tokens, int n, float *logits, int all_logits);
+int moe_engine_n_past(const moe_engine *e);
+/* Keeps the first n cached positions (0: reset). */
+int moe_engine_truncate(moe_engine *e, int n);
+
+/* llama.cpp's perplexity protocol (tools/perplexity) over tokens [n], the
+ * whole text tokenized once: n / n_ctx chunks of n_ctx tokens (n >= n_ctx;
+ * llama-perplexity refuses inputs under 2 n_ctx, moe perplexity too),
+ * each evaluated from an empty cache with its first token replaced by bos
+ * (bos < 0: kept), scoring the predictions of its tokens n_ctx/2 + 1 ..
+ * n_ctx - 1. *ppl = exp(mean NLL), *ppl_err its standard error as llama.cpp
+ * prints it; on_chunk (may be NULL) gets the running value after each
+ * chunk (chunk counts from 0). n_ctx <= the engine's context. */
+typedef void (*moe_ppl_chunk_fn)(int chunk, int n_chunk, double running_ppl, void *user);
+int moe_engine_perplexity(moe_engine *e, const int32_t *tokens, size_t n, int n_ctx, int bos, double *ppl,
+                          double *ppl_err, moe_ppl_chunk_fn on_chunk, void *user);
+
+/* Token sampling, llama.cpp's order: top-k, top-p (on the untempered
+ * distribution), temperature, then a seeded draw. temp <= 0: greedy argmax
+ * (the lowest id among equal maxima). */
+typedef struct moe_sampler_params {
+    float temp;    /* default 0.8 */
+    int top_k;     /* 0: all (default 40) */
+    float top_p;   /* 1: off (default 0.95) */
+    uint64_t seed; /* default 42 */
+} moe_sampler_params;
+moe_sampler_params moe_sampler_params_default(void);
+typedef struct moe_sampler moe_sampler;
+int moe_sampler_create(const moe_sampler_params *p, int n_vocab, moe_sampler **out);
+void moe_sampler_free(moe_sampler *s);
+/* logits [V]; returns the token id. */
+int32_t moe_sampler_sample(moe_sampler *s, const float *logits);
+
+/* ---- conversion (docs/convert.md) ------------------------------------------- */
+
+/* Weight type of an exported GGUF: matrices in this type; 1-D tensors and the
+ * router stay F32; rows that do not fill whole 32-value blocks fall back to F16. */
+typedef enum moe_convert_type {
+    MOE_CONVERT_F32 = 0,
+    MOE_CONVERT_F16 = 1,
+    MOE_CONVERT_Q8_0 = 2,
+    MOE_CONVERT_Q4_0 = 3,
+} moe_convert_type;
+/* A `moe train` model directory (config.json, model.safetensors,
+ * tokenizer.json) to a GGUF file llama.cpp loads, written atomically: arch
+ * "llama" (Mixtral layout, q/k rows permuted to adjacent-pair RoPE) for plain
+ * softmax top-k models with norm_topk_prob, "qwen2moe" for a sigmoid-gated
+ * shared expert with raw top-k weights. Anything else (dense layers, other
+ * routers, an ungated shared expert, ...) is MOE_EUNSUPPORTED naming the key. */
+int moe_convert_model_to_gguf(const char *dir, const char *out_path, moe_convert_type type, char *err, size_t errsz);
+/* A model the engine loads (a GGUF file: llama with experts or qwen2moe, any
+ * type the engine reads; or a Hugging Face directory) to a model directory
+ * moe_model_load reads: config.json and F32 model.safetensors, plus
+ * tokenizer.json when the vocabulary is a byte-level BPE of ours in
+ * substance (*has_tokenizer, may be NULL, says whether it was written).
+ * Attention biases, q/k norms, partial RoPE and expert weight scaling are
+ * MOE_EUNSUPPORTED, naming the layer or key. */
+int moe_convert_to_model_dir(const char *src, const char *dir, int *has_tokenizer, char *err, size_t errsz);
+
 /* ---- reports ---------------------------------------------------------------- */
 
 /* A line chart as standalone SVG (no dependencies), written atomically. */

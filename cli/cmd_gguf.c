@@ -1,0 +1,222 @@
+/* moe generate -m FILE.gguf and moe perplexity: the GGUF inference engine with
+ * llama.cpp's flags where they overlap (llama-completion, llama-perplexity). */
+#include "args.h"
+#include "cli.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int cli_is_gguf_model(int argc, char **argv) {
+    const char *path = NULL;
+    for (int i = 0; i + 1 < argc; i++)
+        if (!strcmp(argv[i], "-m") || !strcmp(argv[i], "--model")) path = argv[i + 1];
+    FILE *f = path ? fopen(path, "rb") : NULL;
+    char magic[4] = {0};
+    const int ok = f && fread(magic, 1, 4, f) == 4 && !memcmp(magic, "GGUF", 4);
+    if (f) fclose(f);
+    return ok;
+}
+
+/* "1,2,3" -> ids (debug input until the GGUF tokenizers land). */
+static int parse_ids(const char *s, int32_t **out, size_t *n) {
+    size_t cap = 16, k = 0;
+    int32_t *ids = malloc(sizeof(int32_t) * cap);
+    while (ids && *s) {
+        char *end;
+        errno = 0;
+        long v = strtol(s, &end, 10);
+        if (end == s || errno || v < 0 || v > INT32_MAX) break;
+        if (k == cap) {
+            int32_t *p = realloc(ids, sizeof(int32_t) * (cap *= 2));
+            if (!p) break;
+            ids = p;
+        }
+        ids[k++] = (int32_t)v;
+        s = end;
+        while (*s == ',' || *s == ' ' || *s == '\n' || *s == '\t' || *s == '\r') s++;
+    }
+    if (!ids || *s || !k) {
+        free(ids);
+        return -1;
+    }
+    *out = ids, *n = k;
+    return 0;
+}
+
+static char *read_text(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    size_t cap = 1 << 16, n = 0;
+    char *buf = malloc(cap + 1);
+    size_t r;
+    while (buf && (r = fread(buf + n, 1, cap - n, f)) > 0) {
+        n += r;
+        if (n == cap) {
+            char *p = realloc(buf, (cap *= 2) + 1);
+            if (!p) free(buf);
+            buf = p;
+        }
+    }
+    fclose(f);
+    if (buf) buf[n] = 0, *len = n;
+    return buf;
+}
+
+static moe_engine *open_engine(const char *cmd, const char *path, int ctx, int batch, int threads, int k,
+                               int no_mmap) {
+    moe_engine_params p = moe_engine_params_default();
+    p.n_ctx = ctx, p.n_batch = batch, p.n_threads = threads, p.experts_used = k, p.use_mmap = !no_mmap;
+    char err[512];
+    moe_engine *e;
+    int rc = moe_engine_load(path, &p, &e, err, sizeof err);
+    if (rc) {
+        fprintf(stderr, "moe %s: %s (%s)\n", cmd, err, moe_err_name(rc));
+        return NULL;
+    }
+    const moe_engine_hparams *h = moe_engine_get_hparams(e);
+    fprintf(stderr, "moe %s: %s: arch %s, %d layers, C %d, %d experts (k %d), F %d%s, vocab %d, %s experts, ctx %d\n",
+            cmd, path, h->arch, h->n_layer, h->n_embd, h->n_expert, k ? k : h->n_expert_used, h->n_ff_exp,
+            h->n_ff_shexp ? " + shared" : "", h->n_vocab, h->expert_type == 0 ? "F32" : h->expert_type == 1 ? "F16"
+            : h->expert_type == 30 ? "BF16" : h->expert_type == 8 ? "Q8_0" : "Q4_0", h->n_ctx);
+    return e;
+}
+
+int moe_cli_gguf_generate(int argc, char **argv) {
+    const char *path = NULL, *prompt = NULL, *ids_arg = NULL;
+    int n = 64, threads = 0, ctx = 0, k = 0, top_k = 40, no_mmap = 0, batch = 512;
+    float temp = 0.8f, top_p = 0.95f;
+    uint64_t seed = 42;
+    cli_arg args[] = {
+        {"--model", "-m", ARG_STR, &path, "GGUF model file (required)"},
+        {"--prompt", "-p", ARG_STR, &prompt, "prompt text (needs the file's tokenizer)"},
+        {"--prompt-ids", NULL, ARG_STR, &ids_arg, "prompt as token ids \"1,2,3\" (debugging)"},
+        {"--n-predict", "-n", ARG_INT, &n, "tokens to generate"},
+        {"--temp", NULL, ARG_FLOAT, &temp, "temperature (0: greedy, deterministic)"},
+        {"--top-k", NULL, ARG_INT, &top_k, "keep the k most likely tokens (0: all)"},
+        {"--top-p", NULL, ARG_FLOAT, &top_p, "nucleus sampling mass (1: off)"},
+        {"--seed", "-s", ARG_U64, &seed, "sampling seed"},
+        {"--threads", "-t", ARG_INT, &threads, "threads (0: all cores)"},
+        {"--ctx-size", "-c", ARG_INT, &ctx, "context (KV cache) size (0: the model's, at most 4096)"},
+        {"--batch-size", "-b", ARG_INT, &batch, "prompt tokens per forward pass"},
+        {"--experts-used", NULL, ARG_INT, &k, "override k, the experts per token (0: the file's)"},
+        {"--no-mmap", NULL, ARG_BOOL, &no_mmap, "read the whole file instead of mapping it"},
+    };
+    int rc = cli_parse("moe generate -m FILE.gguf (-p TEXT | --prompt-ids 1,2,3) [-n N] [--temp T] [-t THREADS]",
+                       args, sizeof args / sizeof args[0], argc, argv);
+    if (rc) return rc == 1 ? 0 : 2;
+    if (!path || (!prompt && !ids_arg) || n < 0) {
+        fprintf(stderr, "moe generate: -m FILE.gguf and -p TEXT or --prompt-ids are required\n");
+        return 2;
+    }
+    int32_t *ids = NULL;
+    size_t np = 0;
+    if (!ids_arg) {
+        fprintf(stderr, "moe generate: text prompts need the GGUF tokenizer, not built in yet; use --prompt-ids\n");
+        return 2;
+    }
+    if (parse_ids(ids_arg, &ids, &np)) {
+        fprintf(stderr, "moe generate: --prompt-ids: expected comma-separated token ids\n");
+        return 2;
+    }
+    moe_engine *e = open_engine("generate", path, ctx, batch, threads, k, no_mmap);
+    if (!e) return free(ids), 1;
+    const moe_engine_hparams *h = moe_engine_get_hparams(e);
+    moe_sampler_params sp = {.temp = temp, .top_k = top_k, .top_p = top_p, .seed = seed};
+    moe_sampler *sm = NULL;
+    float *logits = malloc(sizeof(float) * h->n_vocab);
+    if (!logits || moe_sampler_create(&sp, h->n_vocab, &sm)) {
+        fprintf(stderr, "moe generate: bad sampling parameters\n");
+        rc = 2;
+    }
+    if ((int)np > h->n_ctx) {
+        fprintf(stderr, "moe generate: the prompt is %zu tokens, the context %d\n", np, h->n_ctx);
+        rc = 2;
+    }
+    double t0 = cli_now(), t1 = t0;
+    int made = 0;
+    if (!rc) {
+        rc = moe_engine_eval(e, ids, (int)np, logits, 0);
+        t1 = cli_now();
+        for (; !rc && made < n && moe_engine_n_past(e) < h->n_ctx; made++) {
+            const int32_t next = moe_sampler_sample(sm, logits);
+            printf("%s%d", made ? "," : "", next);
+            fflush(stdout);
+            rc = moe_engine_eval(e, &next, 1, logits, 0);
+        }
+        printf("\n");
+        if (rc) fprintf(stderr, "moe generate: %s\n", moe_engine_errmsg(e)), rc = 1;
+    }
+    if (!rc)
+        fprintf(stderr, "[prompt %zu tokens in %.3f s (%.1f t/s); %d tokens at %.2f t/s]\n", np, t1 - t0,
+                np / (t1 - t0 + 1e-12), made, made / (cli_now() - t1 + 1e-12));
+    moe_sampler_free(sm);
+    free(logits), free(ids);
+    moe_engine_free(e);
+    return rc;
+}
+
+static void print_chunk(int chunk, int n_chunk, double ppl, void *user) {
+    printf("[%d]%.4f,", chunk + 1, ppl);
+    fflush(stdout);
+}
+
+int moe_cli_perplexity(int argc, char **argv) {
+    const char *path = NULL, *file = NULL, *ids_file = NULL;
+    int ctx = 512, batch = 2048, threads = 0, k = 0, chunks = -1, no_mmap = 0, bos = -1;
+    cli_arg args[] = {
+        {"--model", "-m", ARG_STR, &path, "GGUF model file (required)"},
+        {"--file", "-f", ARG_STR, &file, "text file to score (needs the file's tokenizer)"},
+        {"--ids-file", NULL, ARG_STR, &ids_file, "pre-tokenized input: comma-separated ids (debugging)"},
+        {"--bos", NULL, ARG_INT, &bos, "with --ids-file: BOS id put at each chunk start (-1: none)"},
+        {"--ctx-size", "-c", ARG_INT, &ctx, "tokens per chunk (the second half is scored)"},
+        {"--batch-size", "-b", ARG_INT, &batch, "tokens per forward pass (capped at the chunk)"},
+        {"--chunks", NULL, ARG_INT, &chunks, "score at most this many chunks (-1: all)"},
+        {"--threads", "-t", ARG_INT, &threads, "threads (0: all cores)"},
+        {"--experts-used", NULL, ARG_INT, &k, "override k, the experts per token (0: the file's)"},
+        {"--no-mmap", NULL, ARG_BOOL, &no_mmap, "read the whole file instead of mapping it"},
+    };
+    int rc = cli_parse("moe perplexity -m FILE.gguf -f TEXT [-c N_CTX] [-b BATCH] [-t THREADS]", args,
+                       sizeof args / sizeof args[0], argc, argv);
+    if (rc) return rc == 1 ? 0 : 2;
+    if (!path || (!file && !ids_file) || ctx < 4) {
+        fprintf(stderr, "moe perplexity: -m FILE.gguf, -f TEXT (or --ids-file) and -c >= 4 are required\n");
+        return 2;
+    }
+    if (!ids_file) {
+        fprintf(stderr, "moe perplexity: text input needs the GGUF tokenizer, not built in yet; use --ids-file\n");
+        return 2;
+    }
+    size_t len, n = 0;
+    char *text = read_text(ids_file, &len);
+    int32_t *ids = NULL;
+    if (!text || parse_ids(text, &ids, &n)) {
+        fprintf(stderr, "moe perplexity: %s: cannot read comma-separated token ids\n", ids_file);
+        free(text);
+        return 1;
+    }
+    free(text);
+    if (n < 2 * (size_t)ctx) {
+        fprintf(stderr, "moe perplexity: you need at least %d tokens for a context of %d; the input has %zu\n",
+                2 * ctx, ctx, n);
+        free(ids);
+        return 1;
+    }
+    if (chunks > 0 && (size_t)chunks * ctx < n) n = (size_t)chunks * ctx;
+    moe_engine *e = open_engine("perplexity", path, ctx, batch < ctx ? batch : ctx, threads, k, no_mmap);
+    if (!e) return free(ids), 1;
+    fprintf(stderr, "perplexity: calculating perplexity over %zu chunks, n_ctx=%d\n", n / ctx, ctx);
+    double ppl = 0, err = 0, t0 = cli_now();
+    rc = moe_engine_perplexity(e, ids, n, ctx, bos, &ppl, &err, print_chunk, NULL);
+    printf("\n");
+    if (rc) {
+        fprintf(stderr, "moe perplexity: %s: %s\n", moe_strerror(rc), moe_engine_errmsg(e));
+    } else {
+        printf("Final estimate: PPL = %.4f +/- %.5f\n", ppl, err);
+        fprintf(stderr, "[%zu tokens in %.2f s]\n", n / ctx * ctx, cli_now() - t0);
+    }
+    free(ids);
+    moe_engine_free(e);
+    return rc ? 1 : 0;
+}

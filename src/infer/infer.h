@@ -1,0 +1,93 @@
+/* Internal: the CPU inference engine for GGUF MoE models (docs/inference.md).
+ *
+ * Split as llama2.c does: an immutable model (hyperparameters and weight views
+ * pointing into the read-only GGUF mapping, plus the few 1-D tensors converted
+ * to float) and per-engine state (KV cache, work buffers). Weights are never
+ * copied, so an expert that is never routed to is never paged in. */
+#ifndef MOE_INFER_H
+#define MOE_INFER_H
+
+#include "internal.h"
+#include "io/gguf.h"
+#include "io/quant.h"
+
+typedef enum moe__arch {
+    MOE__ARCH_LLAMA = 0,    /* Mixtral: adjacent-pair RoPE, top-k weights renormalised */
+    MOE__ARCH_QWEN2MOE = 1, /* half-split RoPE, raw top-k weights, sigmoid-gated shared expert */
+    MOE__ARCH_OLMOE = 2,    /* half-split RoPE, raw top-k weights, RMSNorm on q and k */
+} moe__arch;
+
+/* A weight matrix (or a stack of n_mat of them: the experts) in the file's
+ * type: W [n_mat][rows][cols], rows of row_bytes, matrices of mat_bytes.
+ * Hugging Face files keep one tensor per expert: then mats[i] is matrix i
+ * (each contiguous, anywhere); NULL when the stack is one block at data. */
+typedef struct moe__wt {
+    const uint8_t *data;
+    const uint8_t *const *mats; /* [n_mat] or NULL */
+    uint32_t type;
+    int rows, cols, n_mat;
+    size_t row_bytes, mat_bytes;
+} moe__wt;
+
+static inline const uint8_t *moe__wt_mat(const moe__wt *w, int mat) {
+    return w->mats ? w->mats[mat] : w->data + (size_t)mat * w->mat_bytes;
+}
+
+typedef struct moe__ilayer {
+    const float *attn_norm, *ffn_norm;     /* [C] */
+    const float *q_norm, *k_norm;          /* olmoe: [H*D], [G*D]; else NULL */
+    const float *bq, *bk, *bv, *bo;        /* optional biases [H*D] [G*D] [G*D] [C] */
+    moe__wt wq, wk, wv, wo;                /* [H*D][C] [G*D][C] [G*D][C] [C][H*D] */
+    moe__wt gate_inp;                      /* router [E][C] */
+    moe__wt gate_exps, up_exps, down_exps; /* [E][F][C] [E][F][C] [E][C][F] */
+    const float *gate_inp_sh;              /* qwen2moe shared gate [C]; else NULL */
+    moe__wt gate_sh, up_sh, down_sh;       /* shared expert [Fs][C] [Fs][C] [C][Fs] */
+} moe__ilayer;
+
+typedef struct moe__imodel {
+    moe__arch arch;
+    moe_engine_hparams hp;
+    int rope_neox;  /* 1: pairs (i, i + n_rot/2); 0: adjacent pairs (2i, 2i+1) */
+    int norm_topk;  /* renormalise the k weights to sum 1 */
+    float w_scale;  /* expert_weights_scale (0 or 1: none) */
+    const float *output_norm; /* [C] */
+    moe__wt tok_embd, output; /* [V][C]; output is tok_embd when tied */
+    moe__ilayer *layers;      /* [L] */
+    float *owned;             /* the converted 1-D tensors */
+    moe__gguf *g;
+    void *file_buf;           /* the whole file when not mapped */
+    struct moe__hf_files *hf; /* a Hugging Face directory's mapped files (model_hf.c); NULL for GGUF */
+} moe__imodel;
+
+/* Opens, checks and binds a model file, or a Hugging Face / `moe train`
+ * directory (config.json + *.safetensors, model_hf.c); messages name the
+ * file and tensor. */
+int moe__imodel_load(const char *path, int use_mmap, moe__imodel **out, char *err, size_t errsz);
+int moe__imodel_load_hf(const char *dir, moe__imodel **out, char *err, size_t errsz);
+void moe__hf_files_free(struct moe__hf_files *f); /* NULL is a no-op */
+void moe__imodel_free(moe__imodel *m);
+
+/* ---- kernels (kernels.c) -------------------------------------------------- */
+
+/* Scratch the matmul needs for N rows of activations of length cols:
+ * Q8_0 activations (for Q8_0/Q4_0 weights) and one converted weight row per
+ * thread (for F16/BF16). */
+typedef struct moe__kscratch {
+    void *q;       /* >= N * moe__gguf_row_size(Q8_0, cols) bytes */
+    float *rows;   /* [threads][max cols] */
+    int max_cols, threads;
+} moe__kscratch;
+
+/* y[t][r] (row stride ldy) = sum_c W[mat][r][c] x[t][c] for t < N, r < rows.
+ * x [N][cols]. Each output element is one dot product in a fixed order that
+ * depends on neither N nor the thread count: a token gets bit-identical
+ * results alone or inside a batch. Q8_0/Q4_0 weights dot with x quantized to
+ * Q8_0 (llama.cpp's scheme); F16/BF16 rows are widened to float. */
+void moe__wt_matmul(const moe__wt *w, int mat, const float *x, int N, float *y, int ldy,
+                    const moe__kscratch *s);
+/* Row r of W[mat] to float (embedding lookups). */
+void moe__wt_row(const moe__wt *w, int mat, int r, float *out);
+/* Dot of two float vectors, fixed blocked order. */
+float moe__dot_f32(const float *a, const float *b, int n);
+
+#endif

@@ -1,0 +1,330 @@
+/* The GGUF inference engine against an independent double-precision forward
+ * (test_infer_ref.c) on tiny random Mixtral, Qwen2-MoE and OLMoE files;
+ * batching, threads, k override, sampling, perplexity, hostile files. */
+#include "io/quant.h"
+#include "moe.h"
+#include "test.h"
+#include "test_infer_ref.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define T_MAX 12
+
+static const int32_t k_tokens[T_MAX] = {1, 17, 5, 66, 0, 23, 23, 42, 9, 60, 31, 2};
+
+/* Writes the model to a fresh temp dir and loads it; NULL on failure (the
+ * test is marked failed). */
+static moe_engine *load_tiny(const tiny_model *m, char *dir, const moe_engine_params *p) {
+    char path[256], err[512];
+    if (!moe_test_tmpdir(dir, "infer")) return NULL;
+    snprintf(path, sizeof path, "%s/tiny.gguf", dir);
+    CHECK_EQ_INT(tiny_write(m, path, NULL, 0), 0);
+    moe_engine *e = NULL;
+    int rc = moe_engine_load(path, p, &e, err, sizeof err);
+    CHECK_MSG(rc == 0, "load: %s", err);
+    return e;
+}
+
+/* max |engine - ref| over all positions, relative to max |ref| */
+static double compare_all(moe_engine *e, const tiny_model *m, int T, int k) {
+    const int V = m->s.V;
+    float *lg = malloc(sizeof(float) * T * V);
+    double *ref = malloc(sizeof(double) * T * V), md = 0, mr = 0;
+    moe_engine_truncate(e, 0);
+    CHECK_EQ_INT(moe_engine_eval(e, k_tokens, T, lg, 1), 0);
+    tiny_ref_forward(m, k_tokens, T, k, ref);
+    for (int i = 0; i < T * V; i++) {
+        md = fmax(md, fabs(lg[i] - ref[i]));
+        mr = fmax(mr, fabs(ref[i]));
+    }
+    free(lg), free(ref);
+    return md / mr;
+}
+
+static void check_arch(int arch, int tied, uint32_t wtype, double tol) {
+    tiny_spec s = tiny_default(arch);
+    s.tied = tied, s.wtype = wtype;
+    tiny_model m;
+    tiny_build(&m, &s, 1234 + (uint64_t)arch);
+    char dir[128];
+    moe_engine *e = load_tiny(&m, dir, NULL);
+    if (e) {
+        const moe_engine_hparams *h = moe_engine_get_hparams(e);
+        CHECK_EQ_INT(h->n_vocab, s.V);
+        CHECK_EQ_INT(h->n_expert, s.E);
+        CHECK_EQ_INT(h->n_expert_used, s.K);
+        CHECK_EQ_INT(h->tied_output, tied);
+        CHECK_EQ_INT(h->n_ff_shexp, s.Fs);
+        CHECK_EQ_INT(h->expert_type, wtype);
+        const double rel = compare_all(e, &m, T_MAX, s.K);
+        if (getenv("MOE_TEST_VERBOSE")) fprintf(stderr, "arch %d type %u tied %d: rel %.3g\n", arch, wtype, tied, rel);
+        CHECK_MSG(rel <= tol, "arch %d type %u: relative logit error %.3g > %.3g", arch, wtype, rel, tol);
+        moe_engine_free(e);
+    }
+    moe_test_rmdir(dir);
+    tiny_free(&m);
+}
+
+TEST(infer_mixtral_f32_matches_reference) {
+    check_arch(TINY_LLAMA, 0, MOE__GGML_F32, 2e-6);
+    check_arch(TINY_LLAMA, 1, MOE__GGML_F32, 2e-6); /* tied: no output.weight */
+}
+
+TEST(infer_qwen2moe_f32_matches_reference) { check_arch(TINY_QWEN2MOE, 0, MOE__GGML_F32, 2e-6); }
+TEST(infer_olmoe_f32_matches_reference) { check_arch(TINY_OLMOE, 0, MOE__GGML_F32, 2e-6); }
+
+/* The reference uses the dequantized weights, so what remains for F16/BF16
+ * is float rounding; for Q8_0/Q4_0 it is the activations' Q8_0 rounding
+ * (each value off by at most d/2 = max|x|/254 of its block, about 0.4%). */
+TEST(infer_quantized_types_within_bounds) {
+    check_arch(TINY_LLAMA, 0, MOE__GGML_F16, 2e-6);
+    check_arch(TINY_LLAMA, 0, MOE__GGML_BF16, 2e-6);
+    check_arch(TINY_LLAMA, 0, MOE__GGML_Q8_0, 2e-2);
+    check_arch(TINY_LLAMA, 0, MOE__GGML_Q4_0, 2e-2);
+    check_arch(TINY_QWEN2MOE, 1, MOE__GGML_Q8_0, 2e-2);
+}
+
+/* A prompt evaluated in one batch, in batches of 5, and token by token gives
+ * bit-identical logits, with 1 or 3 threads. */
+TEST(infer_batch_equals_decode_bitwise) {
+    tiny_spec s = tiny_default(TINY_QWEN2MOE);
+    tiny_model m;
+    tiny_build(&m, &s, 77);
+    char dir[128];
+    const int V = s.V, T = T_MAX;
+    float *a = malloc(sizeof(float) * T * V), *b = malloc(sizeof(float) * T * V), *c = malloc(sizeof(float) * T * V);
+    moe_engine_params p = moe_engine_params_default();
+    p.n_threads = 3;
+    moe_engine *e = load_tiny(&m, dir, &p);
+    if (e) {
+        CHECK_EQ_INT(moe_engine_eval(e, k_tokens, T, a, 1), 0);
+        CHECK_EQ_INT(moe_engine_n_past(e), T);
+        moe_engine_truncate(e, 0);
+        for (int t = 0; t < T; t++) CHECK_EQ_INT(moe_engine_eval(e, k_tokens + t, 1, b + (size_t)t * V, 0), 0);
+        CHECK(memcmp(a, b, sizeof(float) * T * V) == 0);
+        /* truncate then re-feed the tail: the cache before it is reused */
+        moe_engine_truncate(e, 7);
+        CHECK_EQ_INT(moe_engine_eval(e, k_tokens + 7, T - 7, c + 7 * V, 1), 0);
+        CHECK(memcmp(a + 7 * V, c + 7 * V, sizeof(float) * (T - 7) * V) == 0);
+        moe_engine_free(e);
+        char path[256], err[256];
+        snprintf(path, sizeof path, "%s/tiny.gguf", dir);
+        p.n_threads = 1, p.n_batch = 5, p.use_mmap = 0;
+        CHECK_EQ_INT(moe_engine_load(path, &p, &e, err, sizeof err), 0);
+        if (e) {
+            CHECK_EQ_INT(moe_engine_eval(e, k_tokens, T, c, 1), 0);
+            CHECK(memcmp(a, c, sizeof(float) * T * V) == 0);
+            moe_engine_free(e);
+        }
+    }
+    free(a), free(b), free(c);
+    moe_test_rmdir(dir);
+    tiny_free(&m);
+}
+
+TEST(infer_experts_used_override) {
+    tiny_spec s = tiny_default(TINY_LLAMA);
+    tiny_model m;
+    tiny_build(&m, &s, 99);
+    char dir[128];
+    moe_engine *e = load_tiny(&m, dir, NULL);
+    if (e) {
+        for (int k = 1; k <= s.E; k++) {
+            CHECK_EQ_INT(moe_engine_set_experts_used(e, k), 0);
+            const double rel = compare_all(e, &m, 8, k);
+            CHECK_MSG(rel <= 2e-6, "k=%d: relative error %.3g", k, rel);
+        }
+        CHECK(moe_engine_set_experts_used(e, s.E + 1) == MOE_EINVAL);
+        CHECK_EQ_INT(moe_engine_set_experts_used(e, 0), 0);
+        CHECK_EQ_INT(moe_engine_get_hparams(e)->n_expert_used, s.K);
+        moe_engine_free(e);
+        /* the load-time parameter does the same */
+        char path[256], err[256];
+        snprintf(path, sizeof path, "%s/tiny.gguf", dir);
+        moe_engine_params p = moe_engine_params_default();
+        p.experts_used = 1;
+        CHECK_EQ_INT(moe_engine_load(path, &p, &e, err, sizeof err), 0);
+        if (e) {
+            CHECK(compare_all(e, &m, 8, 1) <= 2e-6);
+            moe_engine_free(e);
+        }
+        p.experts_used = s.E + 1;
+        CHECK(moe_engine_load(path, &p, &e, err, sizeof err) == MOE_EINVAL);
+    }
+    moe_test_rmdir(dir);
+    tiny_free(&m);
+}
+
+TEST(infer_sampler) {
+    const float lg[6] = {0.5f, 2.0f, -1.0f, 2.0f, 1.9f, -3.0f};
+    moe_sampler *s;
+    moe_sampler_params p = moe_sampler_params_default();
+    p.temp = 0;
+    CHECK_EQ_INT(moe_sampler_create(&p, 6, &s), 0);
+    CHECK_EQ_INT(moe_sampler_sample(s, lg), 1); /* first of the equal maxima */
+    moe_sampler_free(s);
+    p.temp = 1.0f, p.top_k = 1; /* top-k 1 is greedy at any temperature */
+    CHECK_EQ_INT(moe_sampler_create(&p, 6, &s), 0);
+    for (int i = 0; i < 20; i++) CHECK_EQ_INT(moe_sampler_sample(s, lg), 1);
+    moe_sampler_free(s);
+    /* top-p 0.5: probabilities (temp 1) of 1, 3, 4 are .31 .31 .28: keeps {1, 3} */
+    p.top_k = 0, p.top_p = 0.5f, p.seed = 7;
+    CHECK_EQ_INT(moe_sampler_create(&p, 6, &s), 0);
+    int seen[6] = {0}, seq1[50];
+    for (int i = 0; i < 50; i++) seen[seq1[i] = moe_sampler_sample(s, lg)]++;
+    CHECK(seen[1] > 10 && seen[3] > 10 && seen[1] + seen[3] == 50);
+    moe_sampler_free(s);
+    CHECK_EQ_INT(moe_sampler_create(&p, 6, &s), 0); /* same seed, same draws */
+    int same = 1;
+    for (int i = 0; i < 50; i++) same &= moe_sampler_sample(s, lg) == seq1[i];
+    CHECK(same);
+    moe_sampler_free(s);
+    /* full distribution at temp 0.5: frequencies follow softmax(lg / 0.5) */
+    p.top_p = 1.0f, p.temp = 0.5f, p.seed = 3;
+    CHECK_EQ_INT(moe_sampler_create(&p, 6, &s), 0);
+    int cnt[6] = {0};
+    const int n = 20000;
+    for (int i = 0; i < n; i++) cnt[moe_sampler_sample(s, lg)]++;
+    double z = 0, pr[6];
+    for (int i = 0; i < 6; i++) z += pr[i] = exp(lg[i] / 0.5);
+    for (int i = 0; i < 6; i++) CHECK_CLOSE((double)cnt[i] / n, pr[i] / z, 0.012, 0);
+    moe_sampler_free(s);
+}
+
+/* Greedy generation is deterministic and equals the argmax of the
+ * reference's logits at every step. */
+TEST(infer_greedy_generation_matches_reference) {
+    tiny_spec s = tiny_default(TINY_LLAMA);
+    tiny_model m;
+    tiny_build(&m, &s, 5);
+    char dir[128];
+    moe_engine *e = load_tiny(&m, dir, NULL);
+    if (e) {
+        int32_t seq[16] = {1, 40, 3};
+        int n = 3;
+        float *lg = malloc(sizeof(float) * s.V);
+        moe_sampler *sm;
+        moe_sampler_params sp = moe_sampler_params_default();
+        sp.temp = 0;
+        moe_sampler_create(&sp, s.V, &sm);
+        CHECK_EQ_INT(moe_engine_eval(e, seq, n, lg, 0), 0);
+        while (n < 16) {
+            seq[n] = moe_sampler_sample(sm, lg);
+            n++;
+            if (n < 16) CHECK_EQ_INT(moe_engine_eval(e, seq + n - 1, 1, lg, 0), 0);
+        }
+        double *ref = malloc(sizeof(double) * 16 * s.V);
+        tiny_ref_forward(&m, seq, 16, s.K, ref);
+        for (int t = 2; t < 15; t++) {
+            int best = 0;
+            for (int v = 1; v < s.V; v++)
+                if (ref[(size_t)t * s.V + v] > ref[(size_t)t * s.V + best]) best = v;
+            CHECK_MSG(best == seq[t + 1], "step %d: engine %d, reference %d", t, seq[t + 1], best);
+        }
+        free(ref), free(lg);
+        moe_sampler_free(sm);
+        moe_engine_free(e);
+    }
+    moe_test_rmdir(dir);
+    tiny_free(&m);
+}
+
+static void collect(int chunk, int n_chunk, double ppl, void *user) {
+    if (chunk < 3 && n_chunk == 3) ((double *)user)[chunk] = ppl;
+}
+
+/* llama.cpp's protocol by hand: 3 chunks of 8 (26 tokens: the last 2 are
+ * dropped), BOS replaces each chunk's first token, positions 4..6 predict
+ * tokens 5..7 of the chunk. */
+TEST(infer_perplexity_protocol) {
+    tiny_spec s = tiny_default(TINY_OLMOE);
+    tiny_model m;
+    tiny_build(&m, &s, 11);
+    char dir[128];
+    moe_engine *e = load_tiny(&m, dir, NULL);
+    if (e) {
+        int32_t tok[26];
+        for (int i = 0; i < 26; i++) tok[i] = (i * 37 + 11) % s.V;
+        double ppl, err, chunk[3] = {0};
+        CHECK_EQ_INT(moe_engine_perplexity(e, tok, 26, 8, 1, &ppl, &err, collect, chunk), 0);
+        double nll = 0, nll2 = 0, *ref = malloc(sizeof(double) * 8 * s.V);
+        int cnt = 0;
+        for (int c = 0; c < 3; c++) {
+            int32_t ch[8];
+            memcpy(ch, tok + 8 * c, sizeof ch);
+            ch[0] = 1;
+            tiny_ref_forward(&m, ch, 8, s.K, ref);
+            for (int j = 4; j < 7; j++) {
+                const double *l = ref + (size_t)j * s.V;
+                double mx = l[0], z = 0;
+                for (int v = 0; v < s.V; v++) mx = fmax(mx, l[v]);
+                for (int v = 0; v < s.V; v++) z += exp(l[v] - mx);
+                const double x = -(l[tok[8 * c + j + 1]] - mx - log(z));
+                nll += x, nll2 += x * x, cnt++;
+            }
+            CHECK_CLOSE(chunk[c], exp(nll / cnt), 0, 1e-5);
+        }
+        const double mean = nll / cnt;
+        CHECK_EQ_INT(cnt, 9);
+        CHECK_CLOSE(ppl, exp(mean), 0, 1e-5);
+        CHECK_CLOSE(err, sqrt((nll2 / cnt - mean * mean) / (cnt - 1)) * exp(mean), 0, 1e-3);
+        CHECK(moe_engine_perplexity(e, tok, 7, 8, 1, &ppl, &err, NULL, NULL) == MOE_EINVAL); /* no whole chunk */
+        free(ref);
+        moe_engine_free(e);
+    }
+    moe_test_rmdir(dir);
+    tiny_free(&m);
+}
+
+static void expect_load_error(const tiny_model *m, const char *skip, int expert_used, int want, const char *needle) {
+    char dir[128], path[256], err[512] = "";
+    if (!moe_test_tmpdir(dir, "infer_bad")) return;
+    snprintf(path, sizeof path, "%s/bad.gguf", dir);
+    CHECK_EQ_INT(tiny_write(m, path, skip, expert_used), 0);
+    moe_engine *e = NULL;
+    const int rc = moe_engine_load(path, NULL, &e, err, sizeof err);
+    CHECK_MSG(rc == want && !e, "skip %s: rc %d (%s), want %d", skip ? skip : "-", rc, err, want);
+    CHECK_MSG(strstr(err, needle) != NULL, "message '%s' lacks '%s'", err, needle);
+    moe_engine_free(e);
+    moe_test_rmdir(dir);
+}
+
+TEST(infer_hostile_model_files) {
+    tiny_spec s = tiny_default(TINY_QWEN2MOE);
+    tiny_model m;
+    tiny_build(&m, &s, 3);
+    expect_load_error(&m, "blk.1.ffn_down_exps.weight", 0, MOE_ENOTFOUND, "blk.1.ffn_down_exps.weight");
+    expect_load_error(&m, "blk.0.ffn_up_shexp.weight", 0, MOE_ENOTFOUND, "ffn_up_shexp");
+    expect_load_error(&m, "output_norm.weight", 0, MOE_ENOTFOUND, "output_norm");
+    expect_load_error(&m, NULL, s.E + 1, MOE_EFORMAT, "expert_used_count");
+    /* a wrong shape: the layer-1 router with one expert too few */
+    for (int i = 0; i < m.n; i++)
+        if (!strcmp(m.t[i].name, "blk.1.ffn_gate_inp.weight")) m.t[i].ne[1] = s.E - 1, m.t[i].nbytes = sizeof(float) * s.C * (s.E - 1);
+    expect_load_error(&m, NULL, 0, MOE_ESHAPE, "blk.1.ffn_gate_inp.weight");
+    tiny_free(&m);
+    /* olmoe has no tied head: output.weight is required */
+    s = tiny_default(TINY_OLMOE);
+    tiny_build(&m, &s, 4);
+    expect_load_error(&m, "output.weight", 0, MOE_ENOTFOUND, "output.weight");
+    expect_load_error(&m, "blk.0.attn_k_norm.weight", 0, MOE_ENOTFOUND, "attn_k_norm");
+    tiny_free(&m);
+    /* tokens outside the vocabulary and a full cache are errors, not crashes */
+    s = tiny_default(TINY_LLAMA);
+    tiny_build(&m, &s, 4);
+    char dir[128];
+    moe_engine_params p = moe_engine_params_default();
+    p.n_ctx = 8;
+    moe_engine *e = load_tiny(&m, dir, &p);
+    if (e) {
+        const int32_t bad[2] = {3, s.V};
+        CHECK(moe_engine_eval(e, bad, 2, NULL, 0) == MOE_EINVAL);
+        CHECK_EQ_INT(moe_engine_n_past(e), 0);
+        CHECK(moe_engine_eval(e, k_tokens, 9, NULL, 0) == MOE_ELIMIT);
+        CHECK_EQ_INT(moe_engine_eval(e, k_tokens, 8, NULL, 0), 0);
+        CHECK(moe_engine_eval(e, k_tokens, 1, NULL, 0) == MOE_ELIMIT);
+        moe_engine_free(e);
+    }
+    moe_test_rmdir(dir);
+    tiny_free(&m);
+}
