@@ -110,6 +110,7 @@ int tiny_write(const tiny_model *m, const char *path, const char *skip, int expe
     moe__gguf_writer_add_u32(w, KEY("attention.head_count"), (uint32_t)s->H);
     moe__gguf_writer_add_u32(w, KEY("attention.head_count_kv"), (uint32_t)s->G);
     moe__gguf_writer_add_u32(w, KEY("attention.key_length"), (uint32_t)s->D);
+    moe__gguf_writer_add_u32(w, KEY("attention.value_length"), (uint32_t)s->D);
     moe__gguf_writer_add_u32(w, KEY("rope.dimension_count"), (uint32_t)s->n_rot);
     moe__gguf_writer_add_f32(w, KEY("rope.freq_base"), s->rope_base);
     moe__gguf_writer_add_f32(w, KEY("attention.layer_norm_rms_epsilon"), s->eps);
