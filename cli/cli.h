@@ -14,6 +14,7 @@ int moe_cli_plot(int argc, char **argv);
 int cli_is_gguf_model(int argc, char **argv); /* -m names a file with GGUF magic */
 int moe_cli_gguf_generate(int argc, char **argv);
 int moe_cli_perplexity(int argc, char **argv);
+int moe_cli_tokenize(int argc, char **argv);
 
 /* The Brown corpus tokenized: the tokenizer (trained on the train split
  * unless tokenizer_path names one) and the train/val token streams. */

@@ -17,6 +17,7 @@ static void usage(FILE *f) {
                "  perplexity    perplexity of a GGUF model on a text (llama.cpp's protocol)\n"
                "  info          model card: total vs active parameters, memory, FLOPs per token\n"
                "  tokenizer     train / inspect the byte-level BPE tokenizer\n"
+               "  tokenize      token ids of a text under a GGUF file's tokenizer (as llama-tokenize)\n"
                "  plot          loss curves of several runs in one SVG\n"
                "  bench layer   time the MoE layer (forward, forward+backward) on fixed shapes\n"
                "  bench sgemm   time OpenBLAS sgemm, the fp32 ceiling of this machine\n"
@@ -64,7 +65,7 @@ int main(int argc, char **argv) {
         int (*fn)(int, char **);
     } cmds[] = {{"train", moe_cli_train}, {"eval", moe_cli_eval}, {"generate", moe_cli_generate},
                 {"info", moe_cli_info}, {"tokenizer", moe_cli_tokenizer}, {"plot", moe_cli_plot},
-                {"perplexity", moe_cli_perplexity}};
+                {"perplexity", moe_cli_perplexity}, {"tokenize", moe_cli_tokenize}};
     for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++)
         if (!strcmp(argv[1], cmds[i].name)) return cmds[i].fn(argc - 2, argv + 2);
     fprintf(stderr, "moe: unknown command '%s'\n", argv[1]);
