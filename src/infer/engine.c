@@ -96,9 +96,10 @@ int moe_engine_load(const char *path, const moe_engine_params *pp, moe_engine **
     e->threads = moe__threads(p.n_threads);
     e->k = h->n_expert_used;
     if (p.experts_used && p.experts_used > h->n_expert) {
+        moe__set_err(err, errsz, MOE_EINVAL, "%s: --experts-used %d but the model has %d experts", path,
+                     p.experts_used, h->n_expert);
         moe_engine_free(e);
-        return moe__set_err(err, errsz, MOE_EINVAL, "%s: --experts-used %d but the model has %d experts", path,
-                            p.experts_used, h->n_expert);
+        return MOE_EINVAL;
     }
     if (p.experts_used) e->k = p.experts_used;
     if ((rc = alloc_all(e))) {
