@@ -50,7 +50,7 @@ static int alloc_all(moe_engine *e) {
         {&e->rope, B * h->n_rot}, {&e->probs, B * E}, {&e->wts, B * E}, {&e->xe, B * C}, {&e->ge, B * F},
         {&e->ue, B * F}, {&e->de, B * C}, {&e->outs, B * E * C}, {&e->gs, B * Fs}, {&e->us, B * Fs},
         {&e->shg, B}, {&e->scores, (size_t)e->threads * T}, {&e->last, (size_t)h->n_vocab},
-        {&e->ks.rows, (size_t)e->threads * maxc}};
+        {&e->ks.rows, (size_t)e->threads * 16 * maxc}};
     for (size_t i = 0; i < sizeof f / sizeof f[0]; i++)
         if (!(*f[i].p = moe__aligned_alloc((f[i].n ? f[i].n : 1) * sizeof(float)))) return MOE_ENOMEM;
     e->sel = moe__malloc(B * E * sizeof(int));

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #define ROW_BLOCK 16 /* output rows per work item */
+#define TOK_BLOCK 16 /* tokens per tile inside a work item */
 
 float moe__dot_f32(const float *a, const float *b, int n) {
     /* 16 independent partial sums so the compiler vectorises the loop; the
@@ -43,29 +44,35 @@ void moe__wt_matmul(const moe__wt *w, int mat, const float *x, int N, float *y, 
     const int nblk = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int bi = 0; bi < nblk; bi++) {
-        float *tmp = s->rows + (size_t)omp_get_thread_num() * s->max_cols;
-        const int r1 = bi * ROW_BLOCK + ROW_BLOCK < rows ? bi * ROW_BLOCK + ROW_BLOCK : rows;
-        for (int r = bi * ROW_BLOCK; r < r1; r++) {
-            const uint8_t *wr = base + (size_t)r * w->row_bytes;
-            switch (w->type) {
-            case MOE__GGML_Q8_0:
-                for (int t = 0; t < N; t++)
-                    y[(size_t)t * ldy + r] =
-                        moe__gguf_vec_dot_q8_0_q8_0((size_t)cols, wr, (const uint8_t *)s->q + (size_t)t * qrow);
-                break;
-            case MOE__GGML_Q4_0:
-                for (int t = 0; t < N; t++)
-                    y[(size_t)t * ldy + r] =
-                        moe__gguf_vec_dot_q4_0_q8_0((size_t)cols, wr, (const uint8_t *)s->q + (size_t)t * qrow);
-                break;
-            case MOE__GGML_F32:
-                for (int t = 0; t < N; t++)
-                    y[(size_t)t * ldy + r] = moe__dot_f32((const float *)(const void *)wr, x + (size_t)t * cols, cols);
-                break;
-            default: /* F16, BF16: widen the row once for all tokens */
-                moe__gguf_dequantize(w->type, wr, tmp, (size_t)cols);
-                for (int t = 0; t < N; t++) y[(size_t)t * ldy + r] = moe__dot_f32(tmp, x + (size_t)t * cols, cols);
-                break;
+        const int r0 = bi * ROW_BLOCK, nr = rows - r0 < ROW_BLOCK ? rows - r0 : ROW_BLOCK;
+        const uint8_t *wb = base + (size_t)r0 * w->row_bytes;
+        const float *wf = (const float *)(const void *)wb; /* F32 rows, contiguous */
+        size_t wstride = (size_t)cols;
+        if (w->type == MOE__GGML_F16 || w->type == MOE__GGML_BF16) { /* widen the block once for all tokens */
+            float *tmp = s->rows + (size_t)omp_get_thread_num() * ROW_BLOCK * s->max_cols;
+            for (int r = 0; r < nr; r++) moe__gguf_dequantize(w->type, wb + (size_t)r * w->row_bytes, tmp + (size_t)r * s->max_cols, (size_t)cols);
+            wf = tmp, wstride = (size_t)s->max_cols;
+        }
+        /* token tiles keep the block's rows and a tile of activations in cache */
+        for (int t0 = 0; t0 < N; t0 += TOK_BLOCK) {
+            const int t1 = N - t0 < TOK_BLOCK ? N : t0 + TOK_BLOCK;
+            for (int r = 0; r < nr; r++) {
+                const uint8_t *wr = wb + (size_t)r * w->row_bytes;
+                float *yr = y + r0 + r;
+                switch (w->type) {
+                case MOE__GGML_Q8_0:
+                    for (int t = t0; t < t1; t++)
+                        yr[(size_t)t * ldy] = moe__gguf_vec_dot_q8_0_q8_0((size_t)cols, wr, (const uint8_t *)s->q + (size_t)t * qrow);
+                    break;
+                case MOE__GGML_Q4_0:
+                    for (int t = t0; t < t1; t++)
+                        yr[(size_t)t * ldy] = moe__gguf_vec_dot_q4_0_q8_0((size_t)cols, wr, (const uint8_t *)s->q + (size_t)t * qrow);
+                    break;
+                default:
+                    for (int t = t0; t < t1; t++)
+                        yr[(size_t)t * ldy] = moe__dot_f32(wf + (size_t)r * wstride, x + (size_t)t * cols, cols);
+                    break;
+                }
             }
         }
     }
