@@ -360,3 +360,57 @@ TEST(infer_committed_tiny_files) {
     committed("tiny-qwen2moe-q8_0.gguf", TINY_QWEN2MOE, MOE__GGML_Q8_0, 2e-2);
     committed("tiny-olmoe-q4_0.gguf", TINY_OLMOE, MOE__GGML_Q4_0, 2e-2);
 }
+
+/* Random byte corruption of a model file's header (metadata and tensor
+ * infos) and of its data: loading fails cleanly or succeeds, and a loaded
+ * model evaluates without crashing (run under ASan by make test-asan). */
+TEST(infer_hostile_random_corruption) {
+    tiny_spec s = tiny_default(TINY_QWEN2MOE);
+    s.C = 32, s.D = 8, s.n_rot = 8, s.F = 32, s.Fs = 32;
+    tiny_model m;
+    tiny_build(&m, &s, 8);
+    char dir[128], path[256], err[512];
+    if (!moe_test_tmpdir(dir, "infer_fuzz")) return;
+    snprintf(path, sizeof path, "%s/f.gguf", dir);
+    CHECK_EQ_INT(tiny_write(&m, path, NULL, 0), 0);
+    FILE *f = fopen(path, "rb");
+    unsigned char *orig = malloc(1 << 20), *buf = malloc(1 << 20);
+    const size_t len = f ? fread(orig, 1, 1 << 20, f) : 0;
+    if (f) fclose(f);
+    CHECK(len > 4096);
+    uint64_t st = 99;
+    int loaded = 0, refused = 0;
+    for (int it = 0; it < 300 && len > 4096; it++) {
+        memcpy(buf, orig, len);
+        const int flips = 1 + it % 4;
+        for (int k = 0; k < flips; k++) {
+            st = st * 6364136223846793005ULL + 1442695040888963407ULL;
+            const size_t span = it % 3 ? 3000 : len; /* mostly the header */
+            buf[(st >> 33) % span] ^= (unsigned char)(1u << ((st >> 20) & 7));
+        }
+        f = fopen(path, "wb");
+        fwrite(buf, 1, len, f);
+        fclose(f);
+        moe_engine *e = NULL;
+        moe_engine_params p = moe_engine_params_default();
+        p.n_ctx = 16, p.n_threads = 1;
+        if (moe_engine_load(path, &p, &e, err, sizeof err) == 0) {
+            loaded++;
+            const moe_engine_hparams *h = moe_engine_get_hparams(e);
+            int32_t t[4] = {0, 1 % h->n_vocab, 2 % h->n_vocab, 3 % h->n_vocab};
+            float *lg = malloc(sizeof(float) * 4 * (size_t)h->n_vocab);
+            CHECK_EQ_INT(moe_engine_eval(e, t, 4, lg, 1), 0);
+            free(lg);
+            moe_engine_free(e);
+        } else {
+            refused++;
+            if (getenv("MOE_TEST_VERBOSE") && it < 3) fprintf(stderr, "%s\n", err);
+            CHECK(e == NULL && err[0]);
+        }
+    }
+    if (getenv("MOE_TEST_VERBOSE")) fprintf(stderr, "loaded %d refused %d\n", loaded, refused);
+    CHECK(loaded > 0 && refused > 0);
+    free(orig), free(buf);
+    moe_test_rmdir(dir);
+    tiny_free(&m);
+}
