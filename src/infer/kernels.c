@@ -11,6 +11,49 @@
 #define ROW_BLOCK 16 /* output rows per work item */
 #define TOK_BLOCK 16 /* tokens per tile inside a work item */
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+/* One 16-lane accumulator, the tail by a masked load: moe__dot_f32 and the
+ * 4x4 tile below run the same per-lane fused multiply-adds and the same final
+ * reduction, so a product is bit-identical whichever of them computed it. */
+float moe__dot_f32(const float *a, const float *b, int n) {
+    __m512 acc = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    if (i < n) {
+        const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+/* y[t][r] (row stride ldy) = dot(w[r], x[t]) for r, t < 4: each loaded
+ * vector serves four products, a quarter of the loads of separate dots. */
+static void dot_4x4(const float *w, size_t ws, const float *x, size_t xs, int n, float *y, int ldy) {
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int t = 0; t < 4; t++) acc[r][t] = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 wv[4], xv[4];
+        for (int r = 0; r < 4; r++) wv[r] = _mm512_loadu_ps(w + r * ws + i);
+        for (int t = 0; t < 4; t++) xv[t] = _mm512_loadu_ps(x + t * xs + i);
+        for (int r = 0; r < 4; r++)
+            for (int t = 0; t < 4; t++) acc[r][t] = _mm512_fmadd_ps(wv[r], xv[t], acc[r][t]);
+    }
+    if (i < n) {
+        const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        __m512 wv[4], xv[4];
+        for (int r = 0; r < 4; r++) wv[r] = _mm512_maskz_loadu_ps(m, w + r * ws + i);
+        for (int t = 0; t < 4; t++) xv[t] = _mm512_maskz_loadu_ps(m, x + t * xs + i);
+        for (int r = 0; r < 4; r++)
+            for (int t = 0; t < 4; t++) acc[r][t] = _mm512_fmadd_ps(wv[r], xv[t], acc[r][t]);
+    }
+    for (int r = 0; r < 4; r++)
+        for (int t = 0; t < 4; t++) y[(size_t)t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
+#else
 float moe__dot_f32(const float *a, const float *b, int n) {
     /* 16 independent partial sums so the compiler vectorises the loop; the
      * order is fixed by n alone. */
@@ -22,6 +65,25 @@ float moe__dot_f32(const float *a, const float *b, int n) {
     for (; i < n; i++) s += a[i] * b[i];
     for (int j = 0; j < 16; j += 2) s += acc[j] + acc[j + 1];
     return s;
+}
+#endif
+
+/* y[t][r] = dot(w[r], x[t]) for r < nr, t0 <= t < t1 (w rows of stride ws). */
+static void float_tile(const float *w, size_t ws, int nr, const float *x, int cols, int t0, int t1, float *y,
+                       int ldy) {
+    int r = 0;
+#if defined(__AVX512F__)
+    for (; r + 4 <= nr; r += 4) {
+        int t = t0;
+        for (; t + 4 <= t1; t += 4)
+            dot_4x4(w + (size_t)r * ws, ws, x + (size_t)t * cols, (size_t)cols, cols, y + (size_t)t * ldy + r, ldy);
+        for (; t < t1; t++)
+            for (int i = 0; i < 4; i++)
+                y[(size_t)t * ldy + r + i] = moe__dot_f32(w + (size_t)(r + i) * ws, x + (size_t)t * cols, cols);
+    }
+#endif
+    for (; r < nr; r++)
+        for (int t = t0; t < t1; t++) y[(size_t)t * ldy + r] = moe__dot_f32(w + (size_t)r * ws, x + (size_t)t * cols, cols);
 }
 
 void moe__wt_row(const moe__wt *w, int mat, int r, float *out) {
@@ -56,6 +118,10 @@ void moe__wt_matmul(const moe__wt *w, int mat, const float *x, int N, float *y, 
         /* token tiles keep the block's rows and a tile of activations in cache */
         for (int t0 = 0; t0 < N; t0 += TOK_BLOCK) {
             const int t1 = N - t0 < TOK_BLOCK ? N : t0 + TOK_BLOCK;
+            if (!quant) {
+                float_tile(wf, wstride, nr, x, cols, t0, t1, y + r0, ldy);
+                continue;
+            }
             for (int r = 0; r < nr; r++) {
                 const uint8_t *wr = wb + (size_t)r * w->row_bytes;
                 float *yr = y + r0 + r;
@@ -68,10 +134,7 @@ void moe__wt_matmul(const moe__wt *w, int mat, const float *x, int N, float *y, 
                     for (int t = t0; t < t1; t++)
                         yr[(size_t)t * ldy] = moe__gguf_vec_dot_q4_0_q8_0((size_t)cols, wr, (const uint8_t *)s->q + (size_t)t * qrow);
                     break;
-                default:
-                    for (int t = t0; t < t1; t++)
-                        yr[(size_t)t * ldy] = moe__dot_f32(wf + (size_t)r * wstride, x + (size_t)t * cols, cols);
-                    break;
+                default: break; /* float types: float_tile above */
                 }
             }
         }
