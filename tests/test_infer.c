@@ -87,8 +87,9 @@ TEST(infer_quantized_types_within_bounds) {
 
 /* A prompt evaluated in one batch, in batches of 5, and token by token gives
  * bit-identical logits, with 1 or 3 threads. */
-TEST(infer_batch_equals_decode_bitwise) {
+static void batch_equals_decode(uint32_t wtype) {
     tiny_spec s = tiny_default(TINY_QWEN2MOE);
+    s.wtype = wtype;
     tiny_model m;
     tiny_build(&m, &s, 77);
     char dir[128];
@@ -123,6 +124,13 @@ TEST(infer_batch_equals_decode_bitwise) {
     free(a), free(b), free(c);
     moe_test_rmdir(dir);
     tiny_free(&m);
+}
+
+TEST(infer_batch_equals_decode_bitwise) {
+    batch_equals_decode(MOE__GGML_F32);
+    batch_equals_decode(MOE__GGML_F16);
+    batch_equals_decode(MOE__GGML_Q8_0);
+    batch_equals_decode(MOE__GGML_Q4_0);
 }
 
 TEST(infer_experts_used_override) {

@@ -86,6 +86,74 @@ static void float_tile(const float *w, size_t ws, int nr, const float *x, int co
         for (int t = t0; t < t1; t++) y[(size_t)t * ldy + r] = moe__dot_f32(w + (size_t)r * ws, x + (size_t)t * cols, cols);
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define QUANT_TILES 1
+/* Q8_0/Q4_0 weights against Q8_0 activations, llama.cpp's block dot: per
+ * block the integer codes are widened to int16, multiplied pairwise into
+ * int32 lanes (exact), converted to float and accumulated with the product
+ * of the two fp16 scales. A tile of up to 4 rows x 4 tokens widens each
+ * block once for all its products; every product runs the same per-lane
+ * operations whatever the tile size, so a token's result does not depend
+ * on the batch it came in. */
+static inline __m512i widen_block(int q4, const uint8_t *b) {
+    if (!q4) return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(b + 2)));
+    const __m128i q = _mm_loadu_si128((const __m128i *)(b + 2)), m4 = _mm_set1_epi8(15);
+    const __m256i nib = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m4), _mm_and_si128(q, m4));
+    return _mm512_sub_epi16(_mm512_cvtepu8_epi16(nib), _mm512_set1_epi16(8));
+}
+
+static inline float block_scale(const uint8_t *b) {
+    uint16_t h;
+    memcpy(&h, b, sizeof h);
+    return moe__gguf_fp16_to_f32(h);
+}
+
+/* y[t][r] = dot(w row r, xq row t), r < R, t < T (both <= 4); nb blocks. */
+static inline __attribute__((always_inline)) void quant_tile(int q4, const uint8_t *w, size_t wrb, int R,
+                                                             const uint8_t *xq, size_t xrb, int T, int nb,
+                                                             float *y, int ldy) {
+    const size_t wbs = q4 ? sizeof(moe__gguf_block_q4_0) : sizeof(moe__gguf_block_q8_0);
+    const size_t xbs = sizeof(moe__gguf_block_q8_0);
+    __m512 acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        __m512i wv[4], xv[4];
+        float dw[4], dx[4];
+        for (int r = 0; r < R; r++) {
+            const uint8_t *blk = w + r * wrb + b * wbs;
+            wv[r] = widen_block(q4, blk), dw[r] = block_scale(blk);
+        }
+        for (int t = 0; t < T; t++) {
+            const uint8_t *blk = xq + t * xrb + b * xbs;
+            xv[t] = widen_block(0, blk), dx[t] = block_scale(blk);
+        }
+        for (int r = 0; r < R; r++)
+            for (int t = 0; t < T; t++)
+                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(wv[r], xv[t])),
+                                            _mm512_set1_ps(dw[r] * dx[t]), acc[r][t]);
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) y[(size_t)t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+/* Rows [0, nr) x tokens [t0, t1) in 4 x 4 tiles, the edges in smaller ones. */
+static void quant_rows(int q4, const uint8_t *w, size_t wrb, int nr, const uint8_t *xq, size_t xrb, int t0,
+                       int t1, int nb, float *y, int ldy) {
+    for (int r = 0; r < nr; r += 4) {
+        const int R = nr - r < 4 ? nr - r : 4;
+        for (int t = t0; t < t1; t += 4) {
+            const int T = t1 - t < 4 ? t1 - t : 4;
+            const uint8_t *wr = w + (size_t)r * wrb, *xt = xq + (size_t)t * xrb;
+            float *yt = y + (size_t)t * ldy + r;
+            if (R == 4 && T == 4) quant_tile(q4, wr, wrb, 4, xt, xrb, 4, nb, yt, ldy);
+            else if (R == 4 && T == 1) quant_tile(q4, wr, wrb, 4, xt, xrb, 1, nb, yt, ldy); /* decode */
+            else quant_tile(q4, wr, wrb, R, xt, xrb, T, nb, yt, ldy);
+        }
+    }
+}
+#endif
+
 void moe__wt_row(const moe__wt *w, int mat, int r, float *out) {
     const uint8_t *p = w->data + (size_t)mat * w->mat_bytes + (size_t)r * w->row_bytes;
     moe__gguf_dequantize(w->type, p, out, (size_t)w->cols); /* types checked at load */
@@ -122,6 +190,11 @@ void moe__wt_matmul(const moe__wt *w, int mat, const float *x, int N, float *y, 
                 float_tile(wf, wstride, nr, x, cols, t0, t1, y + r0, ldy);
                 continue;
             }
+#ifdef QUANT_TILES
+            quant_rows(w->type == MOE__GGML_Q4_0, wb, w->row_bytes, nr, (const uint8_t *)s->q, qrow, t0, t1,
+                       cols / MOE__GGUF_QK, y + r0, ldy);
+            continue;
+#endif
             for (int r = 0; r < nr; r++) {
                 const uint8_t *wr = wb + (size_t)r * w->row_bytes;
                 float *yr = y + r0 + r;
