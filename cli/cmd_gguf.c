@@ -2,6 +2,10 @@
  * llama.cpp's flags where they overlap (llama-completion, llama-perplexity). */
 #include "args.h"
 #include "cli.h"
+#include "internal.h"
+#include "io/atomic.h"
+#include "io/gguf.h"
+#include "tokenizer/vocab.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -19,7 +23,38 @@ int cli_is_gguf_model(int argc, char **argv) {
     return ok;
 }
 
-/* "1,2,3" -> ids (debug input until the GGUF tokenizers land). */
+#define MAX_TEXT ((size_t)1 << 31)
+
+/* The tokenizer of the model file (a second, read-only mapping of it). */
+static moe_vocab *load_vocab(const char *cmd, const char *path) {
+    char err[1024];
+    moe__gguf *g = NULL;
+    moe_vocab *v = NULL;
+    int rc = moe__gguf_open(path, &g, err, sizeof err);
+    if (!rc) rc = moe_vocab_from_gguf(g, &v, err, sizeof err);
+    moe__gguf_close(g);
+    if (rc) fprintf(stderr, "moe %s: %s\n", cmd, err);
+    return v;
+}
+
+/* text -> ids with the special tokens the vocab adds (BOS), as llama.cpp's
+ * common_tokenize(text, add_special = true). */
+static int encode(const moe_vocab *v, const char *text, size_t len, int32_t **ids, size_t *n) {
+    size_t need = 0;
+    int rc = moe_vocab_encode(v, text, len, 1, NULL, 0, &need);
+    if (rc && rc != MOE_ELIMIT) return rc;
+    *ids = malloc((need ? need : 1) * sizeof **ids);
+    if (!*ids) return MOE_ENOMEM;
+    return moe_vocab_encode(v, text, len, 1, *ids, need, n);
+}
+
+static void print_piece(const moe_vocab *v, int32_t id) {
+    char buf[256];
+    size_t len;
+    if (!moe_vocab_piece(v, id, buf, sizeof buf, &len)) fwrite(buf, 1, len, stdout);
+}
+
+/* "1,2,3" -> ids (debugging input: bypasses the tokenizer). */
 static int parse_ids(const char *s, int32_t **out, size_t *n) {
     size_t cap = 16, k = 0;
     int32_t *ids = malloc(sizeof(int32_t) * cap);
@@ -43,25 +78,6 @@ static int parse_ids(const char *s, int32_t **out, size_t *n) {
     }
     *out = ids, *n = k;
     return 0;
-}
-
-static char *read_text(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    size_t cap = 1 << 16, n = 0;
-    char *buf = malloc(cap + 1);
-    size_t r;
-    while (buf && (r = fread(buf + n, 1, cap - n, f)) > 0) {
-        n += r;
-        if (n == cap) {
-            char *p = realloc(buf, (cap *= 2) + 1);
-            if (!p) free(buf);
-            buf = p;
-        }
-    }
-    fclose(f);
-    if (buf) buf[n] = 0, *len = n;
-    return buf;
 }
 
 static moe_engine *open_engine(const char *cmd, const char *path, int ctx, int batch, int threads, int k,
@@ -90,7 +106,7 @@ int moe_cli_gguf_generate(int argc, char **argv) {
     uint64_t seed = 42;
     cli_arg args[] = {
         {"--model", "-m", ARG_STR, &path, "GGUF model file (required)"},
-        {"--prompt", "-p", ARG_STR, &prompt, "prompt text (needs the file's tokenizer)"},
+        {"--prompt", "-p", ARG_STR, &prompt, "prompt text (tokenized with the model's tokenizer, BOS added)"},
         {"--prompt-ids", NULL, ARG_STR, &ids_arg, "prompt as token ids \"1,2,3\" (debugging)"},
         {"--n-predict", "-n", ARG_INT, &n, "tokens to generate"},
         {"--temp", NULL, ARG_FLOAT, &temp, "temperature (0: greedy, deterministic)"},
@@ -112,16 +128,22 @@ int moe_cli_gguf_generate(int argc, char **argv) {
     }
     int32_t *ids = NULL;
     size_t np = 0;
-    if (!ids_arg) {
-        fprintf(stderr, "moe generate: text prompts need the GGUF tokenizer, not built in yet; use --prompt-ids\n");
-        return 2;
-    }
-    if (parse_ids(ids_arg, &ids, &np)) {
+    moe_vocab *voc = NULL;
+    if (ids_arg && parse_ids(ids_arg, &ids, &np)) {
         fprintf(stderr, "moe generate: --prompt-ids: expected comma-separated token ids\n");
         return 2;
     }
+    if (!ids_arg) {
+        if (!(voc = load_vocab("generate", path))) return 1;
+        if ((rc = encode(voc, prompt, strlen(prompt), &ids, &np)) || !np) {
+            fprintf(stderr, "moe generate: cannot tokenize the prompt: %s\n", rc ? moe_strerror(rc) : "no tokens");
+            moe_vocab_free(voc);
+            free(ids);
+            return 1;
+        }
+    }
     moe_engine *e = open_engine("generate", path, ctx, batch, threads, k, no_mmap);
-    if (!e) return free(ids), 1;
+    if (!e) return free(ids), moe_vocab_free(voc), 1;
     const moe_engine_hparams *h = moe_engine_get_hparams(e);
     moe_sampler_params sp = {.temp = temp, .top_k = top_k, .top_p = top_p, .seed = seed};
     moe_sampler *sm = NULL;
@@ -137,11 +159,15 @@ int moe_cli_gguf_generate(int argc, char **argv) {
     double t0 = cli_now(), t1 = t0;
     int made = 0;
     if (!rc) {
+        if (voc) fputs(prompt, stdout);
+        fflush(stdout);
         rc = moe_engine_eval(e, ids, (int)np, logits, 0);
         t1 = cli_now();
         for (; !rc && made < n && moe_engine_n_past(e) < h->n_ctx; made++) {
             const int32_t next = moe_sampler_sample(sm, logits);
-            printf("%s%d", made ? "," : "", next);
+            if (voc && next == moe_vocab_eos(voc)) break;
+            if (voc) print_piece(voc, next);
+            else printf("%s%d", made ? "," : "", next);
             fflush(stdout);
             rc = moe_engine_eval(e, &next, 1, logits, 0);
         }
@@ -152,6 +178,7 @@ int moe_cli_gguf_generate(int argc, char **argv) {
         fprintf(stderr, "[prompt %zu tokens in %.3f s (%.1f t/s); %d tokens at %.2f t/s]\n", np, t1 - t0,
                 np / (t1 - t0 + 1e-12), made, made / (cli_now() - t1 + 1e-12));
     moe_sampler_free(sm);
+    moe_vocab_free(voc);
     free(logits), free(ids);
     moe_engine_free(e);
     return rc;
@@ -167,7 +194,7 @@ int moe_cli_perplexity(int argc, char **argv) {
     int ctx = 512, batch = 2048, threads = 0, k = 0, chunks = -1, no_mmap = 0, bos = -1;
     cli_arg args[] = {
         {"--model", "-m", ARG_STR, &path, "GGUF model file (required)"},
-        {"--file", "-f", ARG_STR, &file, "text file to score (needs the file's tokenizer)"},
+        {"--file", "-f", ARG_STR, &file, "text file to score (tokenized with the model's tokenizer)"},
         {"--ids-file", NULL, ARG_STR, &ids_file, "pre-tokenized input: comma-separated ids (debugging)"},
         {"--bos", NULL, ARG_INT, &bos, "with --ids-file: BOS id put at each chunk start (-1: none)"},
         {"--ctx-size", "-c", ARG_INT, &ctx, "tokens per chunk (the second half is scored)"},
@@ -184,19 +211,30 @@ int moe_cli_perplexity(int argc, char **argv) {
         fprintf(stderr, "moe perplexity: -m FILE.gguf, -f TEXT (or --ids-file) and -c >= 4 are required\n");
         return 2;
     }
-    if (!ids_file) {
-        fprintf(stderr, "moe perplexity: text input needs the GGUF tokenizer, not built in yet; use --ids-file\n");
-        return 2;
-    }
     size_t len, n = 0;
-    char *text = read_text(ids_file, &len);
+    char *text = NULL, err[1024];
     int32_t *ids = NULL;
-    if (!text || parse_ids(text, &ids, &n)) {
-        fprintf(stderr, "moe perplexity: %s: cannot read comma-separated token ids\n", ids_file);
-        free(text);
-        return 1;
+    if (ids_file) {
+        if (moe__read_file(ids_file, MAX_TEXT, &text, &len, err, sizeof err) || parse_ids(text, &ids, &n)) {
+            fprintf(stderr, "moe perplexity: %s: cannot read comma-separated token ids\n", ids_file);
+            moe__free(text);
+            return 1;
+        }
+        moe__free(text);
+    } else {
+        moe_vocab *voc = load_vocab("perplexity", path);
+        if (!voc) return 1;
+        if ((rc = moe__read_file(file, MAX_TEXT, &text, &len, err, sizeof err))) {
+            fprintf(stderr, "moe perplexity: %s\n", err);
+        } else if ((rc = encode(voc, text, len, &ids, &n))) {
+            fprintf(stderr, "moe perplexity: %s: cannot tokenize: %s\n", file, moe_strerror(rc));
+        }
+        bos = moe_vocab_add_bos(voc) ? moe_vocab_bos(voc) : -1;
+        moe__free(text);
+        moe_vocab_free(voc);
+        if (rc) return free(ids), 1;
+        fprintf(stderr, "perplexity: tokenized %s: %zu tokens\n", file, n);
     }
-    free(text);
     if (n < 2 * (size_t)ctx) {
         fprintf(stderr, "moe perplexity: you need at least %d tokens for a context of %d; the input has %zu\n",
                 2 * ctx, ctx, n);
@@ -207,13 +245,13 @@ int moe_cli_perplexity(int argc, char **argv) {
     moe_engine *e = open_engine("perplexity", path, ctx, batch < ctx ? batch : ctx, threads, k, no_mmap);
     if (!e) return free(ids), 1;
     fprintf(stderr, "perplexity: calculating perplexity over %zu chunks, n_ctx=%d\n", n / ctx, ctx);
-    double ppl = 0, err = 0, t0 = cli_now();
-    rc = moe_engine_perplexity(e, ids, n, ctx, bos, &ppl, &err, print_chunk, NULL);
+    double ppl = 0, ppl_err = 0, t0 = cli_now();
+    rc = moe_engine_perplexity(e, ids, n, ctx, bos, &ppl, &ppl_err, print_chunk, NULL);
     printf("\n");
     if (rc) {
         fprintf(stderr, "moe perplexity: %s: %s\n", moe_strerror(rc), moe_engine_errmsg(e));
     } else {
-        printf("Final estimate: PPL = %.4f +/- %.5f\n", ppl, err);
+        printf("Final estimate: PPL = %.4f +/- %.5f\n", ppl, ppl_err);
         fprintf(stderr, "[%zu tokens in %.2f s]\n", n / ctx * ctx, cli_now() - t0);
     }
     free(ids);

@@ -87,25 +87,28 @@ TEST(infer_quantized_types_within_bounds) {
 
 /* A prompt evaluated in one batch, in batches of 5, and token by token gives
  * bit-identical logits, with 1 or 3 threads. */
-TEST(infer_batch_equals_decode_bitwise) {
+static void batch_equals_decode(uint32_t wtype) {
     tiny_spec s = tiny_default(TINY_QWEN2MOE);
+    s.wtype = wtype;
     tiny_model m;
     tiny_build(&m, &s, 77);
     char dir[128];
-    const int V = s.V, T = T_MAX;
+    const int V = s.V, T = 40; /* several 16-token tiles of the kernels */
+    int32_t toks[40];
+    for (int i = 0; i < T; i++) toks[i] = (i * 7 + 3) % V;
     float *a = malloc(sizeof(float) * T * V), *b = malloc(sizeof(float) * T * V), *c = malloc(sizeof(float) * T * V);
     moe_engine_params p = moe_engine_params_default();
     p.n_threads = 3;
     moe_engine *e = load_tiny(&m, dir, &p);
     if (e) {
-        CHECK_EQ_INT(moe_engine_eval(e, k_tokens, T, a, 1), 0);
+        CHECK_EQ_INT(moe_engine_eval(e, toks, T, a, 1), 0);
         CHECK_EQ_INT(moe_engine_n_past(e), T);
         moe_engine_truncate(e, 0);
-        for (int t = 0; t < T; t++) CHECK_EQ_INT(moe_engine_eval(e, k_tokens + t, 1, b + (size_t)t * V, 0), 0);
+        for (int t = 0; t < T; t++) CHECK_EQ_INT(moe_engine_eval(e, toks + t, 1, b + (size_t)t * V, 0), 0);
         CHECK(memcmp(a, b, sizeof(float) * T * V) == 0);
         /* truncate then re-feed the tail: the cache before it is reused */
         moe_engine_truncate(e, 7);
-        CHECK_EQ_INT(moe_engine_eval(e, k_tokens + 7, T - 7, c + 7 * V, 1), 0);
+        CHECK_EQ_INT(moe_engine_eval(e, toks + 7, T - 7, c + 7 * V, 1), 0);
         CHECK(memcmp(a + 7 * V, c + 7 * V, sizeof(float) * (T - 7) * V) == 0);
         moe_engine_free(e);
         char path[256], err[256];
@@ -113,7 +116,7 @@ TEST(infer_batch_equals_decode_bitwise) {
         p.n_threads = 1, p.n_batch = 5, p.use_mmap = 0;
         CHECK_EQ_INT(moe_engine_load(path, &p, &e, err, sizeof err), 0);
         if (e) {
-            CHECK_EQ_INT(moe_engine_eval(e, k_tokens, T, c, 1), 0);
+            CHECK_EQ_INT(moe_engine_eval(e, toks, T, c, 1), 0);
             CHECK(memcmp(a, c, sizeof(float) * T * V) == 0);
             moe_engine_free(e);
         }
@@ -121,6 +124,13 @@ TEST(infer_batch_equals_decode_bitwise) {
     free(a), free(b), free(c);
     moe_test_rmdir(dir);
     tiny_free(&m);
+}
+
+TEST(infer_batch_equals_decode_bitwise) {
+    batch_equals_decode(MOE__GGML_F32);
+    batch_equals_decode(MOE__GGML_F16);
+    batch_equals_decode(MOE__GGML_Q8_0);
+    batch_equals_decode(MOE__GGML_Q4_0);
 }
 
 TEST(infer_experts_used_override) {
@@ -325,6 +335,90 @@ TEST(infer_hostile_model_files) {
         CHECK(moe_engine_eval(e, k_tokens, 1, NULL, 0) == MOE_ELIMIT);
         moe_engine_free(e);
     }
+    moe_test_rmdir(dir);
+    tiny_free(&m);
+}
+
+/* The committed fixtures tests/data/tiny-*.gguf hold what the spec and seed
+ * below generate (MOE_WRITE_TINY=1 rewrites them): the engine run on the
+ * committed file matches the reference built from a fresh generation. (Not
+ * a byte comparison: the float generation may round differently under other
+ * compiler flags, e.g. the ASan build.) */
+static void committed(const char *name, int arch, uint32_t wtype, double tol) {
+    tiny_spec s = tiny_default(arch);
+    s.C = 32, s.H = 4, s.G = arch == TINY_OLMOE ? 4 : 2, s.D = 8, s.n_rot = 8, s.F = 32, s.Fs = arch == TINY_QWEN2MOE ? 32 : 0, s.wtype = wtype;
+    tiny_model m;
+    tiny_build(&m, &s, 2026);
+    char path[512];
+    snprintf(path, sizeof path, "%s/%s", moe_test_data_dir(), name);
+    if (getenv("MOE_WRITE_TINY")) CHECK_EQ_INT(tiny_write(&m, path, NULL, 0), 0);
+    char err[512];
+    moe_engine *e = NULL;
+    CHECK_EQ_INT(moe_engine_load(path, NULL, &e, err, sizeof err), 0);
+    if (e) {
+        const double rel = compare_all(e, &m, T_MAX, s.K);
+        CHECK_MSG(rel <= tol, "%s: relative error %.3g", name, rel);
+        moe_engine_free(e);
+    }
+    tiny_free(&m);
+}
+
+TEST(infer_committed_tiny_files) {
+    committed("tiny-mixtral-f16.gguf", TINY_LLAMA, MOE__GGML_F16, 2e-6);
+    committed("tiny-qwen2moe-q8_0.gguf", TINY_QWEN2MOE, MOE__GGML_Q8_0, 2e-2);
+    committed("tiny-olmoe-q4_0.gguf", TINY_OLMOE, MOE__GGML_Q4_0, 2e-2);
+}
+
+/* Random byte corruption of a model file's header (metadata and tensor
+ * infos) and of its data: loading fails cleanly or succeeds, and a loaded
+ * model evaluates without crashing (run under ASan by make test-asan). */
+TEST(infer_hostile_random_corruption) {
+    tiny_spec s = tiny_default(TINY_QWEN2MOE);
+    s.C = 32, s.D = 8, s.n_rot = 8, s.F = 32, s.Fs = 32;
+    tiny_model m;
+    tiny_build(&m, &s, 8);
+    char dir[128], path[256], err[512];
+    if (!moe_test_tmpdir(dir, "infer_fuzz")) return;
+    snprintf(path, sizeof path, "%s/f.gguf", dir);
+    CHECK_EQ_INT(tiny_write(&m, path, NULL, 0), 0);
+    FILE *f = fopen(path, "rb");
+    unsigned char *orig = malloc(1 << 20), *buf = malloc(1 << 20);
+    const size_t len = f ? fread(orig, 1, 1 << 20, f) : 0;
+    if (f) fclose(f);
+    CHECK(len > 4096);
+    uint64_t st = 99;
+    int loaded = 0, refused = 0;
+    for (int it = 0; it < 300 && len > 4096; it++) {
+        memcpy(buf, orig, len);
+        const int flips = 1 + it % 4;
+        for (int k = 0; k < flips; k++) {
+            st = st * 6364136223846793005ULL + 1442695040888963407ULL;
+            const size_t span = it % 3 ? 3000 : len; /* mostly the header */
+            buf[(st >> 33) % span] ^= (unsigned char)(1u << ((st >> 20) & 7));
+        }
+        f = fopen(path, "wb");
+        fwrite(buf, 1, len, f);
+        fclose(f);
+        moe_engine *e = NULL;
+        moe_engine_params p = moe_engine_params_default();
+        p.n_ctx = 16, p.n_threads = 1;
+        if (moe_engine_load(path, &p, &e, err, sizeof err) == 0) {
+            loaded++;
+            const moe_engine_hparams *h = moe_engine_get_hparams(e);
+            int32_t t[4] = {0, 1 % h->n_vocab, 2 % h->n_vocab, 3 % h->n_vocab};
+            float *lg = malloc(sizeof(float) * 4 * (size_t)h->n_vocab);
+            CHECK_EQ_INT(moe_engine_eval(e, t, 4, lg, 1), 0);
+            free(lg);
+            moe_engine_free(e);
+        } else {
+            refused++;
+            if (getenv("MOE_TEST_VERBOSE") && it < 3) fprintf(stderr, "%s\n", err);
+            CHECK(e == NULL && err[0]);
+        }
+    }
+    if (getenv("MOE_TEST_VERBOSE")) fprintf(stderr, "loaded %d refused %d\n", loaded, refused);
+    CHECK(loaded > 0 && refused > 0);
+    free(orig), free(buf);
     moe_test_rmdir(dir);
     tiny_free(&m);
 }

@@ -31,7 +31,8 @@ static void add(tiny_model *m, const char *name, int nd, int64_t n0, int64_t n1,
     t->nd = nd, t->ne[0] = n0, t->ne[1] = n1, t->ne[2] = n2, t->type = type;
     size_t n = (size_t)(n0 * n1 * n2);
     float *x = malloc(n * sizeof(float));
-    for (size_t i = 0; i < n; i++) x[i] = offset + scale * urand();
+    /* in double, rounded once: the same floats whether or not the compiler fuses the multiply-add */
+    for (size_t i = 0; i < n; i++) x[i] = (float)((double)offset + (double)scale * (double)urand());
     t->nbytes = moe__gguf_row_size(type, n);
     t->bytes = malloc(t->nbytes);
     moe__gguf_quantize(type, x, t->bytes, n);
@@ -110,6 +111,7 @@ int tiny_write(const tiny_model *m, const char *path, const char *skip, int expe
     moe__gguf_writer_add_u32(w, KEY("attention.head_count"), (uint32_t)s->H);
     moe__gguf_writer_add_u32(w, KEY("attention.head_count_kv"), (uint32_t)s->G);
     moe__gguf_writer_add_u32(w, KEY("attention.key_length"), (uint32_t)s->D);
+    moe__gguf_writer_add_u32(w, KEY("attention.value_length"), (uint32_t)s->D);
     moe__gguf_writer_add_u32(w, KEY("rope.dimension_count"), (uint32_t)s->n_rot);
     moe__gguf_writer_add_f32(w, KEY("rope.freq_base"), s->rope_base);
     moe__gguf_writer_add_f32(w, KEY("attention.layer_norm_rms_epsilon"), s->eps);

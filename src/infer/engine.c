@@ -14,14 +14,15 @@ struct moe_engine {
     moe__imodel *m;
     moe_engine_params p;
     int threads, n_past, k; /* k: experts per token in use */
+    int kcap;               /* slots per token that outs holds */
     float *kcache, *vcache; /* [L][n_ctx][G*D] */
     /* work buffers for B = n_batch tokens */
     float *x, *xn, *q, *kx, *vx, *att, *tmp; /* [B][C] [B][C] [B][H*D] [B][G*D] [B][G*D] [B][H*D] [B][C] */
     float *rstd, *rope;                      /* [B], [B][n_rot] (cos, sin pairs) */
     float *probs, *wts;                      /* [B][E], [B][E] (first k used) */
-    int *sel, *cnt, *list;                   /* [B][E], [E], [E][B] (token * E + slot) */
+    int *sel, *cnt, *list;                   /* [B][E], [E], [E][B] (token * k + slot) */
     float *xe, *ge, *ue, *de;                /* gathered [B][C], [B][F], [B][F], [B][C] */
-    float *outs;                             /* [B][E][C] expert outputs per (token, slot) */
+    float *outs;                             /* [B][kcap][C] expert outputs per (token, slot) */
     float *gs, *us, *shg;                    /* shared expert [B][Fs], [B][Fs], gate [B] */
     float *scores;                           /* [threads][n_ctx] */
     float *last;                             /* [V] */
@@ -48,9 +49,9 @@ static int alloc_all(moe_engine *e) {
         {&e->kcache, kv}, {&e->vcache, kv}, {&e->x, B * C}, {&e->xn, B * C}, {&e->q, B * HD},
         {&e->kx, B * GD}, {&e->vx, B * GD}, {&e->att, B * HD}, {&e->tmp, B * C}, {&e->rstd, B},
         {&e->rope, B * h->n_rot}, {&e->probs, B * E}, {&e->wts, B * E}, {&e->xe, B * C}, {&e->ge, B * F},
-        {&e->ue, B * F}, {&e->de, B * C}, {&e->outs, B * E * C}, {&e->gs, B * Fs}, {&e->us, B * Fs},
+        {&e->ue, B * F}, {&e->de, B * C}, {&e->outs, B * (size_t)e->kcap * C}, {&e->gs, B * Fs}, {&e->us, B * Fs},
         {&e->shg, B}, {&e->scores, (size_t)e->threads * T}, {&e->last, (size_t)h->n_vocab},
-        {&e->ks.rows, (size_t)e->threads * maxc}};
+        {&e->ks.rows, (size_t)e->threads * 16 * maxc}};
     for (size_t i = 0; i < sizeof f / sizeof f[0]; i++)
         if (!(*f[i].p = moe__aligned_alloc((f[i].n ? f[i].n : 1) * sizeof(float)))) return MOE_ENOMEM;
     e->sel = moe__malloc(B * E * sizeof(int));
@@ -96,11 +97,13 @@ int moe_engine_load(const char *path, const moe_engine_params *pp, moe_engine **
     e->threads = moe__threads(p.n_threads);
     e->k = h->n_expert_used;
     if (p.experts_used && p.experts_used > h->n_expert) {
+        moe__set_err(err, errsz, MOE_EINVAL, "%s: --experts-used %d but the model has %d experts", path,
+                     p.experts_used, h->n_expert);
         moe_engine_free(e);
-        return moe__set_err(err, errsz, MOE_EINVAL, "%s: --experts-used %d but the model has %d experts", path,
-                            p.experts_used, h->n_expert);
+        return MOE_EINVAL;
     }
     if (p.experts_used) e->k = p.experts_used;
+    e->kcap = e->k;
     if ((rc = alloc_all(e))) {
         moe_engine_free(e);
         return moe__set_err(err, errsz, rc, "%s: cannot allocate the KV cache and buffers (n_ctx %d, n_batch %d)",
@@ -118,7 +121,14 @@ int moe_engine_set_experts_used(moe_engine *e, int k) {
     if (k < 0 || k > e->m->hp.n_expert)
         return moe__set_err(e->errmsg, sizeof e->errmsg, MOE_EINVAL, "experts used %d: the model has %d experts", k,
                             e->m->hp.n_expert);
-    e->k = k ? k : e->m->hp.n_expert_used;
+    k = k ? k : e->m->hp.n_expert_used;
+    if (k > e->kcap) { /* more slots per token than the buffer was sized for */
+        float *o = moe__aligned_alloc(sizeof(float) * (size_t)e->p.n_batch * k * e->m->hp.n_embd);
+        if (!o) return moe__set_err(e->errmsg, sizeof e->errmsg, MOE_ENOMEM, "experts used %d: out of memory", k);
+        moe__afree(e->outs);
+        e->outs = o, e->kcap = k;
+    }
+    e->k = k;
     return 0;
 }
 
@@ -240,13 +250,13 @@ static void experts(moe_engine *e, const moe__ilayer *y, int n) {
     for (int t = 0; t < n; t++) /* token order within each expert */
         for (int s = 0; s < K; s++) {
             const int x = e->sel[(size_t)t * E + s];
-            e->list[(size_t)x * e->p.n_batch + e->cnt[x]++] = t * E + s;
+            e->list[(size_t)x * e->p.n_batch + e->cnt[x]++] = t * K + s;
         }
     for (int x = 0; x < E; x++) {
         const int m = e->cnt[x];
         if (!m) continue; /* never touched: its pages are never read */
         const int *lst = e->list + (size_t)x * e->p.n_batch;
-        for (int i = 0; i < m; i++) memcpy(e->xe + (size_t)i * C, e->xn + (size_t)(lst[i] / E) * C, sizeof(float) * C);
+        for (int i = 0; i < m; i++) memcpy(e->xe + (size_t)i * C, e->xn + (size_t)(lst[i] / K) * C, sizeof(float) * C);
         moe__wt_matmul(&y->gate_exps, x, e->xe, m, e->ge, F, &e->ks);
         moe__wt_matmul(&y->up_exps, x, e->xe, m, e->ue, F, &e->ks);
         swiglu(e->ge, e->ue, (size_t)m * F);
@@ -256,7 +266,7 @@ static void experts(moe_engine *e, const moe__ilayer *y, int n) {
     for (int t = 0; t < n; t++) { /* weighted sum in top-k order, as llama.cpp adds the slots */
         float *o = e->tmp + (size_t)t * C;
         for (int s = 0; s < K; s++) {
-            const float w = e->wts[(size_t)t * E + s], *d = e->outs + ((size_t)t * E + s) * C;
+            const float w = e->wts[(size_t)t * E + s], *d = e->outs + ((size_t)t * K + s) * C;
             for (int c = 0; c < C; c++) o[c] = s ? o[c] + d[c] * w : d[c] * w;
         }
     }

@@ -74,7 +74,7 @@ void moe__imodel_free(moe__imodel *m);
  * thread (for F16/BF16). */
 typedef struct moe__kscratch {
     void *q;       /* >= N * moe__gguf_row_size(Q8_0, cols) bytes */
-    float *rows;   /* [threads][max cols] */
+    float *rows;   /* [threads][16][max cols]: a block of widened rows */
     int max_cols, threads;
 } moe__kscratch;
 

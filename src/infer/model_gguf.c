@@ -149,7 +149,7 @@ static int read_hparams(moe__imodel *m, char *err, size_t errsz) {
                             "%s: bad dimensions (embedding %d, layers %d, heads %d, kv heads %d)", L, h->n_embd,
                             h->n_layer, h->n_head, h->n_head_kv);
     if ((rc = get_dim(g, arch, "attention.key_length", h->n_embd / h->n_head, &key_len, err, errsz)) ||
-        (rc = get_dim(g, arch, "attention.value_length", key_len, &val_len, err, errsz)) ||
+        (rc = get_dim(g, arch, "attention.value_length", h->n_embd / h->n_head, &val_len, err, errsz)) ||
         (rc = get_dim(g, arch, "rope.dimension_count", key_len, &h->n_rot, err, errsz)))
         return rc;
     h->head_dim = key_len;
