@@ -131,7 +131,8 @@ static int check_golden(const char *golden, const char *dir, const char *name) {
 
 TEST(vocab_golden_tiny) {
     static const char *names[] = {"vocab-tiny-spm.gguf", "vocab-tiny-gpt2.gguf", "vocab-tiny-qwen2.gguf",
-                                  "vocab-tiny-llama3.gguf", "vocab-tiny-default.gguf"};
+                                  "vocab-tiny-llama3.gguf", "vocab-tiny-default.gguf", "vocab-tiny-falcon.gguf",
+                                  "vocab-tiny-starcoder.gguf"};
     for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
         int n = check_golden("vocab-tiny.golden", moe_test_data_dir(), names[i]);
         CHECK_MSG(n >= 100, "%s: %d golden cases", names[i], n);
@@ -377,6 +378,37 @@ TEST(vocab_hostile_metadata) {
     moe_test_rmdir(dir);
 }
 
+/* llama.cpp's attribute fix-ups by text: "</s>" typed normal is still a
+ * control token (no piece, not split out of text); "<|channel|>" typed normal
+ * becomes user-defined (split out, printed). */
+TEST(vocab_attribute_fixups) {
+    static const char *tok[] = {"<unk>", "<s>", "</s>", "a", "<|channel|>", "\xe2\x96\x81"};
+    static const int32_t type[] = {2, 3, 1, 1, 1, 1};
+    char dir[128], path[256], err[512], buf[32];
+    if (!moe_test_tmpdir(dir, "vocab")) return;
+    snprintf(path, sizeof path, "%s/fix.gguf", dir);
+    moe__gguf_writer *w = NULL;
+    moe__gguf_writer_new(&w);
+    moe__gguf_writer_add_str(w, "tokenizer.ggml.model", "llama");
+    moe__gguf_writer_add_arr_str(w, "tokenizer.ggml.tokens", tok, 6);
+    moe__gguf_writer_add_arr(w, "tokenizer.ggml.token_type", MOE__GGUF_I32, type, 6);
+    CHECK(moe__gguf_writer_write(w, path, err, sizeof err) == 0);
+    moe__gguf_writer_free(w);
+    moe_vocab *v = open_vocab(path);
+    if (v) {
+        size_t len = 99, n;
+        CHECK(moe_vocab_piece(v, 2, buf, sizeof buf, &len) == 0 && len == 0);
+        CHECK(moe_vocab_piece(v, 3, buf, sizeof buf, &len) == 0 && len == 1 && buf[0] == 'a');
+        CHECK(moe_vocab_piece(v, 4, buf, sizeof buf, &len) == 0 && len == 11);
+        int32_t ids[8];
+        CHECK(moe_vocab_encode(v, "a<|channel|>a", 13, 0, ids, 8, &n) == 0);
+        /* ▁a <|channel|> ▁a: a space prefix again after the user-defined token */
+        CHECK(n == 5 && ids[0] == 5 && ids[1] == 3 && ids[2] == 4 && ids[3] == 5 && ids[4] == 3);
+        moe_vocab_free(v);
+    }
+    moe_test_rmdir(dir);
+}
+
 /* Input llama.cpp cannot tokenize is an error, not a crash or a guess. */
 TEST(vocab_invalid_input) {
     char path[1024];
@@ -449,7 +481,7 @@ TEST(vocab_unicode_classes) {
         {"A", 1, 'A', 1}, {"\xc3\xa9", 2, 0xE9, 2}, {"\xe4\xbd\xa0", 3, 0x4F60, 3}, {"\xf0\x9f\x99\x82", 4, 0x1F642, 4},
         {"\x80", 1, 0xFFFD, 1}, {"\xc3", 1, 0xFFFD, 1}, {"\xc3(", 2, 0xFFFD, 1}, {"\xc0\x80", 2, 0, 2},
         {"\xed\xa0\x80", 3, 0xD800, 3}, {"\xf7\xbf\xbf\xbf", 4, 0x1FFFFF, 4}, {"\xf8\x88\x80\x80\x80", 5, 0xFFFD, 1},
-        {"\xff", 1, 0xFFFD, 1}, {"\xe4\xbd", 2, 0xFFFD, 1},
+        {"\xff", 1, 0xFFFD, 1}, {"\xe4\xbd", 2, 0xFFFD, 1}, {"\xc3\xc3", 2, 0xFFFD, 1}, {"\xe4\xbd\xe4", 3, 0xFFFD, 1},
     };
     for (size_t i = 0; i < sizeof d / sizeof *d; i++) {
         size_t adv = 0;

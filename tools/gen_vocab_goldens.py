@@ -35,14 +35,15 @@ STRINGS = [
     "\u2581", "\u2581\u2581x", "\ufffd", "\u200b", "\x00", "a\x00b", "\x7f\x01", "\U0010ffff",
     "<s>", "</s>", "<unk>", "<|endoftext|>", "<|im_start|>", "a<|im_start|>b", "<|user|>", "x <|user|> y",
     "<|user|><|user|>", "<|u|>", "<|user|>hello", "goodbye", " goodbye", "the the the", "Hello!! world!!",
-    "The quick brown fox jumps over the lazy dog.",
+    "The quick brown fox jumps over the lazy dog.", "x`(y)", "WE'RE", "IT'Sx", "12345 1234567",
     "    def f(x):\n        return x * 2\n",
 ]
 # Invalid UTF-8 (as bytes): lone continuation, truncated sequences, bad lead
 # bytes, overlong forms and surrogates (which llama.cpp decodes as they are).
 BYTES = [b"\x80", b"a\x80b", b"\xc3", b"caf\xc3", b"\xc3(", b"\xe4\xbd", b"\xe4\xbd ok", b"\xf0\x9f\x99",
          b"\xff", b"\xfe\xff", b"\xf8\x88\x80\x80\x80", b"\xc0\x80", b"\xc1\xbf", b"\xe0\x80\xaf",
-         b"\xed\xa0\x80", b"\xed\xbf\xbf x", b"x \xa9 y", b"\xe9t\xe9"]
+         b"\xed\xa0\x80", b"\xed\xbf\xbf x", b"x \xa9 y", b"\xe9t\xe9", b"\xc3\xc3\xa9",
+         b"\xe4\xbd\xe4\xbd\xa0"]
 
 
 def tokenize(tool, vocab, data, add_special):
