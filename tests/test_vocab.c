@@ -6,6 +6,7 @@
 #include "test.h"
 #include "tokenizer/unicode.h"
 #include "tokenizer/vocab.h"
+#include "tokenizer/vocab_impl.h"
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -492,4 +493,22 @@ TEST(vocab_unicode_classes) {
     CHECK(moe__utf8_encode(0x10FFFF, u) == 4 && u[0] == 0xF4 && u[1] == 0x8F && u[2] == 0xBF && u[3] == 0xBF);
     CHECK(moe__utf8_encode(0x110000, u) == 0);
     CHECK(moe__utf8_encode(0x7FF, u) == 2 && u[0] == 0xDF && u[1] == 0xBF);
+}
+
+/* GPT-2's byte map, against its definition: printable Latin-1 bytes stand
+ * for themselves, the rest take U+0100.. in byte order. */
+TEST(vocab_gpt2_byte_map) {
+    uint32_t next = 256;
+    int seen[400] = {0};
+    for (int b = 0; b < 256; b++) {
+        int self = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
+        uint32_t want = self ? (uint32_t)b : next++;
+        CHECK_MSG(moe__bpe_byte_cp((unsigned char)b) == want, "byte 0x%02x -> U+%04X, want U+%04X", b,
+                  moe__bpe_byte_cp((unsigned char)b), want);
+        CHECK_EQ_INT(moe__bpe_cp_byte(want), b);
+        if (want < 400) seen[want]++;
+    }
+    CHECK_EQ_INT(next, 256 + 68);
+    for (uint32_t cp = 0; cp < 400; cp++)
+        if (!seen[cp]) CHECK_MSG(moe__bpe_cp_byte(cp) == -1, "U+%04X maps to a byte", cp);
 }

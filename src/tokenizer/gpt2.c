@@ -15,22 +15,17 @@
  * byte order, to U+0100.. */
 static int byte_is_self(unsigned b) { return (b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || b >= 0xAE; }
 
+/* The others, in byte order: 0x00-0x20 (33), 0x7F-0xA0 (34), 0xAD. */
 uint32_t moe__bpe_byte_cp(unsigned char b) {
     if (byte_is_self(b)) return b;
-    uint32_t n = 0;
-    for (unsigned c = 0; c < b; c++) n += !byte_is_self(c);
-    return 256 + n;
+    return b <= 0x20 ? 256u + b : b <= 0xA0 ? 256u + 33 + (b - 0x7Fu) : 256u + 67;
 }
 
 int moe__bpe_cp_byte(uint32_t cp) {
     if (cp < 256) return byte_is_self(cp) ? (int)cp : -1;
-    uint32_t n = 0;
-    for (unsigned c = 0; c < 256; c++) {
-        if (byte_is_self(c)) continue;
-        if (256 + n == cp) return (int)c;
-        n++;
-    }
-    return -1;
+    if (cp < 256 + 33) return (int)(cp - 256);
+    if (cp < 256 + 67) return (int)(cp - 256 - 33 + 0x7F);
+    return cp == 256 + 67 ? 0xAD : -1;
 }
 
 /* ---- pre-tokenizer names -------------------------------------------------------- */
