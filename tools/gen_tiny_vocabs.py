@@ -71,7 +71,8 @@ def spm_vocab():
               ("in", -2.5), ("is", -2.5), (E + "is", -1.5), (E + "i", -2.6), ("th", -3.0), ("at", -3.0),
               (E + "a", -2.6), ("\u4f60\u597d", -1.0), ("ed", -3.0), ("lo", -3.0), ("el", -3.0)]
     toks += [(t, sc, NORMAL) for t, sc in pieces]
-    toks += [("<|user|>", 0.0, USER), ("<|u|>", 0.0, USER)]
+    # "|>" lies inside "<|user|>": the longer special token must win
+    toks += [("<|user|>", 0.0, USER), ("<|u|>", 0.0, USER), ("|>", 0.0, USER)]
     kvs = hparams("llama") + [
         ("llama.vocab_size", U32, len(toks)),
         ("tokenizer.ggml.model", STR, "llama"), ("tokenizer.ggml.pre", STR, "default"),

@@ -47,8 +47,8 @@ struct moe_vocab {
     int32_t *mrank;          /* [mcap] */
     int32_t *mres;           /* [mcap] the token the merge forms */
     size_t mcap;
-    int32_t *user;           /* [n_user] user-defined tokens split out first, longest first */
-    int32_t n_user;
+    int32_t *special;        /* [n_special] control, user-defined and unknown tokens, longest first */
+    int32_t n_special;
     int32_t byte_tok[256];   /* SPM: <0xXX> (or the 1-byte token), -1 when absent */
     int32_t bos, eos, unk, pad;
     int add_bos, add_eos, add_space_prefix, ignore_merges;
