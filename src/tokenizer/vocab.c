@@ -354,7 +354,7 @@ int moe_vocab_from_gguf(const moe__gguf *g, moe_vocab **out, char *err, size_t e
             rc = 0;
         }
     }
-    if (!rc && plen >= sizeof v->pre_name)
+    if (!rc && (plen >= sizeof v->pre_name || memchr(pre, '\0', plen)))
         rc = moe__set_err(err, errsz, MOE_EUNSUPPORTED, "%s: unknown tokenizer.ggml.pre (%zu bytes)", file, plen);
     if (!rc) {
         memcpy(v->pre_name, pre, plen);
