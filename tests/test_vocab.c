@@ -512,3 +512,51 @@ TEST(vocab_gpt2_byte_map) {
     for (uint32_t cp = 0; cp < 400; cp++)
         if (!seen[cp]) CHECK_MSG(moe__bpe_cp_byte(cp) == -1, "U+%04X maps to a byte", cp);
 }
+
+/* Random byte strings (mostly invalid UTF-8, special-token fragments mixed
+ * in): every call returns 0 or MOE_EINVAL, at most a few ids per byte, and
+ * GPT-2 BPE text that is ASCII comes back byte for byte from its pieces. */
+TEST(vocab_random_bytes) {
+    static const char *names[] = {"vocab-tiny-spm.gguf", "vocab-tiny-gpt2.gguf", "vocab-tiny-llama3.gguf",
+                                  "vocab-tiny-default.gguf"};
+    static const char *frags[] = {"<|user|>", "<s>", "|>", "<|im_start|>", " ", "\n", "'s", "12345", "\xe2\x96\x81"};
+    char path[1024], text[64], out[1024];
+    uint64_t x = 42;
+    for (size_t k = 0; k < sizeof names / sizeof *names; k++) {
+        snprintf(path, sizeof path, "%s/%s", moe_test_data_dir(), names[k]);
+        moe_vocab *v = open_vocab(path);
+        if (!v) continue;
+        for (int it = 0; it < 3000; it++) {
+            size_t len = 0, n = 0;
+            int ascii = it % 3 == 0;
+            while (len < 40) {
+                x = x * 6364136223846793005ull + 1442695040888963407ull;
+                unsigned r = (unsigned)(x >> 33);
+                if (r % 5 == 0) {
+                    const char *f = frags[r / 5 % (sizeof frags / sizeof *frags)];
+                    if (ascii && (unsigned char)f[0] >= 0x80) continue;
+                    size_t fl = strlen(f);
+                    if (len + fl > 40) break;
+                    memcpy(text + len, f, fl);
+                    len += fl;
+                } else {
+                    text[len++] = (char)(ascii ? 32 + r / 7 % 95 : r / 7 % 256);
+                }
+            }
+            int32_t ids[256];
+            int rc = moe_vocab_encode_special(v, text, len, it & 1, it & 2, ids, 256, &n);
+            CHECK_MSG(rc == 0 || rc == MOE_EINVAL, "%s: rc %d", names[k], rc);
+            if (rc) continue;
+            CHECK_MSG(n <= 3 * len + 2, "%s: %zu ids for %zu bytes", names[k], n, len);
+            if (k == 0 || !ascii || (it & 2)) continue;
+            size_t pos = 0, pl;
+            for (size_t i = 0; i < n; i++) {
+                CHECK(moe_vocab_piece(v, ids[i], out + pos, sizeof out - pos, &pl) == 0);
+                pos += pl;
+            }
+            /* BOS, when added, prints nothing */
+            CHECK_MSG(pos == len && !memcmp(out, text, len), "%s: ASCII round trip of %.*s", names[k], (int)len, text);
+        }
+        moe_vocab_free(v);
+    }
+}
