@@ -133,7 +133,7 @@ static int check_golden(const char *golden, const char *dir, const char *name) {
 TEST(vocab_golden_tiny) {
     static const char *names[] = {"vocab-tiny-spm.gguf", "vocab-tiny-gpt2.gguf", "vocab-tiny-qwen2.gguf",
                                   "vocab-tiny-llama3.gguf", "vocab-tiny-default.gguf", "vocab-tiny-falcon.gguf",
-                                  "vocab-tiny-starcoder.gguf"};
+                                  "vocab-tiny-starcoder.gguf", "vocab-tiny-dsv3.gguf"};
     for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
         int n = check_golden("vocab-tiny.golden", moe_test_data_dir(), names[i]);
         CHECK_MSG(n >= 100, "%s: %d golden cases", names[i], n);

@@ -1,9 +1,9 @@
 #!/usr/bin/python3
 """Writes the tiny vocabulary-only GGUF files the tokenizer tests ship
 (tests/data/vocab-tiny-*.gguf): an SPM vocab (tokenizer.ggml.model = llama)
-and a GPT-2 byte-level BPE vocab (gpt2) written six times with different
+and a GPT-2 byte-level BPE vocab (gpt2) written seven times with different
 tokenizer.ggml.pre values (gpt-2, qwen2, llama-bpe, default, falcon,
-starcoder). Small on purpose (a few KB), hand-picked so that scores tie,
+starcoder, deepseek-v3). Small on purpose (a few KB), hand-picked so that scores tie,
 merges compete and byte fallback is needed. They carry the
 hyper-parameter keys llama.cpp needs to load a vocab-only file, so its
 llama-tokenize can produce the goldens (tools/gen_vocab_goldens.py).
@@ -112,7 +112,7 @@ def gpt2_vocab(pre, add_bos):
              ("caf", "\u00e9"), (" ", "caf\u00e9"), ("i", "s"), (" ", "is"), ("\u4f60", "\u597d"),
              ("\t", "\t"), ("H", "e"), ("He", "llo"), ("!", "!"), ("l", "lo"), (" ", "!"), ("t", "h"),
              ("e", "r"), ("o", "u"), (" ", "you"), ("y", "ou"), ("'", "ll"), ("'", "ve"), ("'", "t"),
-             ("d", "on"), ("o", "n"), ("don", "'t"), ("S", "x"), ("'", "S"), ("'", "R"), ("\u0661", "\u0662"), ("'R", "E"), ("123", "45"),
+             ("d", "on"), ("o", "n"), ("don", "'t"), ("S", "x"), ("'", "S"), ("'", "R"), ("\u0661", "\u0662"), ("'R", "E"), ("123", "45"), ("~", "!"),
              ("`", "(")]
     merges = []
     have = set(toks)
@@ -158,7 +158,8 @@ def main():
              "vocab-tiny-llama3.gguf": gpt2_vocab("llama-bpe", None),
              "vocab-tiny-default.gguf": gpt2_vocab("default", True),
              "vocab-tiny-falcon.gguf": gpt2_vocab("falcon", None),
-             "vocab-tiny-starcoder.gguf": gpt2_vocab("starcoder", None)}
+             "vocab-tiny-starcoder.gguf": gpt2_vocab("starcoder", None),
+             "vocab-tiny-dsv3.gguf": gpt2_vocab("deepseek-v3", True)}
     for name, data in files.items():
         with open(os.path.join(out, name), "wb") as f:
             f.write(data)

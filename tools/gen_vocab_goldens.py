@@ -36,7 +36,7 @@ STRINGS = [
     "<s>", "</s>", "<unk>", "<|endoftext|>", "<|im_start|>", "a<s>b", "x</s> y", " <unk>",
     "<|endoftext|>Hello<|endoftext|>", "<s><s>", "<|im_start|><|endoftext|>", "a<|im_start|>b", "<|user|>", "x <|user|> y",
     "<|user|><|user|>", "<|u|>", "<|user|>hello", "goodbye", " goodbye", "the the the", "Hello!! world!!",
-    "The quick brown fox jumps over the lazy dog.", "x`(y)", "WE'RE", "IT'Sx", "12345 1234567",
+    "The quick brown fox jumps over the lazy dog.", "x`(y)", "a~!b ~!", "WE'RE", "IT'Sx", "12345 1234567",
     "    def f(x):\n        return x * 2\n",
 ]
 # Invalid UTF-8 (as bytes): lone continuation, truncated sequences, bad lead

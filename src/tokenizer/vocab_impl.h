@@ -31,6 +31,9 @@ typedef enum {
     MOE__PRE_NUM_RUNS,    /* \p{N}+ */
     MOE__PRE_NUM_SINGLE,  /* \p{N} */
     MOE__PRE_DIGITS3,     /* [0-9][0-9][0-9] */
+    MOE__PRE_NUM_1_3,     /* \p{N}{1,3} */
+    MOE__PRE_HAN_KANA,    /* [一-龥぀-ゟ゠-ヿ]+ */
+    MOE__PRE_DSV3,        /* deepseek-v3's main regex (gpt2.c) */
 } moe__pre_step;
 #define MOE__PRE_MAX_STEPS 4
 
