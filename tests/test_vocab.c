@@ -518,7 +518,7 @@ TEST(vocab_gpt2_byte_map) {
  * GPT-2 BPE text that is ASCII comes back byte for byte from its pieces. */
 TEST(vocab_random_bytes) {
     static const char *names[] = {"vocab-tiny-spm.gguf", "vocab-tiny-gpt2.gguf", "vocab-tiny-llama3.gguf",
-                                  "vocab-tiny-default.gguf"};
+                                  "vocab-tiny-default.gguf", "vocab-tiny-dsv3.gguf"};
     static const char *frags[] = {"<|user|>", "<s>", "|>", "<|im_start|>", " ", "\n", "'s", "12345", "\xe2\x96\x81"};
     char path[1024], text[64], out[1024];
     uint64_t x = 42;
