@@ -15,16 +15,18 @@
 
 int moe_cli_tokenize(int argc, char **argv) {
     const char *model = NULL, *prompt = NULL, *file = NULL;
-    int ids_only = 0, no_bos = 0, count = 0;
+    int ids_only = 0, no_bos = 0, count = 0, parse_special = 0;
     cli_arg args[] = {
         {"--model", "-m", ARG_STR, &model, "GGUF file whose tokenizer.* metadata to use (required)"},
         {"--prompt", "-p", ARG_STR, &prompt, "text to tokenize, taken verbatim (no escape processing)"},
         {"--file", "-f", ARG_STR, &file, "read the text from this file instead, verbatim"},
         {"--ids", NULL, ARG_BOOL, &ids_only, "print only the ids, as [1, 2, 3]"},
         {"--no-bos", NULL, ARG_BOOL, &no_bos, "add no BOS/EOS even when the vocab asks for them"},
+        {"--parse-special", NULL, ARG_BOOL, &parse_special,
+         "turn control-token texts (<|im_start|>, </s>, ...) into those tokens (llama-tokenize's default)"},
         {"--show-count", NULL, ARG_BOOL, &count, "print the number of tokens"},
     };
-    int rc = cli_parse("moe tokenize -m FILE.gguf (-p TEXT | -f FILE) [--ids] [--no-bos]", args,
+    int rc = cli_parse("moe tokenize -m FILE.gguf (-p TEXT | -f FILE) [--ids] [--no-bos] [--parse-special]", args,
                        sizeof args / sizeof args[0], argc, argv);
     if (rc) return rc == 1 ? 0 : 2;
     if (!model || (!prompt && !file)) {
@@ -55,10 +57,10 @@ int moe_cli_tokenize(int argc, char **argv) {
     }
     const char *t = file ? text : prompt;
     size_t n = 0;
-    rc = moe_vocab_encode(v, t, len, !no_bos, NULL, 0, &n);
+    rc = moe_vocab_encode_special(v, t, len, !no_bos, parse_special, NULL, 0, &n);
     if (rc == MOE_ELIMIT) {
         ids = malloc((n ? n : 1) * sizeof *ids);
-        rc = ids ? moe_vocab_encode(v, t, len, !no_bos, ids, n, &n) : MOE_ENOMEM;
+        rc = ids ? moe_vocab_encode_special(v, t, len, !no_bos, parse_special, ids, n, &n) : MOE_ENOMEM;
     }
     if (rc) {
         fprintf(stderr, "moe tokenize: cannot tokenize: %s\n", moe_strerror(rc));

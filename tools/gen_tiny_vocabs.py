@@ -1,9 +1,10 @@
 #!/usr/bin/python3
 """Writes the tiny vocabulary-only GGUF files the tokenizer tests ship
 (tests/data/vocab-tiny-*.gguf): an SPM vocab (tokenizer.ggml.model = llama)
-and a GPT-2 byte-level BPE vocab (gpt2) written four times with different
-tokenizer.ggml.pre values. Small on purpose (a few KB), hand-picked so that
-scores tie, merges compete and byte fallback is needed. They carry the
+and a GPT-2 byte-level BPE vocab (gpt2) written seven times with different
+tokenizer.ggml.pre values (gpt-2, qwen2, llama-bpe, default, falcon,
+starcoder, deepseek-v3). Small on purpose (a few KB), hand-picked so that scores tie,
+merges compete and byte fallback is needed. They carry the
 hyper-parameter keys llama.cpp needs to load a vocab-only file, so its
 llama-tokenize can produce the goldens (tools/gen_vocab_goldens.py).
 
@@ -70,7 +71,8 @@ def spm_vocab():
               ("in", -2.5), ("is", -2.5), (E + "is", -1.5), (E + "i", -2.6), ("th", -3.0), ("at", -3.0),
               (E + "a", -2.6), ("\u4f60\u597d", -1.0), ("ed", -3.0), ("lo", -3.0), ("el", -3.0)]
     toks += [(t, sc, NORMAL) for t, sc in pieces]
-    toks += [("<|user|>", 0.0, USER), ("<|u|>", 0.0, USER)]
+    # "|>" lies inside "<|user|>": the longer special token must win
+    toks += [("<|user|>", 0.0, USER), ("<|u|>", 0.0, USER), ("|>", 0.0, USER)]
     kvs = hparams("llama") + [
         ("llama.vocab_size", U32, len(toks)),
         ("tokenizer.ggml.model", STR, "llama"), ("tokenizer.ggml.pre", STR, "default"),
@@ -110,7 +112,8 @@ def gpt2_vocab(pre, add_bos):
              ("caf", "\u00e9"), (" ", "caf\u00e9"), ("i", "s"), (" ", "is"), ("\u4f60", "\u597d"),
              ("\t", "\t"), ("H", "e"), ("He", "llo"), ("!", "!"), ("l", "lo"), (" ", "!"), ("t", "h"),
              ("e", "r"), ("o", "u"), (" ", "you"), ("y", "ou"), ("'", "ll"), ("'", "ve"), ("'", "t"),
-             ("d", "on"), ("o", "n"), ("don", "'t")]
+             ("d", "on"), ("o", "n"), ("don", "'t"), ("S", "x"), ("'", "S"), ("'", "R"), ("\u0661", "\u0662"), ("'R", "E"), ("123", "45"), ("~", "!"),
+             ("`", "(")]
     merges = []
     have = set(toks)
     for a, b in pairs:
@@ -153,7 +156,10 @@ def main():
              "vocab-tiny-gpt2.gguf": gpt2_vocab("gpt-2", None),
              "vocab-tiny-qwen2.gguf": gpt2_vocab("qwen2", None),
              "vocab-tiny-llama3.gguf": gpt2_vocab("llama-bpe", None),
-             "vocab-tiny-default.gguf": gpt2_vocab("default", True)}
+             "vocab-tiny-default.gguf": gpt2_vocab("default", True),
+             "vocab-tiny-falcon.gguf": gpt2_vocab("falcon", None),
+             "vocab-tiny-starcoder.gguf": gpt2_vocab("starcoder", None),
+             "vocab-tiny-dsv3.gguf": gpt2_vocab("deepseek-v3", True)}
     for name, data in files.items():
         with open(os.path.join(out, name), "wb") as f:
             f.write(data)

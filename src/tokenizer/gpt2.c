@@ -15,22 +15,17 @@
  * byte order, to U+0100.. */
 static int byte_is_self(unsigned b) { return (b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || b >= 0xAE; }
 
+/* The others, in byte order: 0x00-0x20 (33), 0x7F-0xA0 (34), 0xAD. */
 uint32_t moe__bpe_byte_cp(unsigned char b) {
     if (byte_is_self(b)) return b;
-    uint32_t n = 0;
-    for (unsigned c = 0; c < b; c++) n += !byte_is_self(c);
-    return 256 + n;
+    return b <= 0x20 ? 256u + b : b <= 0xA0 ? 256u + 33 + (b - 0x7Fu) : 256u + 67;
 }
 
 int moe__bpe_cp_byte(uint32_t cp) {
     if (cp < 256) return byte_is_self(cp) ? (int)cp : -1;
-    uint32_t n = 0;
-    for (unsigned c = 0; c < 256; c++) {
-        if (byte_is_self(c)) continue;
-        if (256 + n == cp) return (int)c;
-        n++;
-    }
-    return -1;
+    if (cp < 256 + 33) return (int)(cp - 256);
+    if (cp < 256 + 67) return (int)(cp - 256 - 33 + 0x7F);
+    return cp == 256 + 67 ? 0xAD : -1;
 }
 
 /* ---- pre-tokenizer names -------------------------------------------------------- */
@@ -54,6 +49,7 @@ static const pre_def k_pre[] = {
     {"dbrx|smaug-bpe", {MOE__PRE_LLAMA3}, 0, 0},
     {"starcoder|refact|command-r|smollm|codeshell|exaone|minerva-7b|mellum2", {MOE__PRE_NUM_SINGLE, MOE__PRE_GPT2}, 0, 0},
     {"falcon", {MOE__PRE_PUNCT_RUNS_BT, MOE__PRE_GPT2, MOE__PRE_DIGITS3}, 0, 0},
+    {"deepseek-v3|hunyuan-dense|joyai-llm", {MOE__PRE_NUM_1_3, MOE__PRE_HAN_KANA, MOE__PRE_DSV3}, 0, 0},
 };
 
 static int name_in(const char *list, const char *name) {
@@ -226,9 +222,11 @@ static int in_class(moe__pre_step st, uint32_t c, unsigned f) {
         return (f & MOE__UC_PUNCT) && !(f & MOE__UC_SPACE);
     case MOE__PRE_NUM_RUNS:
     case MOE__PRE_NUM_SINGLE:
+    case MOE__PRE_NUM_1_3:
         if (ascii) return c >= '0' && c <= '9';
         return (f & MOE__UC_NUMBER) && !(f & MOE__UC_SPACE);
     case MOE__PRE_DIGITS3: return c >= '0' && c <= '9';
+    case MOE__PRE_HAN_KANA: return (c >= 0x4E00 && c <= 0x9FA5) || (c >= 0x3040 && c <= 0x30FF);
     default: return 0;
     }
 }
@@ -250,11 +248,84 @@ static void step_class(split *s, moe__pre_step st) {
             }
             end = pos + 3;
         } else if (st != MOE__PRE_NUM_SINGLE) {
-            while (end < s->b && in_class(st, s->cp[end], s->fl[end])) end++;
+            size_t max = st == MOE__PRE_NUM_1_3 ? 3 : SIZE_MAX;
+            while (end < s->b && end - pos < max && in_class(st, s->cp[end], s->fl[end])) end++;
         }
         word(s, pos); /* the gap */
         word(s, end);
         pos = end;
+    }
+    word(s, s->b);
+}
+
+/* deepseek-v3's third regex, which llama.cpp runs through std::regex on its
+ * collapsed text (ASCII as is; other code points by category, non-ASCII
+ * white space as \v):
+ *   [!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+ | [^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+
+ *   | ?[\p{P}\p{S}]+[\r\n]* | \s*[\r\n]+ | \s+(?!\S) | \s+
+ * Alternatives are tried in order at the leftmost position where one
+ * matches. In the collapsed classes \p{P} and \p{S} cover only the ASCII
+ * characters llama.cpp lists for them ('~' is in neither). */
+enum { C_L = 1, C_M = 2, C_P = 4, C_S = 8, C_SPACE = 16, C_ASCII_LETTER = 32, C_ASCII_PUNCT = 64, C_CRLF = 128 };
+static unsigned dsv3_class(uint32_t c, unsigned f) {
+    if (c < 128) {
+        unsigned k = 0;
+        int letter = (c | 32) >= 'a' && (c | 32) <= 'z';
+        if (letter) k |= C_L | C_ASCII_LETTER;
+        if (c > 0x20 && c < 0x7F && !letter && !(c >= '0' && c <= '9')) {
+            k |= C_ASCII_PUNCT;
+            k |= strchr("$+<=>^`|", (int)c) ? C_S : c == '~' ? 0 : C_P;
+        }
+        if (c == ' ' || (c >= '\t' && c <= '\r')) k |= C_SPACE;
+        if (c == '\r' || c == '\n') k |= C_CRLF;
+        return k;
+    }
+    if (f & MOE__UC_SPACE) return C_SPACE;
+    return f & MOE__UC_LETTER ? C_L : f & MOE__UC_MARK ? C_M : f & MOE__UC_PUNCT ? C_P : f & MOE__UC_SYMBOL ? C_S : 0;
+}
+
+/* End of the match at p, 0 when no alternative matches there. */
+static size_t dsv3_match(const split *s, size_t p) {
+    size_t b = s->b;
+#define K(i) ((i) < b ? dsv3_class(s->cp[i], s->fl[i]) : 0u)
+    unsigned k0 = K(p);
+    if ((k0 & C_ASCII_PUNCT) && (K(p + 1) & C_ASCII_LETTER)) {
+        size_t e = p + 1;
+        while (K(e) & C_ASCII_LETTER) e++;
+        return e;
+    }
+    size_t q = p + (!(k0 & (C_CRLF | C_L | C_P | C_S)) && (K(p + 1) & (C_L | C_M))); /* the optional prefix */
+    if (K(q) & (C_L | C_M)) {
+        while (K(q) & (C_L | C_M)) q++;
+        return q;
+    }
+    q = p + (s->cp[p] == ' ' && (K(p + 1) & (C_P | C_S)));
+    if (K(q) & (C_P | C_S)) {
+        while (K(q) & (C_P | C_S)) q++;
+        while (K(q) & C_CRLF) q++;
+        return q;
+    }
+    size_t e = p, last_crlf = 0;
+    while (K(e) & C_SPACE) {
+        if (K(e) & C_CRLF) last_crlf = e + 1;
+        e++;
+    }
+#undef K
+    if (last_crlf) return last_crlf;
+    if (e == p) return 0;
+    return e < b && e - p > 1 ? e - 1 : e; /* \s+(?!\S) leaves the last space; at the end, or one space: \s+ */
+}
+
+static void step_dsv3(split *s) {
+    for (size_t pos = s->a; pos < s->b;) {
+        size_t e = dsv3_match(s, pos);
+        if (!e) {
+            pos++;
+            continue;
+        }
+        word(s, pos); /* the gap */
+        word(s, e);
+        pos = e;
     }
     word(s, s->b);
 }
@@ -340,6 +411,7 @@ int moe__bpe_fragment(const moe_vocab *v, moe__work *w, const char *text, size_t
             case MOE__PRE_QWEN2: step_llama3(&s, 1, 0); break;
             case MOE__PRE_LLAMA3: step_llama3(&s, 3, 0); break;
             case MOE__PRE_QWEN35: step_llama3(&s, 1, 1); break;
+            case MOE__PRE_DSV3: step_dsv3(&s); break;
             default: step_class(&s, v->pre[k]); break;
             }
         }

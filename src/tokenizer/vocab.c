@@ -1,5 +1,5 @@
 /* GGUF tokenizers: loading tokenizer.ggml.* metadata (hostile-input checks),
- * token and merge lookups, the encode driver (user-defined tokens split out
+ * token and merge lookups, the encode driver (special tokens split out
  * first, BOS/EOS) and token pieces. The SPM and BPE algorithms are in spm.c
  * and gpt2.c. */
 #define _GNU_SOURCE /* memmem */
@@ -70,7 +70,7 @@ void moe_vocab_free(moe_vocab *v) {
     moe__free(v->mkey);
     moe__free(v->mrank);
     moe__free(v->mres);
-    moe__free(v->user);
+    moe__free(v->special);
     moe__free(v);
 }
 
@@ -304,28 +304,29 @@ static int load_merges(moe_vocab *v, const moe__gguf *g, char *err, size_t errsz
 }
 
 /* Longer first, then smaller id: a total order, so the split is deterministic. */
-static int user_before(const moe_vocab *v, int32_t a, int32_t b) {
+static int special_before(const moe_vocab *v, int32_t a, int32_t b) {
     size_t la, lb;
     moe__vocab_str(v, a, &la);
     moe__vocab_str(v, b, &lb);
     return la != lb ? la > lb : a < b;
 }
 
-/* User-defined tokens are split out of the text before tokenizing (also with
- * parse_special = false), longest first; ties by id (llama.cpp's sort leaves
- * their order unspecified). */
-static int build_user_list(moe_vocab *v) {
+/* Tokens split out of the text before tokenizing, longest first; ties by id
+ * (llama.cpp's sort leaves their order unspecified). User-defined ones always
+ * are, control and unknown ones only with parse_special. */
+static int is_special(unsigned attr) { return (attr & (MOE__TOK_CONTROL | MOE__TOK_USER | MOE__TOK_UNKNOWN)) != 0; }
+
+static int build_special_list(moe_vocab *v) {
     int32_t n = 0;
+    for (int32_t i = 0; i < v->n; i++) n += is_special(v->attr[i]);
+    v->special = moe__calloc((size_t)n + 1, sizeof *v->special);
+    if (!v->special) return MOE_ENOMEM;
     for (int32_t i = 0; i < v->n; i++)
-        if ((v->attr[i] & MOE__TOK_USER) && !(v->attr[i] & (MOE__TOK_CONTROL | MOE__TOK_UNKNOWN))) n++;
-    v->user = moe__calloc((size_t)n + 1, sizeof *v->user);
-    if (!v->user) return MOE_ENOMEM;
-    for (int32_t i = 0; i < v->n; i++)
-        if ((v->attr[i] & MOE__TOK_USER) && !(v->attr[i] & (MOE__TOK_CONTROL | MOE__TOK_UNKNOWN))) v->user[v->n_user++] = i;
-    int32_t *u = v->user;
-    for (int32_t i = 1; i < n; i++) { /* insertion sort: few user tokens */
+        if (is_special(v->attr[i])) v->special[v->n_special++] = i;
+    int32_t *u = v->special;
+    for (int32_t i = 1; i < n; i++) { /* insertion sort: few special tokens */
         int32_t x = u[i], j = i;
-        while (j > 0 && user_before(v, x, u[j - 1])) {
+        while (j > 0 && special_before(v, x, u[j - 1])) {
             u[j] = u[j - 1];
             j--;
         }
@@ -353,7 +354,7 @@ int moe_vocab_from_gguf(const moe__gguf *g, moe_vocab **out, char *err, size_t e
             rc = 0;
         }
     }
-    if (!rc && plen >= sizeof v->pre_name)
+    if (!rc && (plen >= sizeof v->pre_name || memchr(pre, '\0', plen)))
         rc = moe__set_err(err, errsz, MOE_EUNSUPPORTED, "%s: unknown tokenizer.ggml.pre (%zu bytes)", file, plen);
     if (!rc) {
         memcpy(v->pre_name, pre, plen);
@@ -392,7 +393,7 @@ int moe_vocab_from_gguf(const moe__gguf *g, moe_vocab **out, char *err, size_t e
                           v->add_bos && v->bos < 0 ? "BOS" : "EOS");
     if (!rc) {
         fix_attrs(v);
-        if (build_user_list(v)) rc = moe__set_err(err, errsz, MOE_ENOMEM, "%s: out of memory", file);
+        if (build_special_list(v)) rc = moe__set_err(err, errsz, MOE_ENOMEM, "%s: out of memory", file);
     }
     if (!rc && v->type == MOE__VOCAB_SPM) {
         for (int b = 0; b < 256; b++) {
@@ -445,16 +446,19 @@ typedef struct frag {
     int32_t id; /* -1: raw text */
 } frag;
 
-/* Splits text at the user-defined tokens, longest first, each splitting the
- * raw pieces the longer ones left (leftmost, non-overlapping occurrences). */
-static int partition(const moe_vocab *v, const char *text, size_t len, frag **out, size_t *nout) {
+/* Splits text at the special tokens (see build_special_list), longest first,
+ * each splitting the raw pieces the longer ones left (leftmost,
+ * non-overlapping occurrences). */
+static int partition(const moe_vocab *v, const char *text, size_t len, int parse_special, frag **out, size_t *nout) {
     size_t cap = 16, n = 0;
     frag *f = moe__malloc(cap * sizeof *f);
     if (!f) return MOE_ENOMEM;
     if (len) f[n++] = (frag){0, len, -1};
-    for (int32_t u = 0; u < v->n_user && n; u++) {
+    for (int32_t u = 0; u < v->n_special && n; u++) {
+        int32_t id = v->special[u];
+        if (!parse_special && (v->attr[id] & (MOE__TOK_CONTROL | MOE__TOK_UNKNOWN))) continue;
         size_t tl;
-        const char *t = moe__vocab_str(v, v->user[u], &tl);
+        const char *t = moe__vocab_str(v, id, &tl);
         for (size_t i = 0; i < n; i++) {
             if (f[i].id >= 0 || f[i].len < tl) continue;
             const char *base = text + f[i].start;
@@ -478,7 +482,7 @@ static int partition(const moe_vocab *v, const char *text, size_t len, frag **ou
             memmove(f + i + 1 + add, f + i + 1, (n - i - 1) * sizeof *f);
             size_t k = i;
             if (left) f[k++] = (frag){orig.start, left, -1};
-            f[k++] = (frag){orig.start + left, tl, v->user[u]};
+            f[k++] = (frag){orig.start + left, tl, id};
             if (rest) f[k] = (frag){orig.start + left + tl, rest, -1};
             n += add;
             i = k - 1; /* the remainder (if any) is looked at next */
@@ -491,16 +495,21 @@ static int partition(const moe_vocab *v, const char *text, size_t len, frag **ou
 
 int moe_vocab_encode(const moe_vocab *v, const char *text, size_t len, int add_special, int32_t *ids,
                      size_t cap, size_t *n_out) {
+    return moe_vocab_encode_special(v, text, len, add_special, 0, ids, cap, n_out);
+}
+
+int moe_vocab_encode_special(const moe_vocab *v, const char *text, size_t len, int add_special, int parse_special,
+                             int32_t *ids, size_t cap, size_t *n_out) {
     if (n_out) *n_out = 0;
     if (!v || !n_out || (!text && len) || (!ids && cap)) return MOE_EINVAL;
     moe__idbuf out = {ids, cap, 0};
     moe__work w = {0};
     frag *f = NULL;
     size_t nf = 0;
-    int rc = partition(v, text, len, &f, &nf);
+    int rc = partition(v, text, len, parse_special, &f, &nf);
     if (rc) return rc;
     if (add_special && v->add_bos) moe__idbuf_push(&out, v->bos);
-    int prev_special = 1; /* SPM: a leading space before the text and after user tokens */
+    int prev_special = 1; /* SPM: a leading space before the text and after special tokens */
     for (size_t i = 0; i < nf && !rc; i++) {
         if (f[i].id >= 0) {
             moe__idbuf_push(&out, f[i].id);

@@ -50,6 +50,11 @@ const char *moe_vocab_text(const moe_vocab *v, int32_t id, size_t *len);
  * text needing a byte token the vocab lacks (llama.cpp throws). */
 int moe_vocab_encode(const moe_vocab *v, const char *text, size_t len, int add_special,
                      int32_t *ids, size_t cap, size_t *n_out);
+/* As moe_vocab_encode, with llama_tokenize's parse_special: when set,
+ * control and unknown token texts in the input (e.g. "<|im_start|>",
+ * "</s>") become those tokens too, as chat templates need. */
+int moe_vocab_encode_special(const moe_vocab *v, const char *text, size_t len, int add_special,
+                             int parse_special, int32_t *ids, size_t cap, size_t *n_out);
 /* Bytes that id contributes to the output text, as llama.cpp's
  * token_to_piece(special = false) (SPM: ▁ → space, <0xXX> → that byte; GPT-2:
  * byte-decoded; control/unknown tokens: nothing). Writes at most cap bytes

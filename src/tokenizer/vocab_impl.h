@@ -31,6 +31,9 @@ typedef enum {
     MOE__PRE_NUM_RUNS,    /* \p{N}+ */
     MOE__PRE_NUM_SINGLE,  /* \p{N} */
     MOE__PRE_DIGITS3,     /* [0-9][0-9][0-9] */
+    MOE__PRE_NUM_1_3,     /* \p{N}{1,3} */
+    MOE__PRE_HAN_KANA,    /* [一-龥぀-ゟ゠-ヿ]+ */
+    MOE__PRE_DSV3,        /* deepseek-v3's main regex (gpt2.c) */
 } moe__pre_step;
 #define MOE__PRE_MAX_STEPS 4
 
@@ -47,8 +50,8 @@ struct moe_vocab {
     int32_t *mrank;          /* [mcap] */
     int32_t *mres;           /* [mcap] the token the merge forms */
     size_t mcap;
-    int32_t *user;           /* [n_user] user-defined tokens split out first, longest first */
-    int32_t n_user;
+    int32_t *special;        /* [n_special] control, user-defined and unknown tokens, longest first */
+    int32_t n_special;
     int32_t byte_tok[256];   /* SPM: <0xXX> (or the 1-byte token), -1 when absent */
     int32_t bos, eos, unk, pad;
     int add_bos, add_eos, add_space_prefix, ignore_merges;
