@@ -324,6 +324,14 @@ moe_layer *moe_layer_create_ep(const moe_layer_config *cfg, moe_dist *d, int *er
                                size_t errbuf_size);
 /* Global id of the first local expert and their number (0 and E without EP). */
 void moe_layer_expert_range(const moe_layer *l, int *first, int *count);
+/* The communicator of the models created (or loaded) after this call (NULL,
+ * the default: one process). Such a model holds E/P experts of each MoE layer
+ * (tensor names keep global ids), takes this rank's share of the global batch
+ * in forward (the loss and its gradient are those of the global batch), and
+ * moe_model_save / moe_trainer_save write one file set from rank 0 that any
+ * number of ranks can load. Every rank calls forward, backward, the trainer
+ * and save together. */
+void moe_set_dist(moe_dist *d);
 
 /* ---- the language model -------------------------------------------------- */
 

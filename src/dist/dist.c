@@ -9,7 +9,7 @@
 #define COMM(d) (*(MPI_Comm *)(d)->comm)
 #endif
 
-static size_t dsize(moe__dtype t) { return t == MOE__F64 ? sizeof(double) : sizeof(float); }
+static size_t dsize(moe__dist_type t) { return t == MOE__DIST_F64 ? sizeof(double) : sizeof(float); }
 
 moe_dist *moe_dist_world(int *err, char *errbuf, size_t errbuf_size) {
     moe_dist *d = moe__calloc(1, sizeof *d);
@@ -149,7 +149,7 @@ static int grow_scratch(moe_dist *d, size_t bytes) {
 }
 #endif
 
-int moe__dist_allreduce_sum(moe_dist *d, void *buf, size_t n, moe__dtype type) {
+int moe__dist_allreduce_sum(moe_dist *d, void *buf, size_t n, moe__dist_type type) {
     if (d->size == 1 || n == 0) return MOE_OK;
 #ifdef MOE_MPI
     /* MPI_Allreduce does not promise an order of the additions (nor the same
@@ -172,9 +172,9 @@ int moe__dist_allreduce_sum(moe_dist *d, void *buf, size_t n, moe__dtype type) {
         return moe__set_err(d->err, sizeof d->err, MOE_ELIMIT, "all-reduce: size overflow");
     int rc = grow_scratch(d, bytes);
     if (rc) return rc;
-    const MPI_Datatype mt = type == MOE__F64 ? MPI_DOUBLE : MPI_FLOAT;
+    const MPI_Datatype mt = type == MOE__DIST_F64 ? MPI_DOUBLE : MPI_FLOAT;
     MPI_CHECK(MPI_Alltoallv(buf, cnt, off, mt, d->scratch, rcnt, roff, mt, COMM(d)), "MPI_Alltoallv (reduce)");
-    if (type == MOE__F64) {
+    if (type == MOE__DIST_F64) {
         double *s = d->scratch, *o = (double *)buf + off[me];
         for (int i = 0; i < len; i++) {
             double acc = s[i];
@@ -211,5 +211,23 @@ int moe__dist_barrier(moe_dist *d) {
 #endif
     return MOE_OK;
 }
+
+int moe__dist_gather_f32(moe_dist *d, const float *send, size_t n, float *recv, int root) {
+    if (d->size == 1) {
+        memmove(recv, send, sizeof(float) * n);
+        return MOE_OK;
+    }
+#ifdef MOE_MPI
+    if (n > INT_MAX) return moe__set_err(d->err, sizeof d->err, MOE_ELIMIT, "gather of %zu floats", n);
+    MPI_CHECK(MPI_Gather(send, (int)n, MPI_FLOAT, recv, (int)n, MPI_FLOAT, root, COMM(d)), "MPI_Gather");
+#else
+    (void)root;
+#endif
+    return MOE_OK;
+}
+
+static moe_dist *g_dist;
+void moe_set_dist(moe_dist *d) { g_dist = d; }
+moe_dist *moe__dist_default(void) { return g_dist; }
 
 const char *moe_dist_errmsg(const moe_dist *d) { return d ? d->err : "communicator is NULL"; }

@@ -21,7 +21,7 @@ struct moe_dist {
     char err[256];
 };
 
-typedef enum moe__dtype { MOE__F32, MOE__F64 } moe__dtype;
+typedef enum moe__dist_type { MOE__DIST_F32, MOE__DIST_F64 } moe__dist_type;
 
 /* recv [P][per] = what each rank sent to this one: send [P][per] ints. */
 int moe__dist_alltoall_int(moe_dist *d, const int *send, int *recv, int per);
@@ -33,9 +33,13 @@ int moe__dist_alltoallv_rows(moe_dist *d, const float *send, const int *send_row
                              const int *recv_rows, int cols);
 /* buf [n] = the sum over ranks of every rank's buf, added in rank order
  * (reduce-scatter by blocks, then all-gather: bandwidth 2 n per rank). */
-int moe__dist_allreduce_sum(moe_dist *d, void *buf, size_t n, moe__dtype type);
+int moe__dist_allreduce_sum(moe_dist *d, void *buf, size_t n, moe__dist_type type);
 /* buf [n] ints = the maximum over ranks. */
 int moe__dist_allreduce_max_int(moe_dist *d, int *buf, int n);
 int moe__dist_barrier(moe_dist *d);
+/* recv [P][n] on root = every rank's send [n] (others' recv unused). */
+int moe__dist_gather_f32(moe_dist *d, const float *send, size_t n, float *recv, int root);
+/* The communicator set by moe_set_dist (NULL: one process). */
+moe_dist *moe__dist_default(void);
 
 #endif

@@ -1,10 +1,12 @@
 /* Model directories: config.json + model.safetensors under Hugging Face
  * Mixtral names. Each file is replaced atomically. */
 #include "io/safetensors.h"
+#include "dist/dist.h"
 #include "model/model_impl.h"
 
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 
@@ -16,27 +18,97 @@ static int ensure_dir(const char *dir, char *err, size_t errsz) {
     return moe__set_err(err, errsz, MOE_EIO, "%s: cannot create directory: %s", dir, strerror(errno));
 }
 
+/* Under expert parallelism every rank's error becomes every rank's: rank 0
+ * writes, the others only send their experts. */
+static int agree(const moe_model *m, int rc, char *err, size_t errsz) {
+    if (!m->dist) return rc;
+    int v = -rc;
+    if (moe__dist_allreduce_max_int(m->dist, &v, 1))
+        return moe__set_err(err, errsz, MOE_EIO, "checkpoint: %s", moe_dist_errmsg(m->dist));
+    if (v > 0 && !rc) return moe__set_err(err, errsz, -v, "checkpoint: rank 0 failed (%s)", moe_strerror(-v));
+    return rc;
+}
+
+int moe__ckpt_write(const moe_model *m, const float *const *bases, const char *const *prefixes, int nb,
+                    const char *path, const char *const *meta, char *err, size_t errsz) {
+    const int P = m->dist ? moe_dist_size(m->dist) : 1, root = !m->dist || moe_dist_rank(m->dist) == 0;
+    const int E = m->cfg.num_local_experts, El = m->e_local, C = m->cfg.hidden_size, F = m->cfg.intermediate_size;
+    const size_t FC = (size_t)F * C;
+    const size_t per_base = (size_t)m->n_tensors + (size_t)(P - 1) * 3 * El * MOE_MAX_LAYERS;
+    moe__st_out *t = moe__calloc(per_base * (size_t)nb, sizeof *t);
+    char *names = moe__calloc(per_base * (size_t)nb, 112);
+    /* every rank's expert blocks on rank 0: [nb][layer][P][span] */
+    size_t span = 0, nspan = 0;
+    for (int i = 0; i < m->cfg.num_hidden_layers; i++)
+        if (m->layers[i].moe) {
+            const moe_layer_params o = moe_layer_param_offsets(m->layers[i].moe);
+            span = (o.w3 != SIZE_MAX ? o.w3 : o.w2) + (o.w2 - o.w1) - o.w1;
+            nspan++;
+        }
+    float *gath = P > 1 && root && nspan ? moe__aligned_alloc(sizeof(float) * span * nspan * P * (size_t)nb) : NULL;
+    int rc = !t || !names || (P > 1 && root && nspan && !gath)
+                 ? moe__set_err(err, errsz, MOE_ENOMEM, "%s: out of memory", path) : MOE_OK;
+    rc = agree(m, rc, err, errsz);
+    int n = 0;
+    for (int b = 0; b < nb && !rc; b++) {
+        size_t layer_k = 0;
+        for (int i = 0; i < m->n_tensors; i++) {
+            const moe_param_info *pi = &m->tensors[i];
+            const char *ex = strstr(pi->name, ".experts.");
+            if (ex && P > 1) {
+                int layer;
+                if (atoi(ex + 9) != m->e_first || !strstr(ex, ".w1.") || sscanf(pi->name, "model.layers.%d.", &layer) != 1)
+                    continue; /* the layer's experts go out together, at its first */
+                const moe_layer_params o = moe_layer_param_offsets(m->layers[layer].moe);
+                float *g = gath ? gath + ((size_t)b * nspan + layer_k) * span * P : NULL;
+                layer_k++;
+                if (moe__dist_gather_f32(m->dist, bases[b] + m->layers[layer].moe_off + o.w1, span, g, 0)) {
+                    rc = moe__set_err(err, errsz, MOE_EIO, "%s: gathering experts: %s", path, moe_dist_errmsg(m->dist));
+                    break;
+                }
+                if (!root) continue;
+                const int nk = o.w3 != SIZE_MAX ? 3 : 2;
+                const char *w[3] = {"w1", "w2", "w3"};
+                for (int k = 0; k < nk; k++)
+                    for (int e = 0; e < E; e++) {
+                        char *nm = names + (size_t)n * 112;
+                        snprintf(nm, 112, "%smodel.layers.%d.block_sparse_moe.experts.%d.%s.weight", prefixes[b], layer,
+                                 e, w[k]);
+                        t[n] = (moe__st_out){nm, MOE__DT_F32, 2, {k == 1 ? C : F, k == 1 ? F : C, 0, 0},
+                                             g + (size_t)(e / El) * span + ((size_t)k * El + e % El) * FC};
+                        n++;
+                    }
+                continue;
+            }
+            char *nm = names + (size_t)n * 112;
+            snprintf(nm, 112, "%s%s", prefixes[b], pi->name);
+            t[n].name = nm;
+            t[n].dtype = MOE__DT_F32;
+            t[n].ndim = pi->ndim;
+            for (int d = 0; d < pi->ndim; d++) t[n].shape[d] = pi->shape[d];
+            t[n].data = bases[b] + pi->offset;
+            n++;
+        }
+    }
+    if (!rc && root) rc = moe__st_write(path, t, n, meta, err, errsz);
+    moe__free(t);
+    moe__free(names);
+    moe__afree(gath);
+    return agree(m, rc, err, errsz);
+}
+
 int moe_model_save(const moe_model *m, const char *dir, char *err, size_t errsz) {
     char path[4096];
-    int rc = ensure_dir(dir, err, errsz);
-    if (rc) return rc;
+    const int root = !m->dist || moe_dist_rank(m->dist) == 0;
+    int rc = root ? ensure_dir(dir, err, errsz) : MOE_OK;
     snprintf(path, sizeof path, "%s/config.json", dir);
-    if ((rc = moe_model_config_save(&m->cfg, path, err, errsz))) return rc;
-    moe__st_out *t = moe__calloc((size_t)m->n_tensors, sizeof *t);
-    if (!t) return moe__set_err(err, errsz, MOE_ENOMEM, "%s: out of memory", dir);
-    for (int i = 0; i < m->n_tensors; i++) {
-        const moe_param_info *pi = &m->tensors[i];
-        t[i].name = pi->name;
-        t[i].dtype = MOE__DT_F32;
-        t[i].ndim = pi->ndim;
-        for (int d = 0; d < pi->ndim; d++) t[i].shape[d] = pi->shape[d];
-        t[i].data = m->params + pi->offset;
-    }
+    if (!rc && root) rc = moe_model_config_save(&m->cfg, path, err, errsz);
+    if ((rc = agree(m, rc, err, errsz))) return rc;
     const char *meta[] = {"format", "pt", "producer", "moe", NULL};
+    const float *bases[1] = {m->params};
+    const char *prefixes[1] = {""};
     snprintf(path, sizeof path, "%s/model.safetensors", dir);
-    rc = moe__st_write(path, t, m->n_tensors, meta, err, errsz);
-    moe__free(t);
-    return rc;
+    return moe__ckpt_write(m, bases, prefixes, 1, path, meta, err, errsz);
 }
 
 int moe_model_load(const char *dir, int max_batch, int max_seq, int want_grads, int n_threads, moe_model **out,

@@ -66,7 +66,7 @@ int moe__ep_start(moe_layer *l, int rc, int n) {
 int moe__ep_sum(moe_layer *l, double *v, int n) {
     if (!l->dist) return MOE_OK;
     const double t0 = omp_get_wtime();
-    int rc = moe__dist_allreduce_sum(l->dist, v, (size_t)n, MOE__F64);
+    int rc = moe__dist_allreduce_sum(l->dist, v, (size_t)n, MOE__DIST_F64);
     l->ms_a2a += (omp_get_wtime() - t0) * 1e3;
     return rc ? dist_err(l, rc) : MOE_OK;
 }

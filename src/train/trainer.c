@@ -80,15 +80,39 @@ void moe_trainer_set_schedule(moe_trainer *t, int max_steps, int warmup_steps) {
     c->warmup_steps = warmup_steps;
 }
 
-/* B windows of T+1 tokens at offsets drawn from the sampler */
+/* Expert parallelism: rank r of P takes windows [r B, (r+1) B) of a global
+ * batch of P B windows, so P ranks see what one process with batch P B sees. */
+static void dp_share(const moe_trainer *t, int *rank, int *size) {
+    *rank = t->m->dist ? moe_dist_rank(t->m->dist) : 0;
+    *size = t->m->dist ? moe_dist_size(t->m->dist) : 1;
+}
+
+/* B windows of T+1 tokens at offsets drawn from the sampler (every rank
+ * draws the whole global batch, so the sampler state is the same on all) */
 static void sample(moe_trainer *t) {
     const int B = t->tc.batch, T = t->tc.seq;
     const uint64_t span = t->n_train - (size_t)T - 1;
-    for (int b = 0; b < B; b++) {
+    int r, P;
+    dp_share(t, &r, &P);
+    for (int g = 0; g < P * B; g++) {
         const size_t off = (size_t)(moe__rng_u64(&t->rng) % span);
+        const int b = g - r * B;
+        if (b < 0 || b >= B) continue;
         memcpy(t->tok + (size_t)b * T, t->train + off, sizeof(int32_t) * T);
         memcpy(t->tgt + (size_t)b * T, t->train + off + 1, sizeof(int32_t) * T);
     }
+}
+
+/* The optimizer step; under expert parallelism the replicated gradients are
+ * summed over ranks first and the clip uses the global norm. */
+static int dist_step(moe_trainer *t, float *gn) {
+    moe_model *m = t->m;
+    if (!m->dist) return moe_adamw_step(t->opt, m->params, m->grads, m->tensors, m->n_tensors, gn);
+    double norm;
+    int rc = moe__model_sync_grads(m);
+    if (!rc) rc = moe__model_grad_norm(m, m->grads, &norm);
+    if (rc) return moe__set_err(t->err, sizeof t->err, rc, "step %d: %s", moe_adamw_get_step(t->opt), m->err);
+    return moe__adamw_step_norm(t->opt, m->params, m->grads, m->tensors, m->n_tensors, norm, gn);
 }
 
 int moe_trainer_step(moe_trainer *t, moe_train_step_info *info) {
@@ -114,13 +138,15 @@ int moe_trainer_step(moe_trainer *t, moe_train_step_info *info) {
     }
     const float lr = moe_adamw_lr(moe__adamw_config(t->opt), moe_adamw_get_step(t->opt));
     float gn;
-    int rc = moe_adamw_step(t->opt, m->params, m->grads, m->tensors, m->n_tensors, &gn);
+    int rc = dist_step(t, &gn);
     if (rc)
         return moe__set_err(t->err, sizeof t->err, rc, "step %d: gradient norm is %g (NaN/Inf gradients)",
                             moe_adamw_get_step(t->opt), (double)gn);
     if ((rc = moe_model_update_bias(m)))
         return moe__set_err(t->err, sizeof t->err, rc, "step %d: %s", moe_adamw_get_step(t->opt), m->err);
-    t->tokens += (double)A * B * T;
+    int r_, P_;
+    dp_share(t, &r_, &P_);
+    t->tokens += (double)A * B * T * P_;
     if (info) {
         info->step = moe_adamw_get_step(t->opt);
         info->loss = (float)(loss / A), info->ce = (float)(ce / A), info->aux = (float)(aux / A);
@@ -134,12 +160,14 @@ int moe_trainer_step(moe_trainer *t, moe_train_step_info *info) {
 int moe_trainer_eval(moe_trainer *t, float *val_loss) {
     if (!t->val) return moe__set_err(t->err, sizeof t->err, MOE_ESTATE, "eval: no validation tokens");
     const int B = t->tc.batch, T = t->tc.seq, nb = t->tc.eval_batches > 0 ? t->tc.eval_batches : 1;
-    const size_t nwin = (size_t)nb * B, span = t->n_val - (size_t)T - 1;
+    int r, P;
+    dp_share(t, &r, &P); /* rank r evaluates windows [r B, (r+1) B) of each global batch */
+    const size_t nwin = (size_t)nb * B * P, span = t->n_val - (size_t)T - 1;
     double sum = 0;
     moe_model_set_training(t->m, 0); /* evaluation never drops tokens */
     for (int k = 0; k < nb; k++) {
         for (int b = 0; b < B; b++) {
-            const size_t w = (size_t)k * B + b, off = nwin > 1 ? w * span / (nwin - 1) : 0;
+            const size_t w = ((size_t)k * P + r) * B + b, off = nwin > 1 ? w * span / (nwin - 1) : 0;
             memcpy(t->tok + (size_t)b * T, t->val + off, sizeof(int32_t) * T);
             memcpy(t->tgt + (size_t)b * T, t->val + off + 1, sizeof(int32_t) * T);
         }
@@ -163,23 +191,6 @@ int moe_trainer_save(moe_trainer *t, const char *dir, char *err, size_t errsz) {
     int rc = moe_model_save(t->m, dir, err, errsz);
     if (rc) return rc;
     moe_model *m = t->m;
-    const int n = m->n_tensors;
-    moe__st_out *o = moe__calloc((size_t)2 * n, sizeof *o);
-    char *names = moe__calloc((size_t)2 * n, 100);
-    if (!o || !names) {
-        moe__free(o), moe__free(names);
-        return moe__set_err(err, errsz, MOE_ENOMEM, "%s: out of memory", dir);
-    }
-    for (int i = 0; i < 2 * n; i++) {
-        const moe_param_info *pi = &m->tensors[i % n];
-        char *nm = names + (size_t)i * 100;
-        snprintf(nm, 100, "%s.%s", i < n ? "m" : "v", pi->name);
-        o[i].name = nm;
-        o[i].dtype = MOE__DT_F32;
-        o[i].ndim = pi->ndim;
-        for (int d = 0; d < pi->ndim; d++) o[i].shape[d] = pi->shape[d];
-        o[i].data = (i < n ? moe_adamw_m(t->opt) : moe_adamw_v(t->opt)) + pi->offset;
-    }
     char step[32], rng[4][32], tokens[32];
     snprintf(step, sizeof step, "%d", moe_adamw_get_step(t->opt));
     for (int k = 0; k < 4; k++) snprintf(rng[k], sizeof rng[k], "%016" PRIx64, t->rng.s[k]);
@@ -188,9 +199,9 @@ int moe_trainer_save(moe_trainer *t, const char *dir, char *err, size_t errsz) {
                           "tokens", tokens, NULL};
     char path[4096];
     snprintf(path, sizeof path, "%s/optimizer.safetensors", dir);
-    rc = moe__st_write(path, o, 2 * n, meta, err, errsz);
-    moe__free(o), moe__free(names);
-    return rc;
+    const float *bases[2] = {moe_adamw_m(t->opt), moe_adamw_v(t->opt)};
+    const char *prefixes[2] = {"m.", "v."};
+    return moe__ckpt_write(m, bases, prefixes, 2, path, meta, err, errsz);
 }
 
 int moe_trainer_load_state(moe_trainer *t, const char *dir, char *err, size_t errsz) {
