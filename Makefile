@@ -69,6 +69,10 @@ $(BUILD)/moe_mpi_tests: $(MPI_TST_SRC:%.c=$(BUILD)/obj/%.o) $(BUILD)/libmoe.a
 test-mpi:
 	$(MAKE) MPI=1 build-mpi/moe_mpi_tests build-mpi/moe
 	for p in 1 2 4; do OMP_NUM_THREADS=1 $(MPIRUN) -np $$p ./build-mpi/moe_mpi_tests || exit 1; done
+	d=$$(mktemp -d /tmp/moe_mpi_ckpt_XXXXXX) && \
+	  OMP_NUM_THREADS=1 $(MPIRUN) -np 4 ./build-mpi/moe_mpi_tests save $$d/ck && \
+	  OMP_NUM_THREADS=1 $(MPIRUN) -np 2 ./build-mpi/moe_mpi_tests resume $$d/ck && \
+	  OMP_NUM_THREADS=1 $(MPIRUN) -np 1 ./build-mpi/moe_mpi_tests resume $$d/ck; rc=$$?; rm -rf $$d; exit $$rc
 
 # One translation unit per source, no shared objects with the normal build.
 $(BUILD)/moe_tests_asan: $(LIB_SRC) $(TST_SRC) $(wildcard src/*/*.h tests/*.h include/*.h)

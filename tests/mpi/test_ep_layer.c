@@ -233,7 +233,15 @@ static void errors(void) {
     moe_layer_free(l);
 }
 
-int main(void) {
+static int finish(const char *what) {
+    int fails = mt_fail, total = 0;
+    MPI_Allreduce(&fails, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+    if (mt_rank == 0) printf("P=%d %s: %d failed checks\n", mt_size, what, total);
+    moe_dist_free(D);
+    return total ? 1 : 0;
+}
+
+int main(int argc, char **argv) {
     int err;
     char msg[256];
     D = moe_dist_world(&err, msg, sizeof msg);
@@ -243,6 +251,11 @@ int main(void) {
     }
     mt_rank = moe_dist_rank(D), mt_size = moe_dist_size(D);
     const int P = mt_size;
+    if (argc == 3 && (!strcmp(argv[1], "save") || !strcmp(argv[1], "resume"))) {
+        if (argv[1][0] == 's') mt_ckpt_save(D, argv[2]);
+        else mt_ckpt_resume(D, argv[2]);
+        return finish(argv[1]);
+    }
     scenario sc[10];
     int ns = 0;
     moe_layer_config base = moe_layer_config_default(16, 24, 8, 2, 0);
@@ -268,9 +281,6 @@ int main(void) {
     (void)P;
     for (int i = 0; i < ns; i++) run(&sc[i]);
     errors();
-    int fails = mt_fail, total = 0;
-    MPI_Allreduce(&fails, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
-    if (mt_rank == 0) printf("P=%d: %d scenarios + errors, %d failed checks\n", mt_size, ns, total);
-    moe_dist_free(D);
-    return total ? 1 : 0;
+    mt_train_tests(D);
+    return finish("layer + train");
 }
