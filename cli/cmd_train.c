@@ -136,7 +136,7 @@ int moe_cli_train(int argc, char **argv) {
         {"--minutes", NULL, ARG_DOUBLE, &minutes, "wall-clock budget in minutes (0: until --steps)"},
         {"--seed", NULL, ARG_U64, &seed, "seed of init and data sampling"},
         {"--threads", "-t", ARG_INT, &threads, "threads"},
-        {"--batch", NULL, ARG_INT, &batch, "sequences per micro-batch"},
+        {"--batch", NULL, ARG_INT, &batch, "sequences per micro-batch (per rank under mpirun)"},
         {"--seq", NULL, ARG_INT, &seq, "tokens per sequence (0: the context length)"},
         {"--accum", NULL, ARG_INT, &accum, "micro-batches per step (gradient accumulation)"},
         {"--lr", NULL, ARG_FLOAT, &lr, "peak learning rate"},
@@ -173,6 +173,15 @@ int moe_cli_train(int argc, char **argv) {
         return 2;
     }
     if (!steps && minutes <= 0) steps = 1000;
+    /* expert parallelism (mpirun): --batch is per rank; ranks must agree on
+     * when to stop, so the run is counted in steps */
+    moe_dist *dist = moe_get_dist();
+    const int ranks = moe_dist_size(dist), root = moe_dist_rank(dist) == 0;
+    if (ranks > 1 && minutes > 0) {
+        fprintf(stderr, "moe train: under mpirun give --steps (--minutes would stop the ranks at different steps)\n");
+        return 2;
+    }
+    if (!root) quiet = 1;
     if (!!preset + !!config + resume > 1) {
         fprintf(stderr, "moe train: give one of --preset, --config, --resume\n");
         return 2;
@@ -279,7 +288,7 @@ int moe_cli_train(int argc, char **argv) {
         }
         history_load(out, &hist_tr, &hist_va);
         if (!quiet) fprintf(stderr, "resuming at step %d\n", moe_trainer_get_step(tr));
-    } else {
+    } else if (root) {
         snprintf(path, sizeof path, "%s/tokenizer.json", out);
         if (moe_tokenizer_save(d.tok, path, err, sizeof err)) {
             fprintf(stderr, "moe train: %s\n", err);
@@ -296,10 +305,10 @@ int moe_cli_train(int argc, char **argv) {
     const int tty = isatty(STDERR_FILENO) && !quiet;
     const double t0 = cli_now();
     double last_val = NAN, tokens = 0;
-    const double tok_per_step = (double)batch * seq * accum;
+    const double tok_per_step = (double)batch * seq * accum * ranks;
     int step = moe_trainer_get_step(tr), start = step, failed = 0;
     const int target = steps > 0 ? steps : 1 << 30;
-    while (step < target && !g_stop) {
+    while (step < target && !moe_dist_any(ranks > 1 ? dist : NULL, g_stop)) {
         const double el = cli_now() - t0;
         if (minutes > 0 && el >= minutes * 60) break;
         moe_train_step_info si;
@@ -326,7 +335,8 @@ int moe_cli_train(int argc, char **argv) {
             }
         }
         if (ckpt_every > 0 && step % ckpt_every == 0) {
-            if (moe_trainer_save(tr, out, err, sizeof err) || history_save(out, &hist_tr, &hist_va, step, si.tokens, cmdline))
+            if (moe_trainer_save(tr, out, err, sizeof err) ||
+                (root && history_save(out, &hist_tr, &hist_va, step, si.tokens, cmdline)))
                 fprintf(stderr, "\nmoe train: checkpoint: %s\n", err);
         }
         double eta = steps > 0 ? (target - step) * elapsed / (step - start) : minutes * 60 - elapsed;
@@ -351,11 +361,11 @@ int moe_cli_train(int argc, char **argv) {
     else if (!failed && moe_trainer_eval(tr, &vl) == 0) series_add(&hist_va, step, vl);
     int save_rc = moe_trainer_save(tr, out, err, sizeof err);
     if (save_rc) fprintf(stderr, "moe train: checkpoint: %s\n", err);
-    save_rc |= history_save(out, &hist_tr, &hist_va, step, tokens, cmdline);
+    if (root) save_rc |= history_save(out, &hist_tr, &hist_va, step, tokens, cmdline);
     moe_plot_series ps[2] = {{"train loss", hist_tr.step, hist_tr.val, hist_tr.n, 0},
                              {"val loss", hist_va.step, hist_va.val, hist_va.n, 1}};
     snprintf(path, sizeof path, "%s/loss.svg", out);
-    if (moe_plot_svg(path, "moe train: loss", "step", "cross-entropy (nats/token)", ps, 2, 0, err, sizeof err))
+    if (root && moe_plot_svg(path, "moe train: loss", "step", "cross-entropy (nats/token)", ps, 2, 0, err, sizeof err))
         fprintf(stderr, "moe train: %s\n", err);
     printf("trained %d steps in %.1f s (%.0f tokens/s); val loss %.4f, perplexity %.2f\n", step - start, train_s,
            step > start ? (step - start) * tok_per_step / train_s : 0.0, vl, exp(vl));

@@ -332,6 +332,9 @@ void moe_layer_expert_range(const moe_layer *l, int *first, int *count);
  * number of ranks can load. Every rank calls forward, backward, the trainer
  * and save together. */
 void moe_set_dist(moe_dist *d);
+moe_dist *moe_get_dist(void);
+/* 1 on every rank when flag is set on any (a collective; flag without d). */
+int moe_dist_any(moe_dist *d, int flag);
 
 /* ---- the language model -------------------------------------------------- */
 

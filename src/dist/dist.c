@@ -229,5 +229,12 @@ int moe__dist_gather_f32(moe_dist *d, const float *send, size_t n, float *recv, 
 static moe_dist *g_dist;
 void moe_set_dist(moe_dist *d) { g_dist = d; }
 moe_dist *moe__dist_default(void) { return g_dist; }
+moe_dist *moe_get_dist(void) { return g_dist; }
+
+int moe_dist_any(moe_dist *d, int flag) {
+    int v = flag != 0;
+    if (!d || moe__dist_allreduce_max_int(d, &v, 1)) return flag != 0;
+    return v;
+}
 
 const char *moe_dist_errmsg(const moe_dist *d) { return d ? d->err : "communicator is NULL"; }
