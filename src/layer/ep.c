@@ -22,7 +22,9 @@ static int dist_err(moe_layer *l, int rc) {
 int moe__ep_agree(moe_layer *l, int rc) {
     if (!l->dist) return rc;
     int v = -rc; /* error codes are negative: the largest -rc wins */
+    const double t0 = omp_get_wtime();
     int mrc = moe__dist_allreduce_max_int(l->dist, &v, 1);
+    l->ms_a2a += (omp_get_wtime() - t0) * 1e3; /* mostly waiting for the slowest rank */
     if (mrc) return dist_err(l, mrc);
     if (v > 0 && rc == MOE_OK)
         return moe__set_err(l->err, sizeof l->err, -v, "expert parallelism: another rank failed (%s)",
@@ -38,7 +40,9 @@ int moe__ep_start(moe_layer *l, int rc, int n) {
     }
     /* one all-gather carries the token counts and any rank's early failure */
     int mine = rc ? rc : n; /* rc < 0, n >= 0 */
+    const double t0 = omp_get_wtime();
     int arc = moe__dist_allgather_int(l->dist, &mine, l->ep_ntok, 1);
+    l->ms_a2a += (omp_get_wtime() - t0) * 1e3;
     if (arc) return dist_err(l, arc);
     long long base = 0, total = 0;
     int worst = 0;
