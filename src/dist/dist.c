@@ -20,8 +20,15 @@ moe_dist *moe_dist_world(int *err, char *errbuf, size_t errbuf_size) {
     }
     d->size = 1;
 #ifdef MOE_MPI
-    int inited = 0;
+    int inited = 0, finalized = 0;
     MPI_Initialized(&inited);
+    MPI_Finalized(&finalized);
+    if (finalized) { /* MPI cannot start twice in a process */
+        moe__free(d);
+        if (err) *err = MOE_ESTATE;
+        moe__set_err(errbuf, errbuf_size, MOE_ESTATE, "MPI was finalized: the communicator cannot be made again");
+        return NULL;
+    }
     if (!inited) {
         int provided;
         /* the library calls MPI from the main thread only, outside OpenMP regions */
