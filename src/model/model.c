@@ -505,13 +505,22 @@ int moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t *target
     const int N = B * T, C = c->hidden_size, V = c->vocab_size, H = c->num_attention_heads,
               G = c->num_key_value_heads, D = c->head_dim, th = m->threads;
     const int HD = H * D, GD = G * D;
-    for (int n = 0; n < N; n++) {
-        if (tokens[n] < 0 || tokens[n] >= V || (targets && (targets[n] < 0 || targets[n] >= V)))
-            return moe__set_err(m->err, sizeof m->err, MOE_EINVAL, "forward: token %d at position %d is outside [0, %d)",
-                                tokens[n] < 0 || tokens[n] >= V ? tokens[n] : targets[n], n, V);
+    int bad = 0;
+    for (int n = 0; n < N && !bad; n++) {
+        if (tokens[n] < 0 || tokens[n] >= V || (targets && (targets[n] < 0 || targets[n] >= V))) {
+            moe__set_err(m->err, sizeof m->err, MOE_EINVAL, "forward: token %d at position %d is outside [0, %d)",
+                         tokens[n] < 0 || tokens[n] >= V ? tokens[n] : targets[n], n, V);
+            bad = 1;
+            break;
+        }
         m->tok[n] = tokens[n];
         if (targets) m->tgt[n] = targets[n];
     }
+    /* expert parallelism: one rank's bad batch stops every rank before the
+     * layers' collectives */
+    if (m->dist && moe_dist_any(m->dist, bad) && !bad)
+        return moe__set_err(m->err, sizeof m->err, MOE_EINVAL, "forward: another rank's batch is invalid");
+    if (bad) return MOE_EINVAL;
     const float *P = m->params;
     moe__embedding_forward(m->layers[0].res, m->tok, P + m->embed, N, C, th);
     for (int i = 0; i < c->num_hidden_layers; i++) {

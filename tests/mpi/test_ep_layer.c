@@ -282,5 +282,6 @@ int main(int argc, char **argv) {
     for (int i = 0; i < ns; i++) run(&sc[i]);
     errors();
     mt_train_tests(D);
+    mt_model_bad_batch(D);
     return finish("layer + train");
 }

@@ -178,3 +178,27 @@ void mt_ckpt_resume(moe_dist *d, const char *dir) {
     free_run(&ep);
     free_run(&ref);
 }
+
+/* A bad token on one rank fails the forward on every rank (no rank is left
+ * waiting in a collective), and the model works afterwards. */
+void mt_model_bad_batch(moe_dist *d) {
+    moe_model_config c = tiny();
+    int err;
+    char msg[256];
+    moe_set_dist(d);
+    moe_model *m = moe_model_create(&c, 1, SEQ, 1, 1, &err, msg, sizeof msg);
+    moe_set_dist(NULL);
+    MT_CHECK(m != NULL, "model: %s", msg);
+    if (!m) return;
+    moe_model_init(m, 1);
+    int32_t tok[SEQ], tgt[SEQ];
+    for (int i = 0; i < SEQ; i++) tok[i] = i, tgt[i] = i + 1;
+    if (mt_rank == mt_size - 1) tok[3] = 1000;
+    float loss;
+    int rc = moe_model_forward(m, tok, tgt, 1, SEQ, &loss);
+    MT_CHECK(rc == MOE_EINVAL, "bad token on the last rank: forward returned %d (%s)", rc, moe_model_errmsg(m));
+    tok[3] = 3;
+    rc = moe_model_forward(m, tok, tgt, 1, SEQ, &loss);
+    MT_CHECK(rc == 0 && isfinite(loss), "forward after the failure: %s", moe_model_errmsg(m));
+    moe_model_free(m);
+}
