@@ -478,14 +478,16 @@ int moe_layer_forward(moe_layer *l, const float *x, int n_tokens, float *y) {
     l->err[0] = '\0';
     l->have_fwd = 0;
     const int C = l->cfg.d_model;
-    if (!x || !y) return moe__set_err(l->err, sizeof l->err, MOE_EINVAL, "forward: x or y is NULL");
-    if (n_tokens < 0 || n_tokens > l->cfg.max_tokens)
-        return moe__set_err(l->err, sizeof l->err, MOE_ESHAPE,
-                            "forward: %d tokens, layer sized for [0, %d] (max_tokens)", n_tokens,
-                            l->cfg.max_tokens);
-    const size_t nx = (size_t)n_tokens * C;
+    /* no early return before moe__ep_start: under expert parallelism the
+     * other ranks learn of a failure there */
     int rc = MOE_OK;
-    if (x < y + nx && y < x + nx) rc = moe__set_err(l->err, sizeof l->err, MOE_EINVAL, "forward: x and y overlap");
+    const size_t nx = (size_t)(n_tokens > 0 ? n_tokens : 0) * C;
+    if (!x || !y) rc = moe__set_err(l->err, sizeof l->err, MOE_EINVAL, "forward: x or y is NULL");
+    else if (n_tokens < 0 || n_tokens > l->cfg.max_tokens)
+        rc = moe__set_err(l->err, sizeof l->err, MOE_ESHAPE, "forward: %d tokens, layer sized for [0, %d] (max_tokens)",
+                          n_tokens, l->cfg.max_tokens);
+    else if (x < y + nx && y < x + nx)
+        rc = moe__set_err(l->err, sizeof l->err, MOE_EINVAL, "forward: x and y overlap");
     long long bad = rc ? -1 : first_nonfinite(x, nx, l->threads);
     if (bad >= 0)
         rc = moe__set_err(l->err, sizeof l->err, MOE_ENONFINITE, "forward: input x[%lld][%lld] is %g", bad / C,

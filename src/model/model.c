@@ -649,16 +649,6 @@ static void expert_block(const moe__mlayer *L, size_t *lo, size_t *hi) {
     *hi = L->moe_off + (o.w3 != SIZE_MAX ? o.w3 : o.w2) + (o.w2 - o.w1);
 }
 
-int moe__model_is_expert(const moe_model *m, size_t off) {
-    for (int i = 0; i < m->cfg.num_hidden_layers; i++) {
-        if (!m->layers[i].moe) continue;
-        size_t lo, hi;
-        expert_block(&m->layers[i], &lo, &hi);
-        if (off >= lo && off < hi) return 1;
-    }
-    return 0;
-}
-
 int moe__model_sync_grads(moe_model *m) {
     if (!m->dist) return MOE_OK;
     /* the gaps between the expert blocks are the replicated parameters; the

@@ -83,8 +83,6 @@ struct moe_model {
 int moe__model_sync_grads(moe_model *m);
 /* The global gradient norm: replicated parameters once, experts of every rank. */
 int moe__model_grad_norm(moe_model *m, const float *g, double *norm);
-/* Is [off, off + n) inside a MoE layer's expert block? */
-int moe__model_is_expert(const moe_model *m, size_t off);
 /* checkpoint.c: writes path with the model's tensors read from each of nb
  * bases (params, optimizer moments), names prefixed; under expert parallelism
  * rank 0 writes every rank's experts by global id (a collective). */

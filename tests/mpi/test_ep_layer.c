@@ -227,7 +227,11 @@ static void errors(void) {
     if (mt_rank == 0) x[5] = NAN;
     int rc = moe_layer_forward(l, x, 16, y);
     MT_CHECK(rc == MOE_ENONFINITE, "NaN on rank 0: forward returned %d (%s)", rc, moe_layer_errmsg(l));
-    x[5] = 0.0f; /* and the layer still works after a failed call */
+    x[5] = 0.0f;
+    /* too many tokens on the last rank: a shape error there, a failure everywhere */
+    rc = moe_layer_forward(l, x, mt_rank == mt_size - 1 ? 17 : 16, y);
+    MT_CHECK(rc != 0, "17 tokens on the last rank: forward returned 0");
+    /* and the layer still works after a failed call */
     rc = moe_layer_forward(l, x, 16, y);
     MT_CHECK(rc == 0, "forward after a failure: %s", moe_layer_errmsg(l));
     moe_layer_free(l);
