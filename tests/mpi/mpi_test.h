@@ -28,6 +28,7 @@ static inline int mt_close(double a, double b, double atol, double rtol) {
 typedef struct moe_dist moe_dist;
 void mt_train_tests(moe_dist *d);
 void mt_model_bad_batch(moe_dist *d);
+void mt_model_decode(moe_dist *d);
 void mt_ckpt_save(moe_dist *d, const char *dir);
 void mt_ckpt_resume(moe_dist *d, const char *dir);
 

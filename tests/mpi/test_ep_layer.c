@@ -287,5 +287,6 @@ int main(int argc, char **argv) {
     errors();
     mt_train_tests(D);
     mt_model_bad_batch(D);
+    mt_model_decode(D);
     return finish("layer + train");
 }

@@ -202,3 +202,41 @@ void mt_model_bad_batch(moe_dist *d) {
     MT_CHECK(rc == 0 && isfinite(loss), "forward after the failure: %s", moe_model_errmsg(m));
     moe_model_free(m);
 }
+
+/* Serving: decoding with the experts spread over the ranks (every rank feeds
+ * the same token) gives the single-process logits. */
+void mt_model_decode(moe_dist *d) {
+    moe_model_config c = tiny();
+    int err;
+    char msg[256];
+    moe_model *m[2];
+    for (int k = 0; k < 2; k++) {
+        moe_set_dist(k ? d : NULL);
+        m[k] = moe_model_create(&c, 1, SEQ, 0, 1, &err, msg, sizeof msg);
+        moe_set_dist(NULL);
+        MT_CHECK(m[k] != NULL, "model: %s", msg);
+        if (!m[k]) return;
+        moe_model_init(m[k], 4);
+        moe_model_decode_reset(m[k]);
+    }
+    double worst = 0;
+    for (int pos = 0; pos < 6; pos++) {
+        const float *lg[2];
+        for (int k = 0; k < 2; k++) {
+            int rc = moe_model_decode(m[k], (pos * 11) % 64, &lg[k]);
+            MT_CHECK(rc == 0, "decode %d: %s", pos, moe_model_errmsg(m[k]));
+            if (rc) return;
+        }
+        for (int v = 0; v < c.vocab_size; v++) {
+            const double dd = fabs((double)lg[0][v] - lg[1][v]);
+            if (dd > worst) worst = dd;
+            if (!mt_close(lg[1][v], lg[0][v], 1e-5, 1e-5)) {
+                MT_CHECK(0, "decode position %d logit %d: %.9g vs %.9g", pos, v, lg[1][v], lg[0][v]);
+                break;
+            }
+        }
+    }
+    if (mt_rank == 0) printf("decode P=%d: 6 positions, largest logit difference %.3g\n", mt_size, worst);
+    moe_model_free(m[0]);
+    moe_model_free(m[1]);
+}
