@@ -38,6 +38,21 @@ static void install_stop_handlers(void) {
     sigaction(SIGTERM, &sa, NULL);
 }
 
+/* The MoE layers' forward phases of the last micro-batch, summed over layers
+ * (all-to-all: expert parallelism only), or "" for a dense model. */
+static void phase_times(const moe_model *m, char *buf, size_t n) {
+    double r = 0, a = 0, e = 0, c = 0;
+    int any = 0;
+    for (int i = 0; i < moe_model_get_config(m)->num_hidden_layers; i++) {
+        const moe_layer_stats *st = moe_model_layer_stats(m, i);
+        if (!st) continue;
+        any = 1;
+        r += st->ms_router + st->ms_dispatch, a += st->ms_alltoall, e += st->ms_experts, c += st->ms_combine;
+    }
+    if (any) snprintf(buf, n, " | fwd ms route %.1f a2a %.1f experts %.1f combine %.1f", r, a, e, c);
+    else buf[0] = '\0';
+}
+
 typedef struct {
     double *step, *val;
     int n, cap;
@@ -90,9 +105,11 @@ static void history_load(const char *dir, series *tr, series *va) {
 }
 
 /* One checkpoint: model, optimizer state and the loss history of the same
- * step, replaced together. */
-static int save_checkpoint(moe_trainer *tr, const char *dir, const series *trs, const series *va, int step,
-                           double tokens, int n_skipped, int n_spikes, const char *cmdline, char *err, size_t errsz) {
+ * step, replaced together. Under mpirun every rank calls it (the experts are
+ * gathered) and gets the same result; rank 0 writes. */
+static int save_checkpoint(moe_trainer *tr, const moe_model *m, const char *dir, const series *trs, const series *va,
+                           int step, double tokens, int n_skipped, int n_spikes, const char *cmdline, char *err,
+                           size_t errsz) {
     cJSON *o = cJSON_CreateObject();
     cJSON_AddNumberToObject(o, "step", step);
     cJSON_AddNumberToObject(o, "tokens", tokens);
@@ -103,14 +120,11 @@ static int save_checkpoint(moe_trainer *tr, const char *dir, const series *trs, 
     cJSON_AddItemToObject(o, "val", series_json(va));
     char *s = cJSON_Print(o);
     cJSON_Delete(o);
-    if (!s) return moe__set_err(err, errsz, MOE_ENOMEM, "%s: out of memory", dir);
-    moe__ckpt *c;
-    int rc = moe__ckpt_begin(dir, step, &c, err, errsz);
-    if (!rc) {
+    /* no early return: a rank that left here would never reach the gathers */
+    int rc = s ? MOE_OK : moe__set_err(err, errsz, MOE_ENOMEM, "%s: out of memory", dir);
+    if (!(rc = moe__model_agree(m, rc, err, errsz))) {
         moe__iov part = {s, strlen(s)};
-        rc = moe__trainer_stage(tr, c, err, errsz);
-        if (!rc) rc = moe__ckpt_write(c, "train_state.json", &part, 1, err, errsz);
-        rc = rc ? (moe__ckpt_abort(c), rc) : moe__ckpt_commit(c, err, errsz);
+        rc = moe__trainer_save_with(tr, dir, "train_state.json", &part, 1, err, errsz);
     }
     free(s);
     return rc;
@@ -156,7 +170,7 @@ int moe_cli_train(int argc, char **argv) {
         {"--minutes", NULL, ARG_DOUBLE, &minutes, "wall-clock budget in minutes (0: until --steps)"},
         {"--seed", NULL, ARG_U64, &seed, "seed of init and data sampling"},
         {"--threads", "-t", ARG_INT, &threads, "threads"},
-        {"--batch", NULL, ARG_INT, &batch, "sequences per micro-batch"},
+        {"--batch", NULL, ARG_INT, &batch, "sequences per micro-batch (per rank under mpirun)"},
         {"--seq", NULL, ARG_INT, &seq, "tokens per sequence (0: the context length)"},
         {"--accum", NULL, ARG_INT, &accum, "micro-batches per step (gradient accumulation)"},
         {"--lr", NULL, ARG_FLOAT, &lr, "peak learning rate"},
@@ -199,6 +213,15 @@ int moe_cli_train(int argc, char **argv) {
         fprintf(stderr, "moe train: --on-nan must be error or skip, not '%s'\n", on_nan);
         return 2;
     }
+    /* expert parallelism (mpirun): --batch is per rank; ranks must agree on
+     * when to stop, so the run is counted in steps */
+    moe_dist *dist = moe_get_dist();
+    const int ranks = moe_dist_size(dist), root = moe_dist_rank(dist) == 0;
+    if (ranks > 1 && minutes > 0) {
+        fprintf(stderr, "moe train: under mpirun give --steps (--minutes would stop the ranks at different steps)\n");
+        return 2;
+    }
+    if (!root) quiet = 1;
     install_stop_handlers(); /* from here on a signal ends in a saved checkpoint */
     if (!!preset + !!config + resume > 1) {
         fprintf(stderr, "moe train: give one of --preset, --config, --resume\n");
@@ -207,7 +230,9 @@ int moe_cli_train(int argc, char **argv) {
     char err[512], path[4200];
     moe_model_config cfg;
     if (resume) { /* a checkpoint a crash interrupted is finished or discarded first */
-        rc = moe__ckpt_recover(out, err, sizeof err);
+        rc = root ? moe__ckpt_recover(out, err, sizeof err) : MOE_OK; /* one writer: rank 0 */
+        if (moe_dist_any(dist, rc != 0) && !rc) /* and the others read after it */
+            rc = MOE_EIO, snprintf(err, sizeof err, "%s: rank 0 could not recover the checkpoint", out);
         if (!rc) rc = moe__ckpt_path(out, "config.json", path, sizeof path, err, sizeof err);
         if (!rc) rc = moe_model_config_load(path, &cfg, err, sizeof err);
     } else if (config) {
@@ -311,8 +336,9 @@ int moe_cli_train(int argc, char **argv) {
         if (!quiet) fprintf(stderr, "resuming at step %d\n", moe_trainer_get_step(tr));
     } else {
         snprintf(path, sizeof path, "%s/tokenizer.json", out);
-        if (moe_tokenizer_save(d.tok, path, err, sizeof err)) {
-            fprintf(stderr, "moe train: %s\n", err);
+        rc = root ? moe_tokenizer_save(d.tok, path, err, sizeof err) : MOE_OK;
+        if (moe_dist_any(dist, rc != 0)) { /* every rank stops */
+            if (rc) fprintf(stderr, "moe train: %s\n", err);
             return 1;
         }
     }
@@ -325,26 +351,30 @@ int moe_cli_train(int argc, char **argv) {
     const int tty = isatty(STDERR_FILENO) && !quiet;
     const double t0 = cli_now();
     double last_val = NAN, tokens = 0;
-    const double tok_per_step = (double)batch * seq * accum;
+    const double tok_per_step = (double)batch * seq * accum * ranks;
     int step = moe_trainer_get_step(tr), start = step, failed = 0, n_skipped = 0, n_spikes = 0;
     const int target = steps > 0 ? steps : 1 << 30;
-    while (step < target && !g_stop) {
+    /* under mpirun the failure and skip notes name what each rank saw (its
+     * own experts), so every rank prints them */
+    char who[32] = "";
+    if (ranks > 1) snprintf(who, sizeof who, "rank %d: ", moe_dist_rank(dist));
+    while (step < target && !moe_dist_any(dist, g_stop)) {
         const double el = cli_now() - t0;
         if (minutes > 0 && el >= minutes * 60) break;
         moe_train_step_info si;
         rc = moe_trainer_step(tr, &si);
         if (rc) {
-            fprintf(stderr, "\nmoe train: %s\n", moe_trainer_errmsg(tr));
+            fprintf(stderr, "\nmoe train: %s%s\n", who, moe_trainer_errmsg(tr));
             failed = 1;
             break;
         }
         n_skipped = si.n_skipped, n_spikes = si.n_spikes;
         if (si.skipped) {
-            fprintf(stderr, "%smoe train: update skipped (%d so far): %s\n", tty ? "\n" : "", si.n_skipped,
+            fprintf(stderr, "%smoe train: %supdate skipped (%d so far): %s\n", tty ? "\n" : "", who, si.n_skipped,
                     moe_trainer_errmsg(tr));
             continue;
         }
-        if (si.spike)
+        if (si.spike && root) /* the loss is the global batch's: the same on every rank */
             fprintf(stderr, "%smoe train: step %d: loss spike %.4f, %.1fx the running mean %.4f\n", tty ? "\n" : "",
                     si.step, si.loss, si.loss / si.loss_ema, si.loss_ema);
         step = si.step;
@@ -364,10 +394,13 @@ int moe_cli_train(int argc, char **argv) {
             }
         }
         if (ckpt_every > 0 && step % ckpt_every == 0 &&
-            save_checkpoint(tr, out, &hist_tr, &hist_va, step, si.tokens, n_skipped, n_spikes, cmdline, err, sizeof err)) {
-            /* a full disk fails every later checkpoint too: stop rather than train unsaved */
-            fprintf(stderr, "\nmoe train: checkpoint at step %d failed: %s\nmoe train: stopping; %s holds the previous "
-                            "checkpoint\n", step, err, out);
+            save_checkpoint(tr, m, out, &hist_tr, &hist_va, step, si.tokens, n_skipped, n_spikes, cmdline, err,
+                            sizeof err)) {
+            /* a full disk fails every later checkpoint too: stop rather than train unsaved
+             * (the save's result is the same on every rank, so all of them stop) */
+            if (root)
+                fprintf(stderr, "\nmoe train: checkpoint at step %d failed: %s\nmoe train: stopping; %s holds the "
+                                "previous checkpoint\n", step, err, out);
             failed = 2;
             break;
         }
@@ -381,28 +414,35 @@ int moe_cli_train(int argc, char **argv) {
             fprintf(stderr, "\r[%.*s%*s] step %d  loss %.4f  val %.4f  %.0f tok/s  ETA %s   ", fill,
                     "========================", width - fill, "", step, si.loss, last_val, tps, etas);
         } else if (!quiet && (step % log_every == 0 || step == start + 1)) {
-            fprintf(stderr, "step %d loss %.4f (ce %.4f aux %.4f) val %.4f lr %.2e gnorm %.3f %.0f tok/s ETA %s\n", step,
-                    si.loss, si.ce, si.aux, last_val, si.lr, si.grad_norm, tps, etas);
+            char ph[128];
+            phase_times(m, ph, sizeof ph);
+            fprintf(stderr, "step %d loss %.4f (ce %.4f aux %.4f) val %.4f lr %.2e gnorm %.3f %.0f tok/s ETA %s%s\n", step,
+                    si.loss, si.ce, si.aux, last_val, si.lr, si.grad_norm, tps, etas, ph);
         }
     }
     if (tty) fputc('\n', stderr);
-    if (g_stop) fprintf(stderr, "moe train: %s at step %d: saving the checkpoint (again to quit at once)\n",
-                        g_stop == SIGTERM ? "terminated" : "interrupted", step);
+    /* the final evaluation and save are collectives: the ranks agree on a
+     * signal that reached only some of them, or came after the last check */
+    const int stopped = moe_dist_any(dist, g_stop);
+    if (stopped && root)
+        fprintf(stderr, "moe train: %s at step %d: saving the checkpoint (again to quit at once)\n",
+                g_stop == SIGTERM ? "terminated" : "interrupted", step);
     const double train_s = cli_now() - t0;
     float vl = NAN;
     if (hist_va.n > 0 && hist_va.step[hist_va.n - 1] == step) vl = (float)hist_va.val[hist_va.n - 1]; /* just done */
-    else if (!failed && !g_stop && moe_trainer_eval(tr, &vl) == 0) series_add(&hist_va, step, vl);
+    else if (!failed && !stopped && moe_trainer_eval(tr, &vl) == 0) series_add(&hist_va, step, vl);
     /* after a failed checkpoint the last good one stays; a failed step saves
      * the state before it (the trainer left it untouched) */
     int save_rc = failed == 2 ? 1
-                              : save_checkpoint(tr, out, &hist_tr, &hist_va, step, tokens, n_skipped, n_spikes, cmdline,
-                                                err, sizeof err);
-    if (save_rc && failed != 2) fprintf(stderr, "moe train: checkpoint: %s\n", err);
-    if (g_stop && !save_rc) fprintf(stderr, "moe train: checkpoint of step %d saved in %s (--resume to continue)\n", step, out);
+                              : save_checkpoint(tr, m, out, &hist_tr, &hist_va, step, tokens, n_skipped, n_spikes,
+                                                cmdline, err, sizeof err);
+    if (save_rc && failed != 2 && root) fprintf(stderr, "moe train: checkpoint: %s\n", err);
+    if (stopped && !save_rc && root)
+        fprintf(stderr, "moe train: checkpoint of step %d saved in %s (--resume to continue)\n", step, out);
     moe_plot_series ps[2] = {{"train loss", hist_tr.step, hist_tr.val, hist_tr.n, 0},
                              {"val loss", hist_va.step, hist_va.val, hist_va.n, 1}};
     snprintf(path, sizeof path, "%s/loss.svg", out);
-    if (moe_plot_svg(path, "moe train: loss", "step", "cross-entropy (nats/token)", ps, 2, 0, err, sizeof err))
+    if (root && moe_plot_svg(path, "moe train: loss", "step", "cross-entropy (nats/token)", ps, 2, 0, err, sizeof err))
         fprintf(stderr, "moe train: %s\n", err);
     printf("trained %d steps in %.1f s (%.0f tokens/s); val loss %.4f, perplexity %.2f\n", step - start, train_s,
            step > start ? (step - start) * tok_per_step / train_s : 0.0, vl, exp(vl));
@@ -413,5 +453,5 @@ int moe_cli_train(int argc, char **argv) {
     moe_trainer_free(tr);
     moe_model_free(m);
     cli_data_free(&d);
-    return failed || save_rc ? 1 : g_stop ? 130 : 0;
+    return failed || save_rc ? 1 : stopped ? 130 : 0;
 }

@@ -52,8 +52,33 @@ static void select_blas_kernel(char **argv) {
     unsetenv("OPENBLAS_CORETYPE");
 }
 
+/* Under mpirun (an MPI build), the commands run expert-parallel on the world
+ * communicator (docs/distributed.md); only rank 0 writes to stdout. */
+static moe_dist *start_dist(void) {
+    if (!moe_dist_is_mpi() || !(getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMI_SIZE"))) return NULL;
+    char msg[256];
+    int err;
+    moe_dist *d = moe_dist_world(&err, msg, sizeof msg);
+    if (!d) {
+        fprintf(stderr, "moe: %s\n", msg);
+        exit(1);
+    }
+    moe_set_dist(d);
+    if (moe_dist_rank(d) != 0 && !freopen("/dev/null", "w", stdout)) exit(1);
+    return d;
+}
+
+static int run_command(int argc, char **argv);
+
 int main(int argc, char **argv) {
     select_blas_kernel(argv);
+    moe_dist *d = start_dist();
+    const int rc = run_command(argc, argv);
+    moe_dist_free(d);
+    return rc;
+}
+
+static int run_command(int argc, char **argv) {
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
         usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;

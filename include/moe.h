@@ -217,6 +217,7 @@ typedef struct moe_layer_stats {
     float load_loss;        /* load_coef * CV(smooth load)^2 */
     float importance_cv;    /* CV over experts of sum_t (gate weight of t for e) */
     int n_slots;            /* (token, expert) pairs chosen, N K for token choice */
+    double ms_alltoall;     /* expert parallelism: the forward's all-to-alls (0 otherwise) */
 } moe_layer_stats;
 
 typedef struct moe_layer moe_layer;
@@ -295,6 +296,45 @@ const char *moe_layer_errmsg(const moe_layer *l);
 /* FLOPs of the expert computation for N tokens (active experts only):
  * forward 2*N*K*m*C*F with m = 3 for SwiGLU, 2 otherwise. */
 double moe_layer_expert_flops(const moe_layer_config *cfg, int n_tokens);
+
+/* ---- expert parallelism (MPI) ------------------------------------------- */
+/* The experts of a layer split over the P processes of a communicator (E % P
+ * == 0; rank r holds the global ids [r E/P, (r+1) E/P)); each process routes
+ * its own tokens with a replicated gate, and tokens travel to their experts'
+ * ranks by all-to-all (docs/distributed.md). Built on MPI with `make MPI=1`;
+ * without it moe_dist_world() gives a single process (P = 1). */
+typedef struct moe_dist moe_dist;
+/* The world communicator (initialises MPI when the program has not). */
+moe_dist *moe_dist_world(int *err, char *errbuf, size_t errbuf_size);
+void moe_dist_free(moe_dist *d); /* finalises MPI when moe_dist_world initialised it */
+int moe_dist_rank(const moe_dist *d);
+int moe_dist_size(const moe_dist *d);
+int moe_dist_is_mpi(void); /* 1 when the library was built with MPI */
+const char *moe_dist_errmsg(const moe_dist *d);
+/* A layer holding the experts of its rank only: moe_layer_param_offsets()
+ * then has w1, w2, w3 of E/P experts (local index e - first); the router (wg,
+ * wnoise, ebias) is replicated. Every rank must call forward and backward
+ * together (any token count, zero included). Statistics, aux/z/importance
+ * losses and bias loads are those of the global batch on every rank; the
+ * router's gradients are this rank's share (sum them over ranks). Supports
+ * TOPK (softmax or sigmoid, groups, bias, GShard's random routing) and
+ * NOISY_TOPK without load_coef, dropless; others: MOE_EUNSUPPORTED.
+ * moe_layer_init draws the same values as the single-process layer. */
+moe_layer *moe_layer_create_ep(const moe_layer_config *cfg, moe_dist *d, int *err, char *errbuf,
+                               size_t errbuf_size);
+/* Global id of the first local expert and their number (0 and E without EP). */
+void moe_layer_expert_range(const moe_layer *l, int *first, int *count);
+/* The communicator of the models created (or loaded) after this call (NULL,
+ * the default: one process). Such a model holds E/P experts of each MoE layer
+ * (tensor names keep global ids), takes this rank's share of the global batch
+ * in forward (the loss and its gradient are those of the global batch), and
+ * moe_model_save / moe_trainer_save write one file set from rank 0 that any
+ * number of ranks can load. Every rank calls forward, backward, the trainer
+ * and save together. */
+void moe_set_dist(moe_dist *d);
+moe_dist *moe_get_dist(void);
+/* 1 on every rank when flag is set on any (a collective; flag without d). */
+int moe_dist_any(moe_dist *d, int flag);
 
 /* ---- the language model -------------------------------------------------- */
 

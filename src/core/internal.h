@@ -45,6 +45,8 @@ moe_layer_config moe__model_layer_config(const moe_model_config *c, int layer, i
 
 /* The live configuration of an optimizer (its schedule may be resized). */
 moe_adamw_config *moe__adamw_config(moe_adamw *o);
+int moe__adamw_step_norm(moe_adamw *o, float *p, float *g, const moe_param_info *t, int nt, double norm,
+                         float *gnorm_out);
 
 /* Deterministic RNG: splitmix64 seeding a xoshiro256** stream. */
 typedef struct moe__rng { uint64_t s[4]; } moe__rng;

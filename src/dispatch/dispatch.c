@@ -2,6 +2,8 @@
  * into contiguous row segments, the gather of token rows into that order, and
  * the combine back (in fixed slot order, so no atomics and no order that
  * depends on threads). Dropless by default: every kept slot gets a row.
+ * Rows live in the token-side buffers tx, ty, tdy, tdx (the expert buffers in
+ * one process; under expert parallelism ep.c moves them to the experts).
  */
 #include "layer/layer_impl.h"
 
@@ -95,7 +97,7 @@ void moe__dispatch_gather(moe_layer *l, const float *x) {
     const int C = l->cfg.d_model, R = l->seg_off[l->cfg.n_experts];
 #pragma omp parallel for schedule(static) num_threads(l->threads)
     for (int r = 0; r < R; r++)
-        memcpy(l->xg + (size_t)r * C, x + (size_t)l->slot_tok[l->slot_of_row[r]] * C, sizeof(float) * (size_t)C);
+        memcpy(l->tx + (size_t)r * C, x + (size_t)l->slot_tok[l->slot_of_row[r]] * C, sizeof(float) * (size_t)C);
 }
 
 /* y[t] = sum_i w_i out[row(i)] over the token's kept slots i, ascending (a
@@ -109,7 +111,7 @@ void moe__dispatch_combine(moe_layer *l, float *y) {
         for (int i = l->tok_off[t]; i < l->tok_off[t + 1]; i++) {
             const int row = l->row_of_slot[i];
             if (row < 0) continue;
-            const float *oj = l->out + (size_t)row * C;
+            const float *oj = l->ty + (size_t)row * C;
             const float wj = l->topk_w[i];
             for (int c = 0; c < C; c++) yt[c] += wj * oj[c];
         }
@@ -130,8 +132,8 @@ void moe__dispatch_backward(moe_layer *l, const float *dy) {
                 continue;
             }
             const size_t row = (size_t)r;
-            const float *o = l->out + row * C;
-            float *d = l->dout + row * C;
+            const float *o = l->ty + row * C;
+            float *d = l->tdy + row * C;
             const float w = l->topk_w[i];
             float dot = 0.0f;
             for (int c = 0; c < C; c++) {
@@ -154,7 +156,7 @@ void moe__dispatch_scatter_dx(moe_layer *l, float *dx) {
         for (int i = l->tok_off[t]; i < l->tok_off[t + 1]; i++) {
             const int row = l->row_of_slot[i];
             if (row < 0) continue;
-            const float *g = l->dxg + (size_t)row * C;
+            const float *g = l->tdx + (size_t)row * C;
             for (int c = 0; c < C; c++) d[c] += g[c];
         }
     }

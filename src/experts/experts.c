@@ -36,10 +36,10 @@ static int cdiv(int a, int b) { return (a + b - 1) / b; }
 /* Appends the tiles of one op over all experts that received tokens. Token
  * ops tile the segment's rows; weight-gradient ops tile the weight's rows. */
 static int add_tiles(const moe_layer *l, moe__tile *t, int nt, enum tile_op op, int rows_w, int cols) {
-    const int E = l->cfg.n_experts;
+    const int E = l->n_seg; /* the experts held here: E, or E / P under expert parallelism */
     const int token_op = op == OP_UP || op == OP_DOWN || op == OP_DA || op == OP_DX;
     for (int e = 0; e < E; e++) {
-        const int ne = l->seg_off[e + 1] - l->seg_off[e];
+        const int ne = l->eoff[e + 1] - l->eoff[e];
         if (ne == 0) continue;
         const int rows = token_op ? ne : rows_w;
         for (int r = 0; r < rows; r += MOE__TILE_M)
@@ -120,9 +120,9 @@ static void act_backward(const moe_layer *l, size_t base, int rows, int cols) {
 static void run_tile(const moe_layer *l, const moe__tile *t) {
     const int C = l->cfg.d_model, F = l->cfg.d_ff;
     const int swiglu = l->cfg.act == MOE_ACT_SWIGLU;
-    const size_t seg = (size_t)l->seg_off[t->e];
+    const size_t seg = (size_t)l->eoff[t->e];
     const int m = t->r1 - t->r0, nc = t->c1 - t->c0;
-    const int ne = l->seg_off[t->e + 1] - l->seg_off[t->e];
+    const int ne = l->eoff[t->e + 1] - l->eoff[t->e];
     const float *w1 = l->params + l->off.w1 + (size_t)t->e * F * C;
     const float *w2 = l->params + l->off.w2 + (size_t)t->e * C * F;
     const float *w3 = swiglu ? l->params + l->off.w3 + (size_t)t->e * F * C : NULL;

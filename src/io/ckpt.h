@@ -51,10 +51,31 @@ int moe__ckpt_path(const char *dir, const char *name, char *path, size_t pathsz,
  * file that does not match. */
 int moe__ckpt_verify(const char *dir, int *step, char *err, size_t errsz);
 
+/* Checkpoints of a model, also under expert parallelism (docs/distributed.md):
+ * rank 0 alone runs the protocol above and writes every file (c is NULL on
+ * the other ranks); every rank calls these functions together, in the same
+ * order, because staging gathers the other ranks' experts, and each returns
+ * the same error on every rank. Without a communicator they are the plain
+ * begin / stage / commit. */
+int moe__model_ckpt_begin(const moe_model *m, const char *dir, int step, moe__ckpt **c, char *err, size_t errsz);
+/* Commits c when rc (the staging's result) is MOE_OK on every rank, else
+ * aborts it; frees c either way. */
+int moe__model_ckpt_end(const moe_model *m, moe__ckpt *c, int rc, char *err, size_t errsz);
+/* rc, or an error when another rank had one (no-op without a communicator). */
+int moe__model_agree(const moe_model *m, int rc, char *err, size_t errsz);
+/* Stages file name of c: the model's tensors read from each of nb bases
+ * (parameters, optimizer moments), names prefixed; rank 0 writes every
+ * rank's experts under their global ids. */
+int moe__model_stage_tensors(const moe_model *m, moe__ckpt *c, const char *name, const float *const *bases,
+                             const char *const *prefixes, int nb, const char *const *meta, char *err, size_t errsz);
 /* Stage the files of a model (config.json, model.safetensors) or of a
  * trainer (those and optimizer.safetensors) into c. */
 int moe__model_stage(const moe_model *m, moe__ckpt *c, char *err, size_t errsz);
 int moe__trainer_stage(moe_trainer *t, moe__ckpt *c, char *err, size_t errsz);
+/* moe_trainer_save, plus one more file (extra_name, nparts parts; written by
+ * rank 0) in the same checkpoint: moe train's history. */
+int moe__trainer_save_with(moe_trainer *t, const char *dir, const char *extra_name, const moe__iov *parts,
+                           int nparts, char *err, size_t errsz);
 
 /* Tests only: when >= 0, the commit stops (returning MOE_EIO, "simulated
  * crash") after that many of its durable operations, leaving the directory

@@ -2,6 +2,7 @@
  * every work buffer for max_tokens (forward/backward never allocate), and the
  * forward/backward sequence over router, dispatch and experts. */
 #include "layer/layer_impl.h"
+#include "dist/dist.h"
 
 #include "gemm_small.h"
 
@@ -130,18 +131,20 @@ static int check_config(const moe_layer_config *c, char *err, size_t n) {
 
 int moe__layer_config_check(const moe_layer_config *c, char *err, size_t n) { return check_config(c, err, n); }
 
-static moe_layer_params layout(const moe_layer_config *c) {
-    const size_t C = (size_t)c->d_model, F = (size_t)c->d_ff, E = (size_t)c->n_experts;
+/* el: experts held here (E, or E / P under expert parallelism); the router
+ * blocks always cover all E */
+static moe_layer_params layout(const moe_layer_config *c, int el) {
+    const size_t C = (size_t)c->d_model, F = (size_t)c->d_ff, E = (size_t)c->n_experts, El = (size_t)el;
     moe_layer_params p;
     p.wg = 0;
     p.w1 = p.wg + E * C;
-    p.w2 = p.w1 + E * F * C;
+    p.w2 = p.w1 + El * F * C;
     if (c->act == MOE_ACT_SWIGLU) {
-        p.w3 = p.w2 + E * C * F;
-        p.total = p.w3 + E * F * C;
+        p.w3 = p.w2 + El * C * F;
+        p.total = p.w3 + El * F * C;
     } else {
         p.w3 = SIZE_MAX;
-        p.total = p.w2 + E * C * F;
+        p.total = p.w2 + El * C * F;
     }
     /* the schemes' blocks go last, so the base layout never moves */
     const size_t G = c->n_groups > 0 ? (size_t)c->n_groups : 1;
@@ -171,12 +174,47 @@ void moe_layer_free(moe_layer *l) {
                     l->small_ws,   l->kept,      l->keep,   l->order,  l->prio,   l->tok_off, l->slot_tok,
                     l->blk_counts, l->blk_daux,  l->dimp,   l->ws,     l->tscr,   l->bias_load};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) moe__afree(bufs[i]);
+    if (l->dist) {
+        void *ep[] = {l->tx, l->ty, l->tdy, l->tdx, l->ep_buf, l->ep_red, l->ep_off, l->ep_cnt,
+                      l->ep_send, l->ep_recv, l->ep_ntok, l->ep_cur};
+        for (size_t i = 0; i < sizeof ep / sizeof ep[0]; i++) moe__afree(ep[i]);
+    }
     moe__free(l);
 }
 
+/* What the expert-parallel layer supports: schemes whose routing of a token
+ * depends on that token alone (plus global sums), and no capacity limit
+ * (a global per-expert capacity in token order would need the global slots). */
+static int check_ep(const moe_layer_config *c, const moe_dist *d, char *err, size_t n) {
+    const int P = d->size;
+    if (c->n_experts % P)
+        return moe__set_err(err, n, MOE_EINVAL, "expert parallelism: n_experts = %d is not a multiple of %d ranks",
+                            c->n_experts, P);
+    if (c->router != MOE_ROUTER_TOPK && c->router != MOE_ROUTER_NOISY_TOPK)
+        return moe__set_err(err, n, MOE_EUNSUPPORTED,
+                            "expert parallelism: router %d (only TOPK and NOISY_TOPK: the others rank tokens "
+                            "against the whole batch)", (int)c->router);
+    if (c->capacity_factor > 0)
+        return moe__set_err(err, n, MOE_EUNSUPPORTED, "expert parallelism: capacity_factor %g (dropless only)",
+                            (double)c->capacity_factor);
+    if (c->load_coef > 0 || c->aux_seq_len > 0)
+        return moe__set_err(err, n, MOE_EUNSUPPORTED,
+                            "expert parallelism: load_coef and aux_seq_len are not supported");
+    if ((long long)c->max_tokens * c->top_k * P > MAX_DIM * 64LL)
+        return moe__set_err(err, n, MOE_EINVAL, "expert parallelism: %d ranks x %d tokens x top-%d: too many rows",
+                            P, c->max_tokens, c->top_k);
+    return MOE_OK;
+}
+
 moe_layer *moe_layer_create(const moe_layer_config *cfg, int *err, char *errbuf, size_t errbuf_size) {
+    return moe_layer_create_ep(cfg, NULL, err, errbuf, errbuf_size);
+}
+
+moe_layer *moe_layer_create_ep(const moe_layer_config *cfg, moe_dist *dist, int *err, char *errbuf,
+                               size_t errbuf_size) {
     int rc = cfg ? check_config(cfg, errbuf, errbuf_size)
                  : moe__set_err(errbuf, errbuf_size, MOE_EINVAL, "config is NULL");
+    if (!rc && dist) rc = check_ep(cfg, dist, errbuf, errbuf_size);
     if (rc) {
         if (err) *err = rc;
         return NULL;
@@ -184,7 +222,12 @@ moe_layer *moe_layer_create(const moe_layer_config *cfg, int *err, char *errbuf,
     moe_layer *l = moe__calloc(1, sizeof *l);
     if (!l) goto nomem;
     l->cfg = *cfg;
-    l->off = layout(cfg);
+    l->dist = dist;
+    l->ep_size = dist ? dist->size : 1;
+    l->ep_rank = dist ? dist->rank : 0;
+    l->e_local = cfg->n_experts / l->ep_size;
+    l->e_first = l->ep_rank * l->e_local;
+    l->off = layout(cfg, l->e_local);
     l->threads = moe__threads(cfg->n_threads);
 
     const size_t N = (size_t)cfg->max_tokens, C = (size_t)cfg->d_model, F = (size_t)cfg->d_ff;
@@ -201,7 +244,9 @@ moe_layer *moe_layer_create(const moe_layer_config *cfg, int *err, char *errbuf,
     const int swiglu = cfg->act == MOE_ACT_SWIGLU;
     l->k_cap = (int)K;
     l->r_cap = (int)R;
-    l->max_tiles = moe__experts_max_tiles(cfg, (int)R);
+    /* the expert side may receive every rank's rows (all tokens to one rank) */
+    const size_t Rx = R * (size_t)l->ep_size;
+    l->max_tiles = moe__experts_max_tiles(cfg, (int)Rx);
     l->max_blocks = cfg->aux_seq_len > 0 ? (int)((N + (size_t)cfg->aux_seq_len - 1) / (size_t)cfg->aux_seq_len) : 0;
     l->ws_floats = cfg->router == MOE_ROUTER_NOISY_TOPK    ? moe__noisy_ws_floats(cfg)
                    : cfg->router == MOE_ROUTER_HIERARCHICAL ? moe__hier_ws_floats(cfg)
@@ -232,13 +277,13 @@ moe_layer *moe_layer_create(const moe_layer_config *cfg, int *err, char *errbuf,
     ALLOC(keep, R, unsigned char);
     ALLOC(order, R, int);
     ALLOC(prio, R, struct moe__prio);
-    ALLOC(xg, R * C, float);
-    ALLOC(h1, R * F, float);
-    ALLOC(act, R * F, float);
-    ALLOC(out, R * C, float);
-    ALLOC(dout, R * C, float);
-    ALLOC(dh1, R * F, float);
-    ALLOC(dxg, R * C, float);
+    ALLOC(xg, Rx * C, float);
+    ALLOC(h1, Rx * F, float);
+    ALLOC(act, Rx * F, float);
+    ALLOC(out, Rx * C, float);
+    ALLOC(dout, Rx * C, float);
+    ALLOC(dh1, Rx * F, float);
+    ALLOC(dxg, Rx * C, float);
     ALLOC(dgate, R, float);
     ALLOC(dlogits, N * E, float);
     ALLOC(tiles, (size_t)l->max_tiles, moe__tile);
@@ -255,8 +300,23 @@ moe_layer *moe_layer_create(const moe_layer_config *cfg, int *err, char *errbuf,
     l->small_ws_stride = ((C > F ? C : F) * MOE__SMALL_M_MAX + 15) & ~(size_t)15;
     ALLOC(small_ws, l->small_ws_stride * (size_t)l->threads, float);
     if (swiglu) {
-        ALLOC(h3, R * F, float);
-        ALLOC(dh3, R * F, float);
+        ALLOC(h3, Rx * F, float);
+        ALLOC(dh3, Rx * F, float);
+    }
+    if (dist) {
+        const size_t P = (size_t)l->ep_size, El = (size_t)l->e_local;
+        ALLOC(tx, R * C, float);
+        ALLOC(ty, R * C, float);
+        ALLOC(tdy, R * C, float);
+        ALLOC(tdx, R * C, float);
+        ALLOC(ep_buf, Rx * C, float);
+        ALLOC(ep_red, 2 * E + 4, double);
+        ALLOC(ep_off, El + 1, int);
+        ALLOC(ep_cnt, P * El, int);
+        ALLOC(ep_send, P, int);
+        ALLOC(ep_recv, P, int);
+        ALLOC(ep_ntok, P, int);
+        ALLOC(ep_cur, El, int);
     }
 #undef ALLOC
     if (!ok) goto nomem;
@@ -269,6 +329,15 @@ moe_layer *moe_layer_create(const moe_layer_config *cfg, int *err, char *errbuf,
     l->params = l->own_params;
     l->grads = l->own_grads;
     l->stats.expert_count = l->counts;
+    if (dist) {
+        l->n_seg = l->e_local;
+        l->eoff = l->ep_off;
+        memset(l->ep_off, 0, sizeof(int) * ((size_t)l->e_local + 1));
+    } else {
+        l->n_seg = (int)E;
+        l->eoff = l->seg_off;
+        l->tx = l->xg, l->ty = l->out, l->tdy = l->dout, l->tdx = l->dxg;
+    }
     if (err) *err = MOE_OK;
     return l;
 
@@ -281,6 +350,11 @@ nomem:
 }
 
 const moe_layer_config *moe_layer_get_config(const moe_layer *l) { return &l->cfg; }
+
+void moe_layer_expert_range(const moe_layer *l, int *first, int *count) {
+    if (first) *first = l ? l->e_first : 0;
+    if (count) *count = l ? l->e_local : 0;
+}
 
 void moe_layer_set_training(moe_layer *l, int training) {
     if (l) l->training = training != 0;
@@ -348,12 +422,23 @@ int moe_layer_init(moe_layer *l, uint64_t seed, float init_scale) {
     const double sc = init_scale / sqrt((double)c->d_model), sf = init_scale / sqrt((double)c->d_ff);
     moe__rng rng;
     moe__rng_seed(&rng, seed);
-    /* w1, w2 and w3 have the same size E F C */
+    /* The stream runs over the single-process layout (w1, w2 and w3 have the
+     * same size E F C); under expert parallelism each rank keeps the draws of
+     * its experts, so any P initialises the same model. */
+    const moe_layer_params g = layout(c, c->n_experts);
     const size_t base_end = (l->off.w3 != SIZE_MAX ? l->off.w3 : l->off.w2) + (l->off.w2 - l->off.w1);
-    for (size_t i = 0; i < base_end; i++) {
+    const size_t gbase_end = (g.w3 != SIZE_MAX ? g.w3 : g.w2) + (g.w2 - g.w1);
+    const size_t per = (size_t)c->d_ff * c->d_model, lo = (size_t)l->e_first * per, hi = lo + (size_t)l->e_local * per;
+    for (size_t i = 0; i < gbase_end; i++) {
         /* w2 reads F inputs; the router, w1 and w3 read C */
-        const int is_w2 = i >= l->off.w2 && (l->off.w3 == SIZE_MAX || i < l->off.w3);
-        l->params[i] = (float)(moe__rng_normal(&rng) * (is_w2 ? sf : sc));
+        const int is_w2 = i >= g.w2 && (g.w3 == SIZE_MAX || i < g.w3);
+        const float v = (float)(moe__rng_normal(&rng) * (is_w2 ? sf : sc));
+        if (i < g.w1) {
+            l->params[i] = v;
+            continue;
+        }
+        const size_t blk = (i - g.w1) / (g.w2 - g.w1), r = (i - g.w1) % (g.w2 - g.w1);
+        if (r >= lo && r < hi) l->params[l->off.w1 + blk * (l->off.w2 - l->off.w1) + (r - lo)] = v;
     }
     /* noisy gates start at zero, as in Shazeer et al. (equal logits, the
      * noise alone breaks ties at first); the selection bias starts at 0 */
@@ -393,35 +478,46 @@ int moe_layer_forward(moe_layer *l, const float *x, int n_tokens, float *y) {
     l->err[0] = '\0';
     l->have_fwd = 0;
     const int C = l->cfg.d_model;
-    if (!x || !y) return moe__set_err(l->err, sizeof l->err, MOE_EINVAL, "forward: x or y is NULL");
-    if (n_tokens < 0 || n_tokens > l->cfg.max_tokens)
-        return moe__set_err(l->err, sizeof l->err, MOE_ESHAPE,
-                            "forward: %d tokens, layer sized for [0, %d] (max_tokens)", n_tokens,
-                            l->cfg.max_tokens);
-    const size_t nx = (size_t)n_tokens * C;
-    if (x < y + nx && y < x + nx)
-        return moe__set_err(l->err, sizeof l->err, MOE_EINVAL, "forward: x and y overlap");
-    long long bad = first_nonfinite(x, nx, l->threads);
+    /* no early return before moe__ep_start: under expert parallelism the
+     * other ranks learn of a failure there */
+    int rc = MOE_OK;
+    const size_t nx = (size_t)(n_tokens > 0 ? n_tokens : 0) * C;
+    if (!x || !y) rc = moe__set_err(l->err, sizeof l->err, MOE_EINVAL, "forward: x or y is NULL");
+    else if (n_tokens < 0 || n_tokens > l->cfg.max_tokens)
+        rc = moe__set_err(l->err, sizeof l->err, MOE_ESHAPE, "forward: %d tokens, layer sized for [0, %d] (max_tokens)",
+                          n_tokens, l->cfg.max_tokens);
+    else if (x < y + nx && y < x + nx)
+        rc = moe__set_err(l->err, sizeof l->err, MOE_EINVAL, "forward: x and y overlap");
+    long long bad = rc ? -1 : first_nonfinite(x, nx, l->threads);
     if (bad >= 0)
-        return moe__set_err(l->err, sizeof l->err, MOE_ENONFINITE,
-                            "forward: input x[%lld][%lld] is %g", bad / C, bad % C, (double)x[bad]);
-    l->n = n_tokens;
+        rc = moe__set_err(l->err, sizeof l->err, MOE_ENONFINITE, "forward: input x[%lld][%lld] is %g", bad / C,
+                          bad % C, (double)x[bad]);
     const double t0 = omp_get_wtime();
-    memcpy(l->x, x, sizeof(float) * nx);
-    int rc = moe__router_forward(l, l->x, n_tokens);
+    l->ms_a2a = 0.0;
+    /* under expert parallelism every rank learns here whether all can go on */
+    rc = moe__ep_start(l, rc, n_tokens);
     if (rc) return rc;
-    const double t1 = omp_get_wtime();
+    l->n = n_tokens;
+    memcpy(l->x, x, sizeof(float) * nx);
+    rc = moe__router_forward(l, l->x, n_tokens);
+    if (rc) return rc;
+    const double t1 = omp_get_wtime(), a1 = l->ms_a2a;
     moe__dispatch_build(l, n_tokens);
     moe__dispatch_gather(l, l->x);
-    const double t2 = omp_get_wtime();
+    if ((rc = moe__ep_plan(l)) || (rc = moe__ep_to_experts(l, l->tx, l->xg))) return rc;
+    const double t2 = omp_get_wtime(), a2 = l->ms_a2a;
     moe__experts_forward(l);
     const double t3 = omp_get_wtime();
+    if ((rc = moe__ep_to_tokens(l, l->out, l->ty))) return rc;
     moe__dispatch_combine(l, y);
     const double t4 = omp_get_wtime();
-    l->stats.ms_router = (t1 - t0) * 1e3;
-    l->stats.ms_dispatch = (t2 - t1) * 1e3;
+    /* the all-to-alls (and the global sums) are reported on their own, out
+     * of the phases they sit in */
+    l->stats.ms_alltoall = l->ms_a2a;
+    l->stats.ms_router = (t1 - t0) * 1e3 - a1;
+    l->stats.ms_dispatch = (t2 - t1) * 1e3 - (a2 - a1);
     l->stats.ms_experts = (t3 - t2) * 1e3;
-    l->stats.ms_combine = (t4 - t3) * 1e3;
+    l->stats.ms_combine = (t4 - t3) * 1e3 - (l->ms_a2a - a2);
     l->have_fwd = 1;
     return MOE_OK;
 }
@@ -435,7 +531,11 @@ int moe_layer_backward(moe_layer *l, const float *dy, float *dx) {
         return moe__set_err(l->err, sizeof l->err, MOE_ESTATE, "backward: layer bound without gradients");
     if (!dy) return moe__set_err(l->err, sizeof l->err, MOE_EINVAL, "backward: dy is NULL");
     moe__dispatch_backward(l, dy);
+    int rc = moe__ep_to_experts(l, l->tdy, l->dout);
+    if (rc) return rc;
     moe__experts_backward(l);
+    /* every rank takes part in the return trip, whether it wants dx or not */
+    if ((rc = moe__ep_to_tokens(l, l->dxg, l->tdx))) return rc;
     if (dx) moe__dispatch_scatter_dx(l, dx);
     moe__router_backward(l, l->x, dx);
     return MOE_OK;

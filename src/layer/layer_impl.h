@@ -82,6 +82,29 @@ struct moe_layer {
     float *dgate;                   /* [R] d loss / d gate weight of each slot */
     float *dlogits;                 /* [N][E] */
 
+    /* Expert parallelism (dist != NULL): this rank holds experts [e_first,
+     * e_first + e_local) and routes its n of the n_glob tokens. The token
+     * side (dispatch, combine) works on rows sorted by global expert, tx..tdx
+     * [R][C]; the expert side on rows received from every rank, sorted by
+     * local expert then source rank, xg..dxg [P R][C] (so an expert's rows
+     * are in global token order, as in one process). Single process: tx..tdx
+     * alias xg, out, dout, dxg. */
+    moe_dist *dist;
+    int ep_size, ep_rank, e_first, e_local;
+    int tok_base;                   /* global index of the first local token */
+    long long n_glob;               /* tokens of the global batch */
+    int n_seg;                      /* segments the experts run: E or E_l */
+    int *eoff;                      /* [n_seg+1]: seg_off or ep_off */
+    int *ep_off;                    /* [E_l+1] local experts' received segments */
+    int *ep_cnt;                    /* [P][E_l] rows rank s sends to local expert le */
+    int *ep_send, *ep_recv;         /* [P] rows to / from each rank */
+    int *ep_ntok;                   /* [P] tokens of each rank */
+    int *ep_cur;                    /* [E_l] scratch cursor */
+    float *tx, *ty, *tdy, *tdx;     /* [R][C] token-side rows (see above) */
+    float *ep_buf;                  /* [P R][C] rows in rank-major order, as MPI moves them */
+    double *ep_red;                 /* [2E+4] reduction vector */
+    double ms_a2a;                  /* all-to-all time of the current call */
+
     moe__tile *tiles;               /* [max_tiles] */
     float *small_ws;                /* [threads][small_ws_stride] packed A of the small GEMM */
     size_t small_ws_stride;
@@ -145,6 +168,14 @@ void moe__dispatch_gather(moe_layer *l, const float *x);
 void moe__dispatch_combine(moe_layer *l, float *y);
 void moe__dispatch_backward(moe_layer *l, const float *dy);
 void moe__dispatch_scatter_dx(moe_layer *l, float *dx);
+
+/* ep.c: the collectives of an expert-parallel layer (no-ops without dist) */
+int moe__ep_agree(moe_layer *l, int rc);               /* every rank returns an error if one does */
+int moe__ep_start(moe_layer *l, int rc, int n);         /* token counts, tok_base, n_glob */
+int moe__ep_sum(moe_layer *l, double *v, int n);        /* fixed-order sum over ranks */
+int moe__ep_plan(moe_layer *l);                         /* rows per (rank, expert) after dispatch_build */
+int moe__ep_to_experts(moe_layer *l, const float *tok, float *exp);
+int moe__ep_to_tokens(moe_layer *l, const float *exp, float *tok);
 
 /* experts.c */
 int moe__experts_max_tiles(const moe_layer_config *cfg, int max_rows);

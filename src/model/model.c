@@ -8,12 +8,14 @@
  * any thread count.
  */
 #include "model/model_impl.h"
+#include "dist/dist.h"
 
 #include "core/gemm.h"
 #include "model/ops.h"
 
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* ---- parameter table ----------------------------------------------------------- */
@@ -88,8 +90,9 @@ static int build_table(moe_model *m) {
             snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.gate.weight", i);
             rc |= add_tensor(m, name, 2, E, C, 0);
             const char *w[3] = {"w1", "w2", "w3"};
+            /* the experts held here, named by global id (all E in one process) */
             for (int k = 0; k < 3; k++)
-                for (int e = 0; e < E; e++) {
+                for (int e = m->e_first; e < m->e_first + m->e_local; e++) {
                     snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.experts.%d.%s.weight", i, e, w[k]);
                     rc |= add_tensor(m, name, 2, k == 1 ? C : F, k == 1 ? F : C, 0);
                 }
@@ -178,6 +181,17 @@ moe_model *moe_model_create(const moe_model_config *cfg, int max_batch, int max_
     m->threads = moe__threads(n_threads);
     m->has_grads = want_grads != 0;
     const moe_model_config *c = &m->cfg;
+    m->dist = moe__dist_default();
+    const int P = m->dist ? moe_dist_size(m->dist) : 1;
+    if (c->num_local_experts % P) {
+        rc = moe__set_err(errbuf, errsz, MOE_EINVAL, "model: %d experts do not split over %d ranks",
+                          c->num_local_experts, P);
+        moe_model_free(m);
+        if (err) *err = rc;
+        return NULL;
+    }
+    m->e_local = c->num_local_experts / P;
+    m->e_first = (m->dist ? moe_dist_rank(m->dist) : 0) * m->e_local;
     const int Lc = c->num_hidden_layers;
     m->layers = moe__calloc((size_t)Lc, sizeof *m->layers);
     if (!m->layers || build_table(m)) goto nomem;
@@ -263,7 +277,7 @@ moe_model *moe_model_create(const moe_model_config *cfg, int max_batch, int max_
         if (!L->is_moe) continue;
         moe_layer_config lc = moe__model_layer_config(c, i, (int)N, m->has_grads);
         lc.n_threads = m->threads;
-        L->moe = moe_layer_create(&lc, &rc, errbuf, errsz);
+        L->moe = moe_layer_create_ep(&lc, m->dist, &rc, errbuf, errsz);
         if (!L->moe) {
             moe_model_free(m);
             if (err) *err = rc;
@@ -364,14 +378,29 @@ void moe_model_zero_grad(moe_model *m) {
     if (m && m->grads) memset(m->grads, 0, sizeof(float) * m->n_params);
 }
 
+/* Global expert id of an expert tensor's name, or -1. */
+static int expert_of(const char *name) {
+    const char *s = strstr(name, ".experts.");
+    return s ? atoi(s + 9) : -1;
+}
+
+static void skip_normals(moe__rng *rng, size_t n) {
+    for (size_t j = 0; j < n; j++) (void)moe__rng_normal(rng);
+}
+
 int moe_model_init(moe_model *m, uint64_t seed) {
     const moe_model_config *c = &m->cfg;
     const double sd = c->initializer_range, sd_out = sd / sqrt(2.0 * c->num_hidden_layers);
+    const int E = c->num_local_experts;
     moe__rng rng;
     moe__rng_seed(&rng, seed);
     for (int i = 0; i < m->n_tensors; i++) {
         const moe_param_info *t = &m->tensors[i];
         float *p = m->params + t->offset;
+        /* one stream over the single-process tensor list: a rank skips the
+         * draws of the experts it does not hold, so any P starts alike */
+        const int ex = expert_of(t->name);
+        if (ex >= 0 && ex == m->e_first) skip_normals(&rng, (size_t)m->e_first * t->numel);
         if (t->ndim == 1) { /* norm gains 1; the balancer's selection bias 0 */
             const float v = strstr(t->name, "e_score_correction_bias") ? 0.0f : 1.0f;
             for (size_t j = 0; j < t->numel; j++) p[j] = v;
@@ -381,6 +410,8 @@ int moe_model_init(moe_model *m, uint64_t seed) {
         const int out = strstr(t->name, "o_proj") || strstr(t->name, ".w2.") || strstr(t->name, "down_proj");
         const double s = out ? sd_out : sd;
         for (size_t j = 0; j < t->numel; j++) p[j] = (float)(moe__rng_normal(&rng) * s);
+        if (ex >= 0 && ex == m->e_first + m->e_local - 1)
+            skip_normals(&rng, (size_t)(E - m->e_first - m->e_local) * t->numel);
         /* noisy gates start at zero (Shazeer et al.: no signal, some noise); the
          * draws above are still made so every other tensor starts the same */
         if ((c->router_type == MOE_ROUTER_NOISY_TOPK || c->router_type == MOE_ROUTER_HIERARCHICAL) &&
@@ -482,13 +513,22 @@ int moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t *target
     const int N = B * T, C = c->hidden_size, V = c->vocab_size, H = c->num_attention_heads,
               G = c->num_key_value_heads, D = c->head_dim, th = m->threads;
     const int HD = H * D, GD = G * D;
-    for (int n = 0; n < N; n++) {
-        if (tokens[n] < 0 || tokens[n] >= V || (targets && (targets[n] < 0 || targets[n] >= V)))
-            return moe__set_err(m->err, sizeof m->err, MOE_EINVAL, "forward: token %d at position %d is outside [0, %d)",
-                                tokens[n] < 0 || tokens[n] >= V ? tokens[n] : targets[n], n, V);
+    int bad = 0;
+    for (int n = 0; n < N && !bad; n++) {
+        if (tokens[n] < 0 || tokens[n] >= V || (targets && (targets[n] < 0 || targets[n] >= V))) {
+            moe__set_err(m->err, sizeof m->err, MOE_EINVAL, "forward: token %d at position %d is outside [0, %d)",
+                         tokens[n] < 0 || tokens[n] >= V ? tokens[n] : targets[n], n, V);
+            bad = 1;
+            break;
+        }
         m->tok[n] = tokens[n];
         if (targets) m->tgt[n] = targets[n];
     }
+    /* expert parallelism: one rank's bad batch stops every rank before the
+     * layers' collectives */
+    if (m->dist && moe_dist_any(m->dist, bad) && !bad)
+        return moe__set_err(m->err, sizeof m->err, MOE_EINVAL, "forward: another rank's batch is invalid");
+    if (bad) return MOE_EINVAL;
     const float *P = m->params;
     moe__embedding_forward(m->layers[0].res, m->tok, P + m->embed, N, C, th);
     for (int i = 0; i < c->num_hidden_layers; i++) {
@@ -523,19 +563,25 @@ int moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t *target
     m->have_targets = targets != NULL;
     if (targets) {
         /* dlogits of the mean CE are made here (fused); backward uses them */
+        /* the mean over the global batch (this rank's N in one process) */
+        double nglob = N;
+        if (m->dist && moe__dist_allreduce_sum(m->dist, &nglob, 1, MOE__DIST_F64))
+            return moe__set_err(m->err, sizeof m->err, MOE_EIO, "forward: %s", moe_dist_errmsg(m->dist));
         moe__xent_forward_backward(m->has_grads ? m->bw.dlogits : NULL, m->ce_tok, m->act.logits, m->tgt, N, V,
-                                   1.0f / N, th);
+                                   m->dist ? (float)(1.0 / nglob) : 1.0f / N, th);
         double ce = 0;
         for (int n = 0; n < N; n++) ce += m->ce_tok[n];
+        if (m->dist && moe__dist_allreduce_sum(m->dist, &ce, 1, MOE__DIST_F64))
+            return moe__set_err(m->err, sizeof m->err, MOE_EIO, "forward: %s", moe_dist_errmsg(m->dist));
         double aux = 0;
         for (int i = 0; i < c->num_hidden_layers; i++)
             if (m->layers[i].moe) {
                 const moe_layer_stats *st = moe_layer_get_stats(m->layers[i].moe);
                 aux += (double)st->aux_loss + st->z_loss;
             }
-        m->last_ce = (float)(ce / N);
+        m->last_ce = (float)(ce / nglob);
         m->last_aux = (float)aux;
-        if (loss) *loss = (float)(ce / N + aux);
+        if (loss) *loss = (float)(ce / nglob + aux);
         if (!isfinite(m->last_ce))
             return moe__set_err(m->err, sizeof m->err, MOE_ENONFINITE, "forward: the loss is %g", (double)m->last_ce);
     }
@@ -599,6 +645,51 @@ int moe_model_backward(moe_model *m) {
         moe__rmsnorm_backward(dres, Gr + L->ln1, da1, L->res, P + L->ln1, L->rstd1, N, C, th);
     }
     moe__embedding_backward(Gr + m->embed, dres, m->tok, N, C, th);
+    return MOE_OK;
+}
+
+/* ---- expert parallelism ------------------------------------------------------------ */
+
+/* [lo, hi) of MoE layer L's expert block (w1, w2[, w3] of the local experts) */
+static void expert_block(const moe__mlayer *L, size_t *lo, size_t *hi) {
+    const moe_layer_params o = moe_layer_param_offsets(L->moe);
+    *lo = L->moe_off + o.w1;
+    *hi = L->moe_off + (o.w3 != SIZE_MAX ? o.w3 : o.w2) + (o.w2 - o.w1);
+}
+
+int moe__model_sync_grads(moe_model *m) {
+    if (!m->dist) return MOE_OK;
+    /* the gaps between the expert blocks are the replicated parameters; the
+     * blocks come in layer order in the arena */
+    size_t from = 0;
+    for (int i = 0; i <= m->cfg.num_hidden_layers; i++) {
+        size_t lo = m->n_params, hi = m->n_params;
+        if (i < m->cfg.num_hidden_layers) {
+            if (!m->layers[i].moe) continue;
+            expert_block(&m->layers[i], &lo, &hi);
+        }
+        if (moe__dist_allreduce_sum(m->dist, m->grads + from, lo - from, MOE__DIST_F32))
+            return moe__set_err(m->err, sizeof m->err, MOE_EIO, "gradient sum: %s", moe_dist_errmsg(m->dist));
+        from = hi;
+    }
+    return MOE_OK;
+}
+
+int moe__model_grad_norm(moe_model *m, const float *g, double *norm) {
+    double v[2] = {0, 0}; /* replicated (the same on every rank), experts (this rank's) */
+    for (size_t i = 0; i < m->n_params; i++) v[0] += (double)g[i] * g[i];
+    for (int i = 0; i < m->cfg.num_hidden_layers; i++) {
+        if (!m->layers[i].moe) continue;
+        size_t lo, hi;
+        expert_block(&m->layers[i], &lo, &hi);
+        for (size_t j = lo; j < hi; j++) {
+            v[0] -= (double)g[j] * g[j];
+            v[1] += (double)g[j] * g[j];
+        }
+    }
+    if (m->dist && moe__dist_allreduce_sum(m->dist, &v[1], 1, MOE__DIST_F64))
+        return moe__set_err(m->err, sizeof m->err, MOE_EIO, "gradient norm: %s", moe_dist_errmsg(m->dist));
+    *norm = sqrt(fmax(v[0], 0.0) + v[1]);
     return MOE_OK;
 }
 

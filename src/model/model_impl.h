@@ -34,6 +34,11 @@ typedef struct moe__mlayer {
 struct moe_model {
     moe_model_config cfg;
     int max_B, max_T, threads, has_grads, n_moe;
+    /* expert parallelism (moe_set_dist at creation): the MoE layers hold the
+     * experts [e_first, e_first + e_local) under their global-id names;
+     * everything else is replicated and data-parallel */
+    moe_dist *dist;
+    int e_first, e_local;
     char err[256];
 
     moe_param_info *tensors;
@@ -71,5 +76,12 @@ struct moe_model {
     int B, T, have_fwd, have_targets;
     float last_ce, last_aux;
 };
+
+/* model.c, expert parallelism (no-ops without a communicator) */
+/* Sums the gradients of the replicated parameters over ranks (expert
+ * gradients stay local). */
+int moe__model_sync_grads(moe_model *m);
+/* The global gradient norm: replicated parameters once, experts of every rank. */
+int moe__model_grad_norm(moe_model *m, const float *g, double *norm);
 
 #endif

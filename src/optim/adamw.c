@@ -81,8 +81,14 @@ static double grad_norm(moe_adamw *o, const float *g) {
 }
 
 int moe_adamw_step(moe_adamw *o, float *p, float *g, const moe_param_info *t, int nt, float *gnorm_out) {
+    return moe__adamw_step_norm(o, p, g, t, nt, grad_norm(o, g), gnorm_out);
+}
+
+/* The step with a gradient norm taken elsewhere (expert parallelism: over
+ * every rank's experts). */
+int moe__adamw_step_norm(moe_adamw *o, float *p, float *g, const moe_param_info *t, int nt, double norm,
+                         float *gnorm_out) {
     const moe_adamw_config *c = &o->cfg;
-    const double norm = grad_norm(o, g);
     if (gnorm_out) *gnorm_out = (float)norm;
     if (!isfinite(norm)) return MOE_ENONFINITE;
     float clip = 1.0f;

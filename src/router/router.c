@@ -44,7 +44,9 @@ static uint64_t mix64(uint64_t z) {
 }
 
 static uint64_t draw(const moe_layer *l, int t, int i) {
-    return mix64(mix64(mix64(l->cfg.seed ^ 0x6d6f65726f757465ull) + l->calls) + ((uint64_t)(uint32_t)t << 32 | (uint32_t)i));
+    /* global token index: the same draw for a token on any rank */
+    const uint32_t g = (uint32_t)(t + l->tok_base);
+    return mix64(mix64(mix64(l->cfg.seed ^ 0x6d6f65726f757465ull) + l->calls) + ((uint64_t)g << 32 | (uint32_t)i));
 }
 
 float moe__router_uniform(const moe_layer *l, int t, int i) {
@@ -165,11 +167,13 @@ static double aux_per_block(moe_layer *l, int n) {
 /* Importance loss w CV(imp)^2, imp_e = sum of the gate weights of expert e
  * over all slots; population variance, CV^2 = var / (mean^2 + 1e-10) as in
  * Shazeer et al.'s code. Fills dimp (d loss / d imp_e). */
-static void importance(moe_layer *l) {
+static int importance(moe_layer *l) {
     const int E = l->cfg.n_experts, R = l->n_slots;
     double *imp = l->psum; /* free again after the aux loss */
     for (int e = 0; e < E; e++) imp[e] = 0.0;
     for (int i = 0; i < R; i++) imp[l->topk_ids[i]] += l->topk_w[i];
+    int rc = moe__ep_sum(l, imp, E);
+    if (rc) return rc;
     double m = 0.0, var = 0.0;
     for (int e = 0; e < E; e++) m += imp[e];
     m /= E;
@@ -180,15 +184,18 @@ static void importance(moe_layer *l) {
     l->stats.importance_loss = (float)(w * var / den);
     for (int e = 0; e < E; e++)
         l->dimp[e] = (float)(w * (2.0 * (imp[e] - m) / E / den - var * 2.0 * m / E / (den * den)));
+    return MOE_OK;
 }
 
-static void router_stats(moe_layer *l, int n, int nchunks) {
+/* Statistics and losses of the global batch: under expert parallelism the
+ * per-rank counts and sums travel in one fixed-order sum, so every rank holds
+ * the same values (n and R become the global counts). */
+static int router_stats(moe_layer *l, int n, int nchunks) {
     const moe_layer_config *c = &l->cfg;
-    const int E = c->n_experts, R = l->n_slots;
+    const int E = c->n_experts;
+    int R = l->n_slots;
     memset(l->counts, 0, sizeof(int) * (size_t)E);
     for (int i = 0; i < R; i++) l->counts[l->topk_ids[i]]++;
-    if (l->training && c->bias_update_rate > 0)
-        for (int e = 0; e < E; e++) l->bias_load[e] += l->counts[e];
     double *psum = l->psum;
     double ent = 0.0, z = 0.0;
     for (int e = 0; e < E; e++) psum[e] = 0.0;
@@ -198,6 +205,18 @@ static void router_stats(moe_layer *l, int n, int nchunks) {
         ent += part[E];
         z += part[E + 1];
     }
+    if (l->dist) {
+        double *v = l->ep_red; /* [E] counts, [E] psum, entropy, z, R */
+        for (int e = 0; e < E; e++) v[e] = l->counts[e], v[E + e] = psum[e];
+        v[2 * E] = ent, v[2 * E + 1] = z, v[2 * E + 2] = R;
+        int rc = moe__ep_sum(l, v, 2 * E + 3);
+        if (rc) return rc;
+        for (int e = 0; e < E; e++) l->counts[e] = (int)v[e], psum[e] = v[E + e];
+        ent = v[2 * E], z = v[2 * E + 1], R = (int)v[2 * E + 2];
+        n = (int)l->n_glob;
+    }
+    if (l->training && c->bias_update_rate > 0)
+        for (int e = 0; e < E; e++) l->bias_load[e] += l->counts[e];
     moe_layer_stats *st = &l->stats;
     st->n_tokens = n;
     st->n_slots = R;
@@ -218,7 +237,7 @@ static void router_stats(moe_layer *l, int n, int nchunks) {
     st->router_entropy = n ? (float)(ent / n) : 0.0f;
     st->load_cv = R ? (float)(sqrt(var / E) / mean) : 0.0f;
     st->load_max_over_mean = R ? (float)(mx / mean) : 0.0f;
-    importance(l);
+    return importance(l);
 }
 
 /* ---- forward -------------------------------------------------------------- */
@@ -274,18 +293,17 @@ int moe__router_forward(moe_layer *l, const float *x, int n) {
             if (bad < 0 || chunk_bad < bad) bad = chunk_bad;
         }
     }
+    l->stats.importance_loss = l->stats.load_loss = l->stats.importance_cv = 0.0f;
+    int rc = MOE_OK;
     if (bad >= 0) {
         const float *lg = l->logits + (size_t)bad * E;
         int e = 0;
         while (e < E && isfinite(lg[e])) e++;
-        return moe__set_err(l->err, sizeof l->err, MOE_ENONFINITE,
-                            "router logit of token %d, expert %d is %g (non-finite router weights?)",
-                            bad, e, (double)lg[e]);
+        rc = moe__set_err(l->err, sizeof l->err, MOE_ENONFINITE,
+                          "router logit of token %d, expert %d is %g (non-finite router weights?)",
+                          bad + l->tok_base, e, (double)lg[e]);
     }
-
-    l->stats.importance_loss = l->stats.load_loss = l->stats.importance_cv = 0.0f;
-    int rc = MOE_OK;
-    switch (c->router) {
+    if (bad < 0) switch (c->router) {
     case MOE_ROUTER_TOPK:
         moe__slots_token_choice(l, n, K);
         memset(l->keep, 1, (size_t)n * K);
@@ -296,8 +314,11 @@ int moe__router_forward(moe_layer *l, const float *x, int n) {
     case MOE_ROUTER_HIERARCHICAL: rc = moe__hier_select(l, n); break;
     case MOE_ROUTER_BALANCED: rc = moe__balanced_select(l, n); break;
     }
+    /* under expert parallelism the ranks go on together or fail together */
+    rc = moe__ep_agree(l, rc);
     if (rc) return rc;
-    router_stats(l, n, nchunks);
+    rc = router_stats(l, n, nchunks);
+    if (rc) return rc;
     if (l->training) l->calls++;
     return MOE_OK;
 }
@@ -310,7 +331,7 @@ int moe__router_forward(moe_layer *l, const float *x, int n) {
 void moe__router_backward(moe_layer *l, const float *x, float *dx) {
     const moe_layer_config *c = &l->cfg;
     const int C = c->d_model, E = c->n_experts, n = l->n, R = l->n_slots;
-    const float dz = n ? 2.0f * c->z_coef / n : 0.0f;
+    const float dz = l->n_glob ? 2.0f * c->z_coef / (float)l->n_glob : 0.0f;
     const int seq_aux = c->aux_seq_len > 0 && c->aux_coef > 0;
     /* the gate path goes through the clean scores for these routers; noisy
      * and hierarchical gates take it in their own backward */

@@ -1,6 +1,7 @@
 /* Training: micro-batch sampling, gradient accumulation, AdamW steps,
  * evaluation on fixed validation windows, and the state a bit-exact resume
  * needs (AdamW moments, step, sampler RNG). */
+#include "dist/dist.h"
 #include "io/ckpt.h"
 #include "io/safetensors.h"
 #include "layer/layer_impl.h"
@@ -86,12 +87,24 @@ void moe_trainer_set_schedule(moe_trainer *t, int max_steps, int warmup_steps) {
     c->warmup_steps = warmup_steps;
 }
 
-/* B windows of T+1 tokens at offsets drawn from the sampler */
+/* Expert parallelism: rank r of P takes windows [r B, (r+1) B) of a global
+ * batch of P B windows, so P ranks see what one process with batch P B sees. */
+static void dp_share(const moe_trainer *t, int *rank, int *size) {
+    *rank = t->m->dist ? moe_dist_rank(t->m->dist) : 0;
+    *size = t->m->dist ? moe_dist_size(t->m->dist) : 1;
+}
+
+/* B windows of T+1 tokens at offsets drawn from the sampler (every rank
+ * draws the whole global batch, so the sampler state is the same on all) */
 static void sample(moe_trainer *t) {
     const int B = t->tc.batch, T = t->tc.seq;
     const uint64_t span = t->n_train - (size_t)T - 1;
-    for (int b = 0; b < B; b++) {
+    int r, P;
+    dp_share(t, &r, &P);
+    for (int g = 0; g < P * B; g++) {
         const size_t off = (size_t)(moe__rng_u64(&t->rng) % span);
+        const int b = g - r * B;
+        if (b < 0 || b >= B) continue;
         memcpy(t->tok + (size_t)b * T, t->train + off, sizeof(int32_t) * T);
         memcpy(t->tgt + (size_t)b * T, t->train + off + 1, sizeof(int32_t) * T);
     }
@@ -170,6 +183,37 @@ static int spike_update(moe_trainer *t, double loss) {
     return spike;
 }
 
+/* The optimizer step; under expert parallelism the replicated gradients are
+ * summed over ranks first and the clip uses the global norm. */
+static int dist_step(moe_trainer *t, float *gn) {
+    moe_model *m = t->m;
+    int rc;
+    if (!m->dist) {
+        rc = moe_adamw_step(t->opt, m->params, m->grads, m->tensors, m->n_tensors, gn);
+    } else {
+        double norm;
+        rc = moe__model_sync_grads(m);
+        if (!rc) rc = moe__model_grad_norm(m, m->grads, &norm);
+        if (rc) return moe__set_err(t->err, sizeof t->err, rc, "step %d: %s", moe_adamw_get_step(t->opt), m->err);
+        rc = moe__adamw_step_norm(t->opt, m->params, m->grads, m->tensors, m->n_tensors, norm, gn);
+    }
+    if (rc && rc != MOE_ENONFINITE) /* MOE_ENONFINITE: the caller applies the NaN policy */
+        return moe__set_err(t->err, sizeof t->err, rc, "step %d: optimizer failed", moe_adamw_get_step(t->opt));
+    return rc;
+}
+
+/* Expert parallelism: a forward or backward that fails on one rank fails on
+ * every rank, in the same call (the layers and the model agree before their
+ * collectives), but not always with the same code; the NaN policy must see
+ * the same code everywhere, or one rank would skip while another stops and
+ * the next collectives would not match. So the ranks take the worst code. */
+static int agreed_failure(moe_trainer *t, int rc) {
+    if (!t->m->dist) return rc;
+    int v = -rc; /* error codes are negative */
+    if (moe__dist_allreduce_max_int(t->m->dist, &v, 1)) return MOE_EIO;
+    return -v;
+}
+
 int moe_trainer_step(moe_trainer *t, moe_train_step_info *info) {
     const double t0 = now_s();
     const int B = t->tc.batch, T = t->tc.seq, A = t->tc.grad_accum;
@@ -183,6 +227,7 @@ int moe_trainer_step(moe_trainer *t, moe_train_step_info *info) {
         moe_model_set_rng_counter(m, (uint64_t)moe_adamw_get_step(t->opt) * (uint64_t)A + (uint64_t)a);
         int rc = moe_model_forward(m, t->tok, t->tgt, B, T, &l);
         if (!rc) rc = moe_model_backward(m);
+        if (rc) rc = agreed_failure(t, rc);
         if (rc == MOE_ENONFINITE) return nonfinite_step(t, m->err, 0, info);
         if (rc) return moe__set_err(t->err, sizeof t->err, rc, "step %d: %s", moe_adamw_get_step(t->opt), m->err);
         moe_model_last_losses(m, &c, &x);
@@ -200,16 +245,18 @@ int moe_trainer_step(moe_trainer *t, moe_train_step_info *info) {
     const float lr = moe_adamw_lr(moe__adamw_config(t->opt), moe_adamw_get_step(t->opt));
     const double ema_before = t->loss_ema;
     float gn;
-    int rc = moe_adamw_step(t->opt, m->params, m->grads, m->tensors, m->n_tensors, &gn);
-    if (rc == MOE_ENONFINITE) {
+    int rc = dist_step(t, &gn);
+    if (rc == MOE_ENONFINITE) { /* gn is the global norm: every rank decides alike */
         char what[64];
         snprintf(what, sizeof what, "the gradient norm is %g", (double)gn);
         return nonfinite_step(t, what, 1, info);
     }
-    if (rc) return moe__set_err(t->err, sizeof t->err, rc, "step %d: optimizer failed", moe_adamw_get_step(t->opt));
+    if (rc) return rc;
     if ((rc = moe_model_update_bias(m)))
         return moe__set_err(t->err, sizeof t->err, rc, "step %d: %s", moe_adamw_get_step(t->opt), m->err);
-    t->tokens += (double)A * B * T;
+    int r, P;
+    dp_share(t, &r, &P);
+    t->tokens += (double)A * B * T * P;
     t->consecutive_skips = 0;
     const int spike = spike_update(t, loss / A);
     if (info) {
@@ -228,12 +275,14 @@ int moe_trainer_step(moe_trainer *t, moe_train_step_info *info) {
 int moe_trainer_eval(moe_trainer *t, float *val_loss) {
     if (!t->val) return moe__set_err(t->err, sizeof t->err, MOE_ESTATE, "eval: no validation tokens");
     const int B = t->tc.batch, T = t->tc.seq, nb = t->tc.eval_batches > 0 ? t->tc.eval_batches : 1;
-    const size_t nwin = (size_t)nb * B, span = t->n_val - (size_t)T - 1;
+    int r, P;
+    dp_share(t, &r, &P); /* rank r evaluates windows [r B, (r+1) B) of each global batch */
+    const size_t nwin = (size_t)nb * B * P, span = t->n_val - (size_t)T - 1;
     double sum = 0;
     moe_model_set_training(t->m, 0); /* evaluation never drops tokens */
     for (int k = 0; k < nb; k++) {
         for (int b = 0; b < B; b++) {
-            const size_t w = (size_t)k * B + b, off = nwin > 1 ? w * span / (nwin - 1) : 0;
+            const size_t w = ((size_t)k * P + r) * B + b, off = nwin > 1 ? w * span / (nwin - 1) : 0;
             memcpy(t->tok + (size_t)b * T, t->val + off, sizeof(int32_t) * T);
             memcpy(t->tgt + (size_t)b * T, t->val + off + 1, sizeof(int32_t) * T);
         }
@@ -256,27 +305,6 @@ int moe_trainer_eval(moe_trainer *t, float *val_loss) {
 int moe__trainer_stage(moe_trainer *t, moe__ckpt *c, char *err, size_t errsz) {
     int rc = moe__model_stage(t->m, c, err, errsz);
     if (rc) return rc;
-    char path[4200];
-    if (!moe__ckpt_stage(c, "optimizer.safetensors", path, sizeof path))
-        return moe__set_err(err, errsz, MOE_EINVAL, "checkpoint: cannot stage optimizer.safetensors");
-    moe_model *m = t->m;
-    const int n = m->n_tensors;
-    moe__st_out *o = moe__calloc((size_t)2 * n, sizeof *o);
-    char *names = moe__calloc((size_t)2 * n, 100);
-    if (!o || !names) {
-        moe__free(o), moe__free(names);
-        return moe__set_err(err, errsz, MOE_ENOMEM, "%s: out of memory", path);
-    }
-    for (int i = 0; i < 2 * n; i++) {
-        const moe_param_info *pi = &m->tensors[i % n];
-        char *nm = names + (size_t)i * 100;
-        snprintf(nm, 100, "%s.%s", i < n ? "m" : "v", pi->name);
-        o[i].name = nm;
-        o[i].dtype = MOE__DT_F32;
-        o[i].ndim = pi->ndim;
-        for (int d = 0; d < pi->ndim; d++) o[i].shape[d] = pi->shape[d];
-        o[i].data = (i < n ? moe_adamw_m(t->opt) : moe_adamw_v(t->opt)) + pi->offset;
-    }
     char step[32], rng[4][32], tokens[32], num[4][40];
     snprintf(step, sizeof step, "%d", moe_adamw_get_step(t->opt));
     for (int k = 0; k < 4; k++) snprintf(rng[k], sizeof rng[k], "%016" PRIx64, t->rng.s[k]);
@@ -288,20 +316,23 @@ int moe__trainer_stage(moe_trainer *t, moe__ckpt *c, char *err, size_t errsz) {
     const char *meta[] = {"step", step, "rng0", rng[0], "rng1", rng[1], "rng2", rng[2], "rng3", rng[3],
                           "tokens", tokens, "skipped", num[0], "spikes", num[1], "loss_ema_n", num[2],
                           "loss_ema", num[3], NULL};
-    rc = moe__st_write(path, o, 2 * n, meta, err, errsz);
-    moe__free(o), moe__free(names);
-    return rc;
+    const float *bases[2] = {moe_adamw_m(t->opt), moe_adamw_v(t->opt)};
+    const char *prefixes[2] = {"m.", "v."};
+    return moe__model_stage_tensors(t->m, c, "optimizer.safetensors", bases, prefixes, 2, meta, err, errsz);
+}
+
+int moe__trainer_save_with(moe_trainer *t, const char *dir, const char *extra_name, const moe__iov *parts,
+                           int nparts, char *err, size_t errsz) {
+    moe__ckpt *c;
+    int rc = moe__model_ckpt_begin(t->m, dir, moe_adamw_get_step(t->opt), &c, err, errsz);
+    if (rc) return rc;
+    rc = moe__trainer_stage(t, c, err, errsz);
+    if (!rc && extra_name && c) rc = moe__ckpt_write(c, extra_name, parts, nparts, err, errsz); /* rank 0 */
+    return moe__model_ckpt_end(t->m, c, rc, err, errsz);
 }
 
 int moe_trainer_save(moe_trainer *t, const char *dir, char *err, size_t errsz) {
-    moe__ckpt *c;
-    int rc = moe__ckpt_begin(dir, moe_adamw_get_step(t->opt), &c, err, errsz);
-    if (rc) return rc;
-    if ((rc = moe__trainer_stage(t, c, err, errsz))) {
-        moe__ckpt_abort(c);
-        return rc;
-    }
-    return moe__ckpt_commit(c, err, errsz);
+    return moe__trainer_save_with(t, dir, NULL, NULL, 0, err, errsz);
 }
 
 /* The numerics counters; absent in checkpoints from before they existed. */
@@ -327,10 +358,9 @@ static int load_numerics(moe_trainer *t, const moe__st_file *f, const char *path
 
 int moe_trainer_load_state(moe_trainer *t, const char *dir, char *err, size_t errsz) {
     char path[4200];
-    moe__st_file *f;
+    moe__st_file *f = NULL;
     int rc = moe__ckpt_path(dir, "optimizer.safetensors", path, sizeof path, err, errsz);
     if (!rc) rc = moe__st_open(path, &f, err, errsz);
-    if (rc) return rc;
     moe_model *m = t->m;
     char name[128];
     for (int i = 0; i < 2 * m->n_tensors && !rc; i++) {
@@ -364,5 +394,5 @@ int moe_trainer_load_state(moe_trainer *t, const char *dir, char *err, size_t er
     }
     if (!rc) rc = load_numerics(t, f, path, err, errsz);
     moe__st_close(f);
-    return rc;
+    return moe__model_agree(m, rc, err, errsz); /* each rank read its own experts' moments */
 }

@@ -1,0 +1,136 @@
+/* Expert parallelism: the layer's collectives. Rank r owns the experts
+ * [r E_l, (r+1) E_l). After the local counting sort by global expert
+ * (dispatch_build) the rows for rank q are contiguous, so one Alltoallv moves
+ * them; the receiver regroups them by local expert, keeping source ranks in
+ * order, which puts each expert's rows in global token order (rank r holds the
+ * tokens after those of ranks < r): the expert GEMMs then see the rows the
+ * single-process layer sees. The return path is the exact inverse.
+ *
+ * Every function here is a collective (or a no-op without dist): the layer
+ * calls them in the same order on every rank, with zero tokens too.
+ */
+#include "layer/layer_impl.h"
+#include "dist/dist.h"
+
+#include <omp.h>
+#include <string.h>
+
+static int dist_err(moe_layer *l, int rc) {
+    return moe__set_err(l->err, sizeof l->err, rc, "expert parallelism: %s", moe_dist_errmsg(l->dist));
+}
+
+int moe__ep_agree(moe_layer *l, int rc) {
+    if (!l->dist) return rc;
+    int v = -rc; /* error codes are negative: the largest -rc wins */
+    const double t0 = omp_get_wtime();
+    int mrc = moe__dist_allreduce_max_int(l->dist, &v, 1);
+    l->ms_a2a += (omp_get_wtime() - t0) * 1e3; /* mostly waiting for the slowest rank */
+    if (mrc) return dist_err(l, mrc);
+    if (v > 0 && rc == MOE_OK)
+        return moe__set_err(l->err, sizeof l->err, -v, "expert parallelism: another rank failed (%s)",
+                            moe_strerror(-v));
+    return rc;
+}
+
+int moe__ep_start(moe_layer *l, int rc, int n) {
+    if (!l->dist) {
+        l->tok_base = 0;
+        l->n_glob = n;
+        return rc;
+    }
+    /* one all-gather carries the token counts and any rank's early failure */
+    int mine = rc ? rc : n; /* rc < 0, n >= 0 */
+    const double t0 = omp_get_wtime();
+    int arc = moe__dist_allgather_int(l->dist, &mine, l->ep_ntok, 1);
+    l->ms_a2a += (omp_get_wtime() - t0) * 1e3;
+    if (arc) return dist_err(l, arc);
+    long long base = 0, total = 0;
+    int worst = 0;
+    for (int q = 0; q < l->ep_size; q++) {
+        const int v = l->ep_ntok[q];
+        if (v < 0) {
+            if (v < worst) worst = v;
+            continue;
+        }
+        if (q < l->ep_rank) base += v;
+        total += v;
+    }
+    if (rc) return rc;
+    if (worst)
+        return moe__set_err(l->err, sizeof l->err, worst, "expert parallelism: another rank failed (%s)",
+                            moe_strerror(worst));
+    if (total > (1LL << 40) || base > 0x7fffffff)
+        return moe__set_err(l->err, sizeof l->err, MOE_ELIMIT, "expert parallelism: %lld tokens in the global batch",
+                            total);
+    l->tok_base = (int)base;
+    l->n_glob = total;
+    return MOE_OK;
+}
+
+int moe__ep_sum(moe_layer *l, double *v, int n) {
+    if (!l->dist) return MOE_OK;
+    const double t0 = omp_get_wtime();
+    int rc = moe__dist_allreduce_sum(l->dist, v, (size_t)n, MOE__DIST_F64);
+    l->ms_a2a += (omp_get_wtime() - t0) * 1e3;
+    return rc ? dist_err(l, rc) : MOE_OK;
+}
+
+int moe__ep_plan(moe_layer *l) {
+    if (!l->dist) return MOE_OK;
+    const int P = l->ep_size, El = l->e_local;
+    const double t0 = omp_get_wtime();
+    /* kept [E] is already [P][E_l]: what this rank sends to each rank's experts */
+    int rc = moe__dist_alltoall_int(l->dist, l->kept, l->ep_cnt, El);
+    l->ms_a2a += (omp_get_wtime() - t0) * 1e3;
+    if (rc) return dist_err(l, rc);
+    for (int q = 0; q < P; q++) {
+        l->ep_send[q] = l->seg_off[(q + 1) * El] - l->seg_off[q * El];
+        int r = 0;
+        for (int e = 0; e < El; e++) r += l->ep_cnt[q * El + e];
+        l->ep_recv[q] = r;
+    }
+    l->ep_off[0] = 0;
+    for (int e = 0; e < El; e++) {
+        int r = 0;
+        for (int q = 0; q < P; q++) r += l->ep_cnt[q * El + e];
+        l->ep_off[e + 1] = l->ep_off[e] + r;
+    }
+    return MOE_OK;
+}
+
+/* Copies rows between the rank-major buffer (source rank, local expert) and
+ * the expert-major one (local expert, source rank). */
+static void regroup(moe_layer *l, float *rank_major, float *expert_major, int to_expert) {
+    const int P = l->ep_size, El = l->e_local, C = l->cfg.d_model;
+    const size_t rb = sizeof(float) * (size_t)C;
+    memcpy(l->ep_cur, l->ep_off, sizeof(int) * (size_t)El);
+    size_t pos = 0;
+    for (int q = 0; q < P; q++)
+        for (int e = 0; e < El; e++) {
+            const int m = l->ep_cnt[q * El + e];
+            float *a = rank_major + pos * C, *b = expert_major + (size_t)l->ep_cur[e] * C;
+            if (to_expert) memcpy(b, a, rb * (size_t)m);
+            else memcpy(a, b, rb * (size_t)m);
+            l->ep_cur[e] += m;
+            pos += (size_t)m;
+        }
+}
+
+int moe__ep_to_experts(moe_layer *l, const float *tok, float *exp) {
+    if (!l->dist) return MOE_OK;
+    const double t0 = omp_get_wtime();
+    int rc = moe__dist_alltoallv_rows(l->dist, tok, l->ep_send, l->ep_buf, l->ep_recv, l->cfg.d_model);
+    l->ms_a2a += (omp_get_wtime() - t0) * 1e3;
+    if (rc) return dist_err(l, rc);
+    regroup(l, l->ep_buf, exp, 1);
+    return MOE_OK;
+}
+
+int moe__ep_to_tokens(moe_layer *l, const float *exp, float *tok) {
+    if (!l->dist) return MOE_OK;
+    regroup(l, l->ep_buf, (float *)exp, 0);
+    const double t0 = omp_get_wtime();
+    int rc = moe__dist_alltoallv_rows(l->dist, l->ep_buf, l->ep_recv, tok, l->ep_send, l->cfg.d_model);
+    l->ms_a2a += (omp_get_wtime() - t0) * 1e3;
+    return rc ? dist_err(l, rc) : MOE_OK;
+}
