@@ -36,19 +36,19 @@ typedef struct run {
 
 /* The budget of each mode: steps of batch x seq x accum tokens. "exper"'s
  * default is ~1 epoch of Brown per model (the regime where the extra
- * parameters pay, README), 20-30 minutes for six models on 2 cores;
- * --quick is a tenth; "tiny" is the CI size. 8,192 tokens per optimizer
- * step: AdamW, the gradient zeroing and the clipping norm each sweep every
- * parameter once per step, and E = 64 has 10x the parameters of E = 4, so
- * big steps keep that per-step cost small next to the per-token work; 16
- * sequences per micro-batch give each of 64 experts ~128 rows per GEMM
- * (docs/experiments.md). */
+ * parameters pay, README), ~30 minutes for six models on 2 cores; --quick is
+ * a tenth; "tiny" is the CI size. 4,096 tokens per optimizer step: AdamW, the
+ * gradient zeroing and the clipping norm each sweep every parameter once per
+ * step, and E = 64 has ~5x the parameters of E = 4, so steps must be big
+ * enough to keep that per-step cost small next to the per-token work, yet
+ * numerous enough to train (a 60-step probe at 8,192 tokens per step was
+ * still at the unigram stage: docs/experiments.md). */
 typedef struct budget {
     const char *base;
     int batch, seq, accum, steps, quick_steps;
 } budget;
 static const budget BUDGETS[] = {
-    {"exper", 16, 256, 2, 180, 18},
+    {"exper", 16, 256, 1, 360, 36},
     {"tiny", 8, 64, 1, 300, 12},
 };
 
@@ -264,10 +264,10 @@ static int experiment(int kind, int argc, char **argv) {
          "loss-free; default: all)"},
         {"--no-dense", NULL, ARG_BOOL, &no_dense, "capacity: skip the dense baseline"},
         {"--tokens", NULL, ARG_DOUBLE, &tokens, "training tokens per model (0: the mode's budget)"},
-        {"--steps", NULL, ARG_INT, &steps, "optimizer steps per model (0: from --tokens or the mode's budget: exper 180, quick 18; tiny 300, quick 12)"},
+        {"--steps", NULL, ARG_INT, &steps, "optimizer steps per model (0: from --tokens or the mode's budget: exper 360, quick 36; tiny 300, quick 12)"},
         {"--batch", NULL, ARG_INT, &batch, "sequences per micro-batch (0: the base's, exper 16, tiny 8)"},
         {"--seq", NULL, ARG_INT, &seq, "tokens per sequence (0: the base's, exper 256, tiny 64)"},
-        {"--accum", NULL, ARG_INT, &accum, "micro-batches per optimizer step (0: the base's, exper 2, tiny 1)"},
+        {"--accum", NULL, ARG_INT, &accum, "micro-batches per optimizer step (0: the base's, exper 1, tiny 1)"},
         {"--lr", NULL, ARG_FLOAT, &lr, "peak learning rate (5% warm-up, cosine to a tenth)"},
         {"--capacity-factor", NULL, ARG_FLOAT, &cap, "expert capacity factor in training, 0 = dropless"},
         {"--aux-coef", NULL, ARG_FLOAT, &aux_coef, "capacity: Switch aux loss coefficient of the MoE models (-1: 0.01)"},

@@ -32,7 +32,10 @@ TEST(experiment_family_equal_active_params) {
         CHECK_EQ_INT(d.num_local_experts, 0);
         CHECK_EQ_INT(moe_model_n_moe_layers(&d), 0);
         const double L = d.num_hidden_layers, C = d.hidden_size, F = d.intermediate_size, K = 2;
-        CHECK_EQ_INT(d.dense_intermediate_size, 2 * d.intermediate_size);
+        /* the dense FFN runs what an MoE token runs: K experts and the shared one */
+        const int S = d.n_shared_experts * d.shared_expert_intermediate_size;
+        CHECK_EQ_INT(d.dense_intermediate_size, 2 * d.intermediate_size + S);
+        CHECK_EQ_INT(S, !strcmp(bases[nb], "exper") ? 384 : 0); /* exper keeps small's shared expert */
         const moe_model_costs kd = moe_model_config_costs(&d, 64);
         CHECK_CLOSE(kd.active_params, kd.total_params, 0, 0);
         double prev_total = kd.total_params;
@@ -44,7 +47,7 @@ TEST(experiment_family_equal_active_params) {
             CHECK_MSG(moe_model_config_check(&c, err, sizeof err) == 0, "%s", err);
             CHECK_EQ_INT(c.num_local_experts, E);
             CHECK_EQ_INT(c.num_experts_per_tok, 2);
-            CHECK_EQ_INT(c.n_shared_experts, 0);
+            CHECK_EQ_INT(c.n_shared_experts * c.shared_expert_intermediate_size, S);
             CHECK_EQ_INT(moe_model_n_moe_layers(&c), c.num_hidden_layers);
             const moe_model_costs k = moe_model_config_costs(&c, 64);
             CHECK_CLOSE(k.total_params - kd.total_params, L * (E * C + (E - K) * 3 * C * F), 0, 0);
