@@ -9,6 +9,8 @@
 #   make deps       install what a fresh Debian 12 machine lacks (root)
 #   make fixtures   regenerate PyTorch reference fixtures in tests/data
 #   make test-asan  the tests under AddressSanitizer + UBSan (+ leak check)
+#   make ci         make test, then make test-asan
+#   make fuzz       every fuzz target for FUZZ_SECONDS (clang libFuzzer; docs/security.md)
 CC      ?= cc
 ARCH    ?= -march=native
 OPT     ?= -O3
@@ -22,7 +24,7 @@ PYTHON  ?= /usr/bin/python3
 BUILD   := build
 LIB_SRC := $(sort $(wildcard src/*/*.c))
 CLI_SRC := $(sort $(wildcard cli/*.c) $(wildcard bench/*.c))
-TST_SRC := $(sort $(wildcard tests/*.c))
+TST_SRC := $(sort $(wildcard tests/*.c) $(wildcard fuzz/fuzz_*.c) fuzz/common.c)
 LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
 CLI_OBJ := $(CLI_SRC:%.c=$(BUILD)/obj/%.o)
 TST_OBJ := $(TST_SRC:%.c=$(BUILD)/obj/%.o)
@@ -94,4 +96,63 @@ fixtures:
 clean:
 	rm -rf $(BUILD)
 
--include $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d) $(TST_OBJ:.o=.d)
+# ---- fuzzing (docs/security.md) ---------------------------------------------------
+# One libFuzzer target per fuzz/fuzz_<name>.c (adding a parser's target is one new
+# file), built by clang against the library compiled with ASan + UBSan + coverage.
+#   make fuzz-build   build/fuzz/fuzz_<name>, build/fuzz_seed, build/fuzz_replay
+#   make fuzz         seeds fuzz/corpus/ (gitignored) if absent, runs each target
+#                     FUZZ_SECONDS; crashes land in build/fuzz/artifacts/<name>/
+#   make fuzz-replay  runs tests/data/fuzz/<name>/* through the gcc replay driver
+FUZZ_CC      ?= clang
+FUZZ_SECONDS ?= 30
+FUZZ_FLAGS   ?= -rss_limit_mb=2048 -timeout=10 -max_len=131072
+FUZZ_SAN     := -fsanitize=address,undefined -fno-sanitize-recover=undefined
+FUZZ_NAMES   := $(patsubst fuzz/fuzz_%.c,%,$(wildcard fuzz/fuzz_*.c))
+FUZZ_BINS    := $(FUZZ_NAMES:%=$(BUILD)/fuzz/fuzz_%)
+FUZZ_LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/fuzz/obj/%.o)
+FUZZ_CFLAGS  := -O1 -g $(ARCH) $(FUZZ_SAN) -Wno-pass-failed $(filter-out $(OPT) -g $(ARCH),$(CFLAGS))
+
+.PHONY: fuzz fuzz-build fuzz-replay ci
+$(BUILD)/fuzz/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -MMD -MP -c $< -o $@
+
+$(BUILD)/fuzz/libmoe_fuzz.a: $(FUZZ_LIB_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/fuzz/fuzz_%: fuzz/fuzz_%.c fuzz/common.c fuzz/fuzz.h $(BUILD)/fuzz/libmoe_fuzz.a
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -DMOE_FUZZ_LIBFUZZER -o $@ $< fuzz/common.c \
+	  $(BUILD)/fuzz/libmoe_fuzz.a $(LDFLAGS) $(LDLIBS)
+
+$(BUILD)/fuzz_seed: $(BUILD)/obj/fuzz/seed.o $(BUILD)/libmoe.a
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+$(BUILD)/fuzz_replay: $(BUILD)/obj/fuzz/replay.o $(BUILD)/obj/fuzz/common.o \
+	  $(FUZZ_NAMES:%=$(BUILD)/obj/fuzz/fuzz_%.o) $(BUILD)/libmoe.a
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+fuzz-build: $(FUZZ_BINS) $(BUILD)/fuzz_seed $(BUILD)/fuzz_replay
+
+fuzz/corpus: | $(BUILD)/fuzz_seed
+	sh fuzz/seed.sh fuzz/corpus
+
+fuzz: fuzz-build fuzz/corpus
+	@for t in $(FUZZ_NAMES); do \
+	  mkdir -p fuzz/corpus/$$t $(BUILD)/fuzz/artifacts/$$t; \
+	  echo "fuzz_$$t: $(FUZZ_SECONDS) s"; \
+	  ./$(BUILD)/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) $(FUZZ_FLAGS) \
+	    -artifact_prefix=$(BUILD)/fuzz/artifacts/$$t/ fuzz/corpus/$$t 2>&1 | \
+	    grep -E '^(#[0-9]+ +DONE|==[0-9]+==ERROR|SUMMARY|Done)' || exit 1; \
+	done
+
+fuzz-replay: $(BUILD)/fuzz_replay
+	@for t in $(FUZZ_NAMES); do \
+	  [ -d tests/data/fuzz/$$t ] && ./$(BUILD)/fuzz_replay $$t tests/data/fuzz/$$t || true; \
+	done
+
+ci:
+	$(MAKE) test
+	$(MAKE) test-asan
+
+-include $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d) $(TST_OBJ:.o=.d) $(FUZZ_LIB_OBJ:.o=.d)
