@@ -101,3 +101,60 @@ TEST(fuzz_regressions_replay) {
     }
     CHECK(total > 0);
 }
+
+/* ---- limits ----------------------------------------------------------------- */
+
+#include "data/shard.h"
+#include "io/gguf.h"
+#include "io/safetensors.h"
+#include "tokenizer/tokenizer.h"
+
+/* Opens path with the loader of kind; returns the code, message in err. */
+static int open_kind(const char *kind, const char *path, char *err, size_t errsz) {
+    int rc = MOE_EINVAL;
+    if (!strcmp(kind, "config")) {
+        moe_model_config c;
+        rc = moe_model_config_load(path, &c, err, errsz);
+    } else if (!strcmp(kind, "gguf")) {
+        moe__gguf *gg;
+        if (!(rc = moe__gguf_open(path, &gg, err, errsz))) moe__gguf_close(gg);
+    } else if (!strcmp(kind, "safetensors")) {
+        moe__st_file *f;
+        if (!(rc = moe__st_open(path, &f, err, errsz))) moe__st_close(f);
+    } else if (!strcmp(kind, "tokenizer")) {
+        moe_tokenizer *t;
+        if (!(rc = moe_tokenizer_load(path, &t, err, errsz))) moe_tokenizer_free(t);
+    } else if (!strcmp(kind, "shard")) {
+        moe_shard *s;
+        if (!(rc = moe_shard_load(path, &s, err, errsz))) moe_shard_free(s);
+    }
+    return rc;
+}
+
+/* Every cap is MOE_ELIMIT with a message naming the file, the field and the
+ * limit (docs/security.md lists them). */
+TEST(limits_name_file_field_and_limit) {
+    static const struct {
+        const char *kind, *file, *field, *limit;
+    } cases[] = {
+        {"config", "limit-tensor-count.json", "num_local_experts", "1048576"},
+        {"config", "limit-param-count.json", "parameters", "1.1e+12"},
+        {"gguf", "limit-tensor-count.gguf", "tensor_count", "1048576"},
+        {"gguf", "limit-kv-count.gguf", "metadata_kv_count", "1048576"},
+        {"gguf", "limit-n-dims.gguf", "n_dims", "limit of 4"},
+        {"gguf", "nested-arrays.gguf", "nested", "limit of 8"},
+        {"safetensors", "shape-overflow.safetensors", "\"x\"", "overflow"},
+        {"tokenizer", "limit-vocab.json", "vocab_size", "1048576"},
+        {"shard", "limit-vocab.bin", "vocab_size", "1048576"},
+        {"shard", "limit-n-tokens.bin", "n_tokens", "4294967296"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char path[512], err[512] = "";
+        snprintf(path, sizeof path, "%s/fuzz/%s/%s", moe_test_data_dir(), cases[i].kind, cases[i].file);
+        int rc = open_kind(cases[i].kind, path, err, sizeof err);
+        CHECK_MSG(rc == MOE_ELIMIT, "%s: %s, expected MOE_ELIMIT (%s)", path, moe_err_name(rc), err);
+        CHECK_MSG(strstr(err, cases[i].file) && strstr(err, cases[i].field) && strstr(err, cases[i].limit),
+                  "%s: the message does not name the file, %s and %s: %s", path, cases[i].field, cases[i].limit,
+                  err);
+    }
+}

@@ -297,6 +297,11 @@ int moe_shard_load(const char *path, moe_shard **out, char *err, size_t errsz) {
                           vocab, MOE_SHARD_MAX_VOCAB);
         goto done;
     }
+    if (n_tokens > MOE_SHARD_MAX_TOKENS) {
+        rc = moe__set_err(err, errsz, MOE_ELIMIT, "%s: field n_tokens: %llu > limit %llu", path,
+                          (unsigned long long)n_tokens, (unsigned long long)MOE_SHARD_MAX_TOKENS);
+        goto done;
+    }
     if (vocab < 1) {
         rc = moe__set_err(err, errsz, MOE_EFORMAT, "%s: field vocab_size: 0", path);
         goto done;
