@@ -140,10 +140,11 @@ fuzz/corpus: | $(BUILD)/fuzz_seed
 fuzz: fuzz-build fuzz/corpus
 	@for t in $(FUZZ_NAMES); do \
 	  mkdir -p fuzz/corpus/$$t $(BUILD)/fuzz/artifacts/$$t; \
-	  echo "fuzz_$$t: $(FUZZ_SECONDS) s"; \
-	  ./$(BUILD)/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) $(FUZZ_FLAGS) \
-	    -artifact_prefix=$(BUILD)/fuzz/artifacts/$$t/ fuzz/corpus/$$t 2>&1 | \
-	    grep -E '^(#[0-9]+ +DONE|==[0-9]+==ERROR|SUMMARY|Done)' || exit 1; \
+	  printf 'fuzz_%s, %s s: ' $$t $(FUZZ_SECONDS); \
+	  if ./$(BUILD)/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 $(FUZZ_FLAGS) \
+	       -artifact_prefix=$(BUILD)/fuzz/artifacts/$$t/ fuzz/corpus/$$t > $(BUILD)/fuzz/$$t.log 2>&1; then \
+	    grep -o 'number_of_executed_units: [0-9]*' $(BUILD)/fuzz/$$t.log; \
+	  else echo "FAILED (log: $(BUILD)/fuzz/$$t.log)"; tail -40 $(BUILD)/fuzz/$$t.log; exit 1; fi; \
 	done
 
 fuzz-replay: $(BUILD)/fuzz_replay
