@@ -115,3 +115,10 @@ put("shard", "limit-n-tokens.bin", shard(10, [(0, 0)], [1, 2, 9], n_tokens=(1 <<
 put("shard", "limit-vocab.bin", shard(1 << 30, [(0, 0)], [1, 2, 9]))
 put("shard", "token-out-of-vocab.bin", shard(10, [(0, 0)], [1, 12, 9]))
 put("shard", "doc-offset-past-end.bin", shard(10, [(0, 0), (7, 0)], [1, 2, 9]))
+
+# ---- Brown corpus files ------------------------------------------------------------
+put("corpus", "ok-one-sentence", b"\tThe/at jury/nn said/vbd ./.\n")
+put("corpus", "bad-utf8", b"\tThe/at \xff\xfe/nn ./.\n")
+put("corpus", "token-without-tag", b"\tThe jury/nn ./.\n")
+put("corpus", "nul-byte", b"\tThe/at\x00 jury/nn ./.\n")
+put("corpus", "no-words", b"\n\n\t\n")

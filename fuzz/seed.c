@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 static char g_out[1024];
 
@@ -208,6 +209,21 @@ static void seed_checkpoint(void) {
     moe_tokenizer_free(tok);
 }
 
+static void seed_corpus(void) {
+    static const char *const files[] = {
+        "\n\n\tThe/at Fulton/np-tl County/nn-tl Grand/jj-tl Jury/nn-tl said/vbd Friday/nr an/at\n"
+        "investigation/nn of/in ``/`` irregularities/nns ''/'' took/vbd place/nn ./.\n\n"
+        "\tIt/pps did/dod n't/* say/vb ,/, (/( however/rb )/) ;/. 's/$ '/' quoted/vbn '/' !/.\n",
+        "\tHEADLINE/nn-hl news/nn-hl\n\n\tA/at word/nn ./.\n",
+    };
+    for (int i = 0; i < 2; i++) {
+        FILE *fp = fopen(path_of("corpus", i ? "seed-headline" : "seed-ca01"), "w");
+        if (!fp) die("corpus", "cannot write");
+        fputs(files[i], fp);
+        fclose(fp);
+    }
+}
+
 int main(int argc, char **argv) {
     if (argc != 2) {
         fprintf(stderr, "usage: %s OUT_DIR\n", argv[0]);
@@ -221,5 +237,6 @@ int main(int argc, char **argv) {
     seed_tokenizer();
     seed_shard();
     seed_checkpoint();
+    seed_corpus();
     return 0;
 }
