@@ -111,7 +111,7 @@ def shard(vocab, docs, tokens, n_tokens=None, n_docs=None):
 
 put("shard", "ok-one-doc.bin", shard(10, [(0, 0)], [1, 2, 9]))
 put("shard", "counts-past-eof.bin", shard(10, [(0, 0)], [1, 2, 9], n_tokens=1 << 62))
-put("shard", "limit-n-tokens.bin", shard(10, [(0, 0)], [1, 2, 9], n_tokens=(1 << 32) + 1))
+put("shard", "n-tokens-past-cap-and-eof.bin", shard(10, [(0, 0)], [1, 2, 9], n_tokens=(1 << 32) + 1))
 put("shard", "limit-vocab.bin", shard(1 << 30, [(0, 0)], [1, 2, 9]))
 put("shard", "token-out-of-vocab.bin", shard(10, [(0, 0)], [1, 12, 9]))
 put("shard", "doc-offset-past-end.bin", shard(10, [(0, 0), (7, 0)], [1, 2, 9]))
