@@ -11,6 +11,8 @@
 #   make test-asan  the tests under AddressSanitizer + UBSan (+ leak check)
 #   make MPI=1      the same with expert parallelism over MPI (mpicc, -DMOE_MPI) in build-mpi/
 #   make test-mpi   the MPI tests under mpirun for P = 1, 2, 4 (needs libopenmpi-dev, openmpi-bin)
+#   make ci         make test, then make test-asan
+#   make fuzz       every fuzz target for FUZZ_SECONDS (clang libFuzzer; docs/security.md)
 CC      ?= cc
 ARCH    ?= -march=native
 OPT     ?= -O3
@@ -34,7 +36,7 @@ MPI_TST_SRC := $(sort $(wildcard tests/mpi/*.c))
 MPIRUN  ?= timeout 600 mpirun --oversubscribe --allow-run-as-root
 LIB_SRC := $(sort $(wildcard src/*/*.c))
 CLI_SRC := $(sort $(wildcard cli/*.c) $(wildcard bench/*.c))
-TST_SRC := $(sort $(wildcard tests/*.c))
+TST_SRC := $(sort $(wildcard tests/*.c) $(wildcard fuzz/fuzz_*.c) fuzz/common.c)
 LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
 CLI_OBJ := $(CLI_SRC:%.c=$(BUILD)/obj/%.o)
 TST_OBJ := $(TST_SRC:%.c=$(BUILD)/obj/%.o)
@@ -118,4 +120,64 @@ fixtures:
 clean:
 	rm -rf $(BUILD) build-mpi
 
--include $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d) $(TST_OBJ:.o=.d) $(MPI_TST_SRC:%.c=$(BUILD)/obj/%.d)
+# ---- fuzzing (docs/security.md) ---------------------------------------------------
+# One libFuzzer target per fuzz/fuzz_<name>.c (adding a parser's target is one new
+# file), built by clang against the library compiled with ASan + UBSan + coverage.
+#   make fuzz-build   build/fuzz/fuzz_<name>, build/fuzz_seed, build/fuzz_replay
+#   make fuzz         seeds fuzz/corpus/ (gitignored) if absent, runs each target
+#                     FUZZ_SECONDS; crashes land in build/fuzz/artifacts/<name>/
+#   make fuzz-replay  runs tests/data/fuzz/<name>/* through the gcc replay driver
+FUZZ_CC      ?= clang
+FUZZ_SECONDS ?= 30
+FUZZ_FLAGS   ?= -rss_limit_mb=2048 -timeout=10 -max_len=131072
+FUZZ_SAN     := -fsanitize=address,undefined -fno-sanitize-recover=undefined
+FUZZ_NAMES   := $(patsubst fuzz/fuzz_%.c,%,$(wildcard fuzz/fuzz_*.c))
+FUZZ_BINS    := $(FUZZ_NAMES:%=$(BUILD)/fuzz/fuzz_%)
+FUZZ_LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/fuzz/obj/%.o)
+FUZZ_CFLAGS  := -O1 -g $(ARCH) $(FUZZ_SAN) -Wno-pass-failed $(filter-out $(OPT) -g $(ARCH),$(CFLAGS))
+
+.PHONY: fuzz fuzz-build fuzz-replay ci
+$(BUILD)/fuzz/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -MMD -MP -c $< -o $@
+
+$(BUILD)/fuzz/libmoe_fuzz.a: $(FUZZ_LIB_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/fuzz/fuzz_%: fuzz/fuzz_%.c fuzz/common.c fuzz/fuzz.h $(BUILD)/fuzz/libmoe_fuzz.a
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -DMOE_FUZZ_LIBFUZZER -o $@ $< fuzz/common.c \
+	  $(BUILD)/fuzz/libmoe_fuzz.a $(LDFLAGS) $(LDLIBS)
+
+$(BUILD)/fuzz_seed: $(BUILD)/obj/fuzz/seed.o $(BUILD)/libmoe.a
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+$(BUILD)/fuzz_replay: $(BUILD)/obj/fuzz/replay.o $(BUILD)/obj/fuzz/common.o \
+	  $(FUZZ_NAMES:%=$(BUILD)/obj/fuzz/fuzz_%.o) $(BUILD)/libmoe.a
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+fuzz-build: $(FUZZ_BINS) $(BUILD)/fuzz_seed $(BUILD)/fuzz_replay
+
+fuzz/corpus: | $(BUILD)/fuzz_seed
+	sh fuzz/seed.sh fuzz/corpus
+
+fuzz: fuzz-build fuzz/corpus
+	@for t in $(FUZZ_NAMES); do \
+	  mkdir -p fuzz/corpus/$$t $(BUILD)/fuzz/artifacts/$$t; \
+	  printf 'fuzz_%s, %s s: ' $$t $(FUZZ_SECONDS); \
+	  if ./$(BUILD)/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 $(FUZZ_FLAGS) \
+	       -artifact_prefix=$(BUILD)/fuzz/artifacts/$$t/ fuzz/corpus/$$t > $(BUILD)/fuzz/$$t.log 2>&1; then \
+	    grep -o 'number_of_executed_units: [0-9]*' $(BUILD)/fuzz/$$t.log; \
+	  else echo "FAILED (log: $(BUILD)/fuzz/$$t.log)"; tail -40 $(BUILD)/fuzz/$$t.log; exit 1; fi; \
+	done
+
+fuzz-replay: $(BUILD)/fuzz_replay
+	@for t in $(FUZZ_NAMES); do \
+	  [ -d tests/data/fuzz/$$t ] && ./$(BUILD)/fuzz_replay $$t tests/data/fuzz/$$t || true; \
+	done
+
+ci:
+	$(MAKE) test
+	$(MAKE) test-asan
+
+-include $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d) $(TST_OBJ:.o=.d) $(MPI_TST_SRC:%.c=$(BUILD)/obj/%.d) $(FUZZ_LIB_OBJ:.o=.d)

@@ -58,7 +58,10 @@ const char *moe_err_name(int err);
 
 /* Every allocation the library makes goes through these hooks (default: the C
  * library's malloc/free). Set them before creating any object; objects must be
- * freed with the hooks they were made with. alloc returns NULL on failure. */
+ * freed with the hooks they were made with. alloc returns NULL on failure.
+ * moe_set_allocator also points cJSON's process-wide hooks (cJSON_InitHooks)
+ * at these, so the JSON parsers' trees are counted and can fail like the rest;
+ * free cJSON output with cJSON_free, not free(), once a custom allocator is set. */
 typedef struct moe_allocator {
     void *(*alloc)(size_t size, void *ctx);
     void (*free)(void *ptr, void *ctx);

@@ -1,5 +1,6 @@
 #include "internal.h"
 
+#include <cjson/cJSON.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -10,9 +11,28 @@ static void default_free(void *p, void *ctx) { (void)ctx; free(p); }
 static moe_allocator g_alloc = {default_alloc, default_free, NULL};
 static _Atomic uint64_t g_count;
 
+static _Thread_local int g_json_oom;
+
+static void *json_alloc(size_t size) {
+    void *p = moe__malloc(size);
+    if (!p) g_json_oom = 1;
+    return p;
+}
+
+int moe__json_oom(void) {
+    int r = g_json_oom;
+    g_json_oom = 0;
+    return r;
+}
+
+/* cJSON's hooks are process-wide; pointing them at ours (for the default
+ * allocator too) makes the parsers' JSON trees count, and fail, like every
+ * other allocation. */
 void moe_set_allocator(const moe_allocator *a) {
     if (a && a->alloc && a->free) g_alloc = *a;
     else g_alloc = (moe_allocator){default_alloc, default_free, NULL};
+    cJSON_Hooks h = {json_alloc, moe__free};
+    cJSON_InitHooks(&h);
 }
 
 uint64_t moe_alloc_count(void) { return atomic_load(&g_count); }

@@ -15,6 +15,10 @@ void moe__free(void *p);
 void *moe__aligned_alloc(size_t size);
 void moe__afree(void *p);
 char *moe__strdup(const char *s);
+/* cJSON reports running out of memory as a parse failure; its hooks (see
+ * moe_set_allocator) remember it. Returns whether a JSON allocation failed
+ * since the last call, and clears that: call it before and after a parse. */
+int moe__json_oom(void);
 
 /* Overflow-safe size arithmetic: return 0 on success, -1 on overflow. */
 static inline int moe__mul_size(size_t a, size_t b, size_t *out) {

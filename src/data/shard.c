@@ -313,6 +313,12 @@ int moe_shard_load(const char *path, moe_shard **out, char *err, size_t errsz) {
                           (unsigned long long)fsize);
         goto done;
     }
+    /* a count that lies is the size check's; this one is a real, too large shard */
+    if (n_tokens > MOE_SHARD_MAX_TOKENS) {
+        rc = moe__set_err(err, errsz, MOE_ELIMIT, "%s: field n_tokens: %llu > limit %llu", path,
+                          (unsigned long long)n_tokens, (unsigned long long)MOE_SHARD_MAX_TOKENS);
+        goto done;
+    }
     if (n_docs > INT32_MAX || n_tokens > SIZE_MAX / 4) {
         rc = moe__set_err(err, errsz, MOE_ELIMIT, "%s: shard too large", path);
         goto done;

@@ -26,6 +26,7 @@ extern "C" {
 #define MOE_SHARD_VERSION 1
 #define MOE_SHARD_HEADER_BYTES 28
 #define MOE_SHARD_MAX_VOCAB (1 << 20)
+#define MOE_SHARD_MAX_TOKENS ((uint64_t)1 << 32) /* 16 GiB of tokens, read whole into memory */
 
 typedef struct moe_shard {
     int32_t *tokens;

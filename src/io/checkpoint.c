@@ -143,11 +143,25 @@ int moe_model_load(const char *dir, int max_batch, int max_seq, int want_grads, 
     if (!rc) rc = moe_model_config_load(path, &cfg, err, errsz);
     if (rc) return rc;
     if (max_seq <= 0 || max_seq > cfg.max_position_embeddings) max_seq = cfg.max_position_embeddings;
-    moe_model *m = moe_model_create(&cfg, max_batch, max_seq, want_grads, n_threads, &rc, err, errsz);
-    if (!m) return rc;
     moe__st_file *f = NULL;
     rc = moe__ckpt_path(dir, "model.safetensors", path, sizeof path, err, errsz);
     if (!rc) rc = moe__st_open(path, &f, err, errsz);
+    if (rc) return rc;
+    /* The weights must be there before the model's memory is: a small config
+     * can declare billions of parameters. 2 bytes: F16/BF16, the narrowest. */
+    double have = 0, need = 2 * moe_model_config_costs(&cfg, 1).total_params;
+    for (int i = 0; i < moe__st_count(f); i++) have += (double)moe__st_get(f, i)->nbytes;
+    if (have < need) {
+        moe__st_close(f);
+        return moe__set_err(err, errsz, MOE_EFORMAT,
+                            "%s: %.0f bytes of tensors cannot hold the %.0f parameters of config.json", path, have,
+                            need / 2);
+    }
+    moe_model *m = moe_model_create(&cfg, max_batch, max_seq, want_grads, n_threads, &rc, err, errsz);
+    if (!m) {
+        moe__st_close(f);
+        return rc;
+    }
     for (int i = 0; i < m->n_tensors && !rc; i++) {
         const moe_param_info *pi = &m->tensors[i];
         const moe__st_tensor *t = moe__st_find(f, pi->name);

@@ -316,9 +316,12 @@ static int st_parse(moe__st_file *f, const char *label, char *err, size_t errsz)
     memcpy(json, hdr, (size_t)hlen);
     json[hlen] = '\0';
     const char *end = NULL;
+    moe__json_oom();
     cJSON *root = cJSON_ParseWithLengthOpts(json, (size_t)hlen, &end, 0);
     int rc;
-    if (!root) {
+    if (!root && moe__json_oom()) {
+        rc = st_fail(&c, MOE_ENOMEM, NULL, "out of memory parsing the header");
+    } else if (!root) {
         rc = st_fail(&c, MOE_EFORMAT, NULL, "header is not valid JSON (error near byte %td)",
                      end ? end - json : (ptrdiff_t)0);
     } else {

@@ -13,6 +13,13 @@
 #define MAX_CONFIG_BYTES (1 << 20)
 #define MAX_DIM (1 << 16)
 #define MAX_VOCAB (1 << 22)
+/* Whole-model caps: without them a few hundred bytes of config.json within
+ * every per-key range (65536 experts x 256 layers) make a loader build a table
+ * of 50 million tensors (7.6 GB) before it reads a byte of weights. A model
+ * past either cap could not be stored as safetensors (1 << 20 tensors) or
+ * held in memory anyway. */
+#define MAX_MODEL_TENSORS (1 << 20)
+#define MAX_MODEL_PARAMS ((double)(1ULL << 40))
 
 void moe_model_config_defaults(moe_model_config *c) {
     memset(c, 0, sizeof *c);
@@ -104,6 +111,18 @@ int moe_model_config_check(const moe_model_config *c, char *err, size_t n) {
         return moe__set_err(err, n, MOE_EINVAL, "config: router loss coefficients must be finite and >= 0");
     if (c->shared_expert_gate && c->n_shared_experts == 0)
         return moe__set_err(err, n, MOE_EINVAL, "config: shared_expert_gate needs n_shared_experts > 0");
+    /* an upper bound of the model's tensor table (model.c build_table) */
+    double tensors = 3;
+    for (int l = 0; l < c->num_hidden_layers; l++)
+        tensors += 6 + (c->num_local_experts > 0 && c->is_moe_layer[l] ? 3.0 * c->num_local_experts + 9 : 3);
+    if (tensors > MAX_MODEL_TENSORS)
+        return moe__set_err(err, n, MOE_ELIMIT,
+                            "config: num_local_experts = %d over %d MoE layers: %.0f tensors, more than the limit "
+                            "of %d", c->num_local_experts, moe_model_n_moe_layers(c), tensors, MAX_MODEL_TENSORS);
+    const double params = moe_model_config_costs(c, 1).total_params;
+    if (params > MAX_MODEL_PARAMS)
+        return moe__set_err(err, n, MOE_ELIMIT, "config: %.4g parameters, more than the limit of %.4g", params,
+                            MAX_MODEL_PARAMS);
     if (c->num_local_experts > 0) {
         /* the routing keys are checked where they are used: by the layer */
         char lerr[200];
@@ -193,7 +212,9 @@ int moe_model_config_parse(const char *json, size_t len, const char *name, moe_m
     moe_model_config_defaults(c);
     if (len > MAX_CONFIG_BYTES)
         return moe__set_err(err, errsz, MOE_ELIMIT, "%s: %zu bytes, more than %d", x.name, len, MAX_CONFIG_BYTES);
+    moe__json_oom();
     cJSON *root = cJSON_ParseWithLength(json, len);
+    if (!root && moe__json_oom()) return moe__set_err(err, errsz, MOE_ENOMEM, "%s: out of memory", x.name);
     if (!root) return moe__set_err(err, errsz, MOE_EFORMAT, "%s: not valid JSON", x.name);
     int rc = MOE_OK;
     if (!cJSON_IsObject(root)) {
@@ -372,8 +393,11 @@ char *moe_model_config_to_json(const moe_model_config *c) {
     cJSON_AddNumberToObject(o, "initializer_range", c->initializer_range);
     cJSON_AddStringToObject(o, "hidden_act", "silu");
     cJSON_AddStringToObject(o, "torch_dtype", "float32");
-    char *s = cJSON_Print(o);
+    char *js = cJSON_Print(o);
     cJSON_Delete(o);
+    /* the caller frees with free(), so the text leaves the library's hooks */
+    char *s = js ? strdup(js) : NULL;
+    cJSON_free(js);
     return s;
 }
 

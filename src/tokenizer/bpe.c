@@ -714,8 +714,10 @@ int moe_tokenizer_load(const char *path, moe_tokenizer **out, char *err, size_t 
                             "%s: too many JSON values for a vocabulary of at most %d", path,
                             MOE_TOKENIZER_MAX_VOCAB);
     }
+    moe__json_oom();
     cJSON *root = cJSON_ParseWithLength(buf, len);
     moe__free(buf);
+    if (!root && moe__json_oom()) return moe__set_err(err, errsz, MOE_ENOMEM, "%s: out of memory", path);
     if (!root) return moe__set_err(err, errsz, MOE_EFORMAT, "%s: not valid JSON", path);
     int32_t *merges = NULL;
     const cJSON *f_type = NULL, *f_version = NULL, *f_vocab = NULL, *f_merges = NULL,

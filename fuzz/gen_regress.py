@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Writes the hand-made hostile inputs of tests/data/fuzz/<target>/ (the
+crash inputs found by fuzzing are committed there as they were found).
+Files named ok-* must be accepted, every other one rejected, without a leak
+or an allocation the file's size does not justify (tests/test_fuzz_regress.c).
+    python3 fuzz/gen_regress.py tests/data/fuzz"""
+import json
+import os
+import struct
+import sys
+
+out = sys.argv[1] if len(sys.argv) > 1 else "tests/data/fuzz"
+SEP = b"\n--moe-file--\n"
+
+
+def put(target, name, data):
+    os.makedirs(os.path.join(out, target), exist_ok=True)
+    with open(os.path.join(out, target, name), "wb") as f:
+        f.write(data)
+
+
+def gstr(s):
+    b = s.encode()
+    return struct.pack("<Q", len(b)) + b
+
+
+def safetensors(tensors, meta=None):
+    """tensors: name -> (dtype, shape, bytes); offsets in the given order."""
+    hdr, data = {}, b""
+    if meta:
+        hdr["__metadata__"] = meta
+    for name, (dt, shape, raw) in tensors.items():
+        hdr[name] = {"dtype": dt, "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    h = json.dumps(hdr).encode()
+    h += b" " * (-len(h) % 8)
+    return struct.pack("<Q", len(h)) + h + data
+
+
+TINY = {"vocab_size": 260, "hidden_size": 4, "intermediate_size": 4, "num_hidden_layers": 1,
+        "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 4, "max_position_embeddings": 8,
+        "num_local_experts": 2, "num_experts_per_tok": 1, "dense_intermediate_size": 4}
+
+# ---- config.json ----------------------------------------------------------------
+put("config", "ok-tiny.json", json.dumps(TINY).encode())
+# every key within its range, but 65536 experts x 256 layers = 50M tensors
+put("config", "limit-tensor-count.json", json.dumps(dict(
+    TINY, num_hidden_layers=256, num_local_experts=65536, num_experts_per_tok=2,
+    max_position_embeddings=64)).encode())
+# 3 x 65536 x 2^20 x 256 dense FFN parameters: past the 2^40 cap
+put("config", "limit-param-count.json", json.dumps(dict(
+    TINY, hidden_size=65536, num_local_experts=0, dense_intermediate_size=1 << 20,
+    num_hidden_layers=256)).encode())
+put("config", "deep-nesting.json", b"[" * 100000)
+put("config", "not-an-object.json", b"[1, 2, 3]")
+
+# ---- checkpoint directory (config.json, model.safetensors, optimizer, tokenizer) -----
+one = safetensors({"x": ("F32", [1], b"\0\0\0\0")})
+# 2^22 x 256 x 2 embedding parameters (8 GB with gradients) backed by 4 bytes:
+# rejected before the model is allocated
+big = dict(TINY, vocab_size=1 << 22, hidden_size=256, num_local_experts=0, head_dim=64, num_attention_heads=4,
+           num_key_value_heads=4)
+put("checkpoint", "params-without-weights.ckpt", json.dumps(big).encode() + SEP + one + SEP + SEP)
+put("checkpoint", "limit-tensor-count.ckpt",
+    open(os.path.join(out, "config", "limit-tensor-count.json"), "rb").read() + SEP + one + SEP + SEP)
+put("checkpoint", "missing-tensor.ckpt", json.dumps(TINY).encode() + SEP +
+    safetensors({"model.embed_tokens.weight": ("F32", [260, 4], b"\0" * 4 * 4 * 260)}) + SEP + SEP)
+
+# ---- safetensors ---------------------------------------------------------------------
+put("safetensors", "ok-one.safetensors", one)
+put("safetensors", "header-past-eof.safetensors", struct.pack("<Q", 1 << 40) + b"{}")
+put("safetensors", "offsets-past-eof.safetensors",
+    struct.pack("<Q", 64) + json.dumps({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})
+    .encode().ljust(64) + b"\0" * 8)
+put("safetensors", "shape-overflow.safetensors",
+    safetensors({"x": ("F32", [1 << 40, 1 << 40], b"")}))
+
+# ---- GGUF ------------------------------------------------------------------------
+hdr = b"GGUF" + struct.pack("<I", 3)
+put("gguf", "ok-empty.gguf", hdr + struct.pack("<QQ", 0, 0))
+put("gguf", "limit-tensor-count.gguf", hdr + struct.pack("<QQ", 1 << 40, 0))
+put("gguf", "limit-kv-count.gguf", hdr + struct.pack("<QQ", 0, 1 << 40))
+put("gguf", "string-past-eof.gguf", hdr + struct.pack("<QQ", 0, 1) + gstr("k") + struct.pack("<IQ", 8, 1 << 50))
+put("gguf", "array-past-eof.gguf",
+    hdr + struct.pack("<QQ", 0, 1) + gstr("k") + struct.pack("<IIQ", 9, 4, 1 << 60))
+put("gguf", "nested-arrays.gguf",
+    hdr + struct.pack("<QQ", 0, 1) + gstr("k") + struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * 20)
+put("gguf", "tensor-data-past-eof.gguf",
+    hdr + struct.pack("<QQ", 1, 0) + gstr("t") + struct.pack("<I", 2) + struct.pack("<QQ", 1 << 20, 1 << 20)
+    + struct.pack("<IQ", 0, 0))
+put("gguf", "limit-n-dims.gguf",
+    hdr + struct.pack("<QQ", 1, 0) + gstr("t") + struct.pack("<I", 5) + struct.pack("<Q", 1) * 5
+    + struct.pack("<IQ", 0, 0))
+
+# ---- tokenizer.json ------------------------------------------------------------------
+put("tokenizer", "ok-257.json", json.dumps({"type": "moe-byte-bpe", "version": 1, "vocab_size": 257,
+                                            "merges": [], "special": {"<|endoftext|>": 256}}).encode())
+put("tokenizer", "limit-vocab.json", json.dumps({"type": "moe-byte-bpe", "version": 1, "vocab_size": 1 << 30,
+                                                 "merges": [], "special": {"<|endoftext|>": (1 << 30) - 1}}).encode())
+put("tokenizer", "merge-forward-ref.json", json.dumps({"type": "moe-byte-bpe", "version": 1, "vocab_size": 258,
+                                                       "merges": [[256, 1]], "special": {"<|endoftext|>": 257}}).encode())
+
+# ---- shards ------------------------------------------------------------------------
+def shard(vocab, docs, tokens, n_tokens=None, n_docs=None):
+    b = b"MOESHRD1" + struct.pack("<IIQI", 1, vocab, len(tokens) if n_tokens is None else n_tokens,
+                                  len(docs) if n_docs is None else n_docs)
+    for off, genre in docs:
+        b += struct.pack("<QI", off, genre)
+    return b + b"".join(struct.pack("<I", t) for t in tokens)
+
+
+put("shard", "ok-one-doc.bin", shard(10, [(0, 0)], [1, 2, 9]))
+put("shard", "counts-past-eof.bin", shard(10, [(0, 0)], [1, 2, 9], n_tokens=1 << 62))
+put("shard", "n-tokens-past-cap-and-eof.bin", shard(10, [(0, 0)], [1, 2, 9], n_tokens=(1 << 32) + 1))
+put("shard", "limit-vocab.bin", shard(1 << 30, [(0, 0)], [1, 2, 9]))
+put("shard", "token-out-of-vocab.bin", shard(10, [(0, 0)], [1, 12, 9]))
+put("shard", "doc-offset-past-end.bin", shard(10, [(0, 0), (7, 0)], [1, 2, 9]))
+
+# ---- Brown corpus files ------------------------------------------------------------
+put("corpus", "ok-one-sentence", b"\tThe/at jury/nn said/vbd ./.\n")
+put("corpus", "bad-utf8", b"\tThe/at \xff\xfe/nn ./.\n")
+put("corpus", "token-without-tag", b"\tThe jury/nn ./.\n")
+put("corpus", "nul-byte", b"\tThe/at\x00 jury/nn ./.\n")
+put("corpus", "no-words", b"\n\n\t\n")
