@@ -11,7 +11,7 @@
 #   make test-asan  the tests under AddressSanitizer + UBSan (+ leak check)
 #   make MPI=1      the same with expert parallelism over MPI (mpicc, -DMOE_MPI) in build-mpi/
 #   make test-mpi   the MPI tests under mpirun for P = 1, 2, 4 (needs libopenmpi-dev, openmpi-bin)
-#   make ci         make test, then make test-asan
+#   make ci         what CI runs: make test-mpi, make test-asan, make test
 #   make fuzz       every fuzz target for FUZZ_SECONDS (clang libFuzzer; docs/security.md)
 CC      ?= cc
 ARCH    ?= -march=native
@@ -77,13 +77,18 @@ test-mpi:
 	  OMP_NUM_THREADS=1 $(MPIRUN) -np 2 ./build-mpi/moe_mpi_tests resume $$d/ck && \
 	  OMP_NUM_THREADS=1 $(MPIRUN) -np 1 ./build-mpi/moe_mpi_tests resume $$d/ck; rc=$$?; rm -rf $$d; exit $$rc
 
-# One translation unit per source, no shared objects with the normal build.
-$(BUILD)/moe_tests_asan: $(LIB_SRC) $(TST_SRC) $(wildcard src/*/*.h tests/*.h include/*.h)
-	@mkdir -p $(BUILD)
-	$(CC) -O1 -g $(ARCH) -fsanitize=address,undefined -fno-sanitize-recover=undefined \
-	  $(filter-out $(OPT) -g,$(CFLAGS)) -o $@ $(LIB_SRC) $(TST_SRC) $(LDFLAGS) $(LDLIBS)
+# Sanitizer objects live apart from the normal build's (build/asan/), so both
+# stay incremental and -j2 compiles them in parallel.
+ASAN_CFLAGS := -O1 -g $(ARCH) -fsanitize=address,undefined -fno-sanitize-recover=undefined $(filter-out $(OPT) -g,$(CFLAGS))
+ASAN_OBJ := $(LIB_SRC:%.c=$(BUILD)/asan/%.o) $(TST_SRC:%.c=$(BUILD)/asan/%.o)
+$(BUILD)/asan/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(ASAN_CFLAGS) -MMD -MP -c $< -o $@
 
-test-asan: $(BUILD)/moe_tests_asan
+$(BUILD)/moe_tests_asan: $(ASAN_OBJ)
+	$(CC) $(ASAN_CFLAGS) -o $@ $^ $(LDFLAGS) $(LDLIBS)
+
+test-asan: $(BUILD)/moe_tests_asan $(BUILD)/moe
 	ASAN_OPTIONS=detect_leaks=1 ./$(BUILD)/moe_tests_asan
 
 bench: $(BUILD)/moe
@@ -176,8 +181,12 @@ fuzz-replay: $(BUILD)/fuzz_replay
 	  [ -d tests/data/fuzz/$$t ] && ./$(BUILD)/fuzz_replay $$t tests/data/fuzz/$$t || true; \
 	done
 
+# What CI runs (.ci/run): MPI, sanitizers, then the plain suite, whose last
+# line is the "N passed, N failed" summary.
 ci:
-	$(MAKE) test
+	$(MAKE) test-mpi
 	$(MAKE) test-asan
+	$(MAKE) test
 
--include $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d) $(TST_OBJ:.o=.d) $(MPI_TST_SRC:%.c=$(BUILD)/obj/%.d) $(FUZZ_LIB_OBJ:.o=.d)
+-include $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d) $(TST_OBJ:.o=.d) $(MPI_TST_SRC:%.c=$(BUILD)/obj/%.d) $(FUZZ_LIB_OBJ:.o=.d) \
+  $(ASAN_OBJ:.o=.d)

@@ -1,6 +1,7 @@
 /* moe eval, moe info, moe generate: use a trained model directory. */
 #include "args.h"
 #include "cli.h"
+#include "io/ckpt.h"
 #include "route.h"
 
 #include "data/shard.h"
@@ -41,7 +42,7 @@ int moe_cli_eval(int argc, char **argv) {
         return 2;
     }
     char path[4096];
-    snprintf(path, sizeof path, "%s/tokenizer.json", dir);
+    moe__ckpt_path(dir, "tokenizer.json", path, sizeof path, NULL, 0); /* a checkpoint cut short reads as the committed one */
     cli_data d;
     if (cli_data_load(data, path, 0, json, &d)) return 1;
     moe_model *m = load_model(dir, batch, seq, threads);
@@ -104,7 +105,7 @@ int moe_cli_info(int argc, char **argv) {
     moe_model_config c;
     char err[512], path[4096];
     if (dir) {
-        snprintf(path, sizeof path, "%s/config.json", dir);
+        moe__ckpt_path(dir, "config.json", path, sizeof path, NULL, 0);
         rc = moe_model_config_load(path, &c, err, sizeof err);
     } else if (config) {
         rc = moe_model_config_load(config, &c, err, sizeof err);
@@ -210,7 +211,7 @@ int moe_cli_generate(int argc, char **argv) {
     }
     char err[512], path[4096];
     moe_tokenizer *tok;
-    snprintf(path, sizeof path, "%s/tokenizer.json", dir);
+    moe__ckpt_path(dir, "tokenizer.json", path, sizeof path, NULL, 0);
     if (moe_tokenizer_load(path, &tok, err, sizeof err)) {
         fprintf(stderr, "moe generate: %s\n", err);
         return 1;

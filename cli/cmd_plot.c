@@ -2,6 +2,7 @@
  * SVG, e.g. the MoE model against its dense baseline. */
 #include "args.h"
 #include "cli.h"
+#include "io/ckpt.h"
 #include "internal.h"
 #include "io/atomic.h"
 
@@ -20,7 +21,7 @@ typedef struct {
 static int read_curve(const char *dir, const char *key, int x_tokens, curve *c) {
     char path[4096], err[512], *buf;
     size_t n;
-    snprintf(path, sizeof path, "%s/train_state.json", dir);
+    moe__ckpt_path(dir, "train_state.json", path, sizeof path, NULL, 0); /* a checkpoint cut short reads as the committed one */
     if (moe__read_file(path, 64u << 20, &buf, &n, err, sizeof err)) {
         fprintf(stderr, "moe plot: %s\n", err);
         return 1;

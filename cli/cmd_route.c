@@ -3,6 +3,7 @@
  * divergence between genres, flagged experts, an optional token trace. */
 #include "args.h"
 #include "cli.h"
+#include "io/ckpt.h"
 #include "route.h"
 
 #include "data/corpus.h"
@@ -151,12 +152,12 @@ int moe_cli_route(int argc, char **argv) {
         return 1;
     }
     char path[4096], err[512];
-    snprintf(path, sizeof path, "%s/tokenizer.json", dir);
+    moe__ckpt_path(dir, "tokenizer.json", path, sizeof path, NULL, 0); /* a checkpoint cut short reads as the committed one */
     cli_data d;
     if (cli_data_load(data, path, 0, 0, &d)) return 1;
     const moe_shard *sh = want_val ? d.val : d.train;
     moe_model_config mc;
-    snprintf(path, sizeof path, "%s/config.json", dir);
+    moe__ckpt_path(dir, "config.json", path, sizeof path, NULL, 0);
     if (moe_model_config_load(path, &mc, err, sizeof err)) {
         fprintf(stderr, "moe route: %s\n", err);
         cli_data_free(&d);
