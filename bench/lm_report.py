@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 MARK = "<!-- lm-comparison -->"
+# sections measured by hand (experiments, crash safety, fuzzing) follow END; both scripts keep them
+END = "<!-- end lm-comparison -->"
 
 
 def run_stats(out, name):
@@ -47,7 +49,8 @@ def main():
     section = "\n".join(lines) + "\n"
     path = "bench/RESULTS.md"
     text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\n"
-    text = text.split(MARK)[0].rstrip("\n") + "\n\n" + section
+    tail = END + text.split(END, 1)[1] if END in text else END + "\n"
+    text = text.split(MARK)[0].rstrip("\n") + "\n\n" + section + "\n" + tail
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
