@@ -1,6 +1,7 @@
 #include "io/atomic.h"
 
 #include "internal.h"
+#include "strbuf.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -149,4 +150,16 @@ int moe__map_file(const char *path, const void **base, size_t *size, char *err, 
 
 void moe__unmap_file(const void *base, size_t size) {
     if (base) munmap((void *)base, size);
+}
+
+int moe__write_sb_atomic(const char *path, moe__sb *b, char *err, size_t errsz) {
+    int rc;
+    if (b->oom) {
+        rc = moe__set_err(err, errsz, MOE_ENOMEM, "%s: out of memory", path);
+    } else {
+        moe__iov part = {b->p, b->len};
+        rc = moe__write_atomic(path, &part, 1, err, errsz);
+    }
+    moe__sb_free(b);
+    return rc;
 }

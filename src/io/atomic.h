@@ -16,6 +16,11 @@ typedef struct moe__iov {
  * the file and the cause (MOE_EIO). */
 int moe__write_atomic(const char *path, const moe__iov *parts, int nparts, char *err, size_t errsz);
 
+/* Writes a string builder's text atomically and frees it, also on failure;
+ * a builder that ran out of memory is MOE_ENOMEM (the text is incomplete). */
+struct moe__sb;
+int moe__write_sb_atomic(const char *path, struct moe__sb *b, char *err, size_t errsz);
+
 /* Reads a whole regular file of at most max_bytes into a NUL-terminated
  * buffer (free with moe__free). MOE_EIO / MOE_ELIMIT with a message. */
 int moe__read_file(const char *path, size_t max_bytes, char **out, size_t *len, char *err, size_t errsz);

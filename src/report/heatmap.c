@@ -78,12 +78,5 @@ int moe__heatmap_svg(const char *path, const char *title, const char *xlabel, co
     for (int i = 0; i <= 2; i++)
         moe__sb_printf(&b, "<text x=\"%d\" y=\"%.1f\">%.3g</text>\n", lx + 20, T + lh * (1 - i / 2.0) + 4, vmax * i / 2);
     moe__sb_str(&b, "</svg>\n");
-    if (b.oom) {
-        moe__sb_free(&b);
-        return moe__set_err(err, errsz, MOE_ENOMEM, "%s: out of memory", path);
-    }
-    moe__iov part = {b.p, b.len};
-    int rc = moe__write_atomic(path, &part, 1, err, errsz);
-    moe__sb_free(&b);
-    return rc;
+    return moe__write_sb_atomic(path, &b, err, errsz);
 }

@@ -111,12 +111,5 @@ int moe_plot_svg(const char *path, const char *title, const char *xlabel, const 
     moe__sb_printf(&b, "</svg>\n");
 #undef PX
 #undef PY
-    if (b.oom) {
-        moe__sb_free(&b);
-        return moe__set_err(err, errsz, MOE_ENOMEM, "%s: out of memory", path);
-    }
-    moe__iov part = {b.p, b.len};
-    int rc = moe__write_atomic(path, &part, 1, err, errsz);
-    moe__sb_free(&b);
-    return rc;
+    return moe__write_sb_atomic(path, &b, err, errsz);
 }
