@@ -127,6 +127,8 @@ static inline __attribute__((always_inline)) void quant_tile(int q4, const uint8
         for (int r = 0; r < R; r++) {
             const uint8_t *blk = w + r * wrb + b * wbs;
             wv[r] = widen_block(q4, blk), dw[r] = block_scale(blk);
+            /* the next 4-row tile: the loads above stalled on memory at decode */
+            _mm_prefetch((const char *)(blk + 4 * wrb), _MM_HINT_T0);
         }
         for (int t = 0; t < T; t++) {
             const uint8_t *blk = xq + t * xrb + b * xbs;
