@@ -257,10 +257,10 @@ static void experts(moe_engine *e, const moe__ilayer *y, int n) {
         if (!m) continue; /* never touched: its pages are never read */
         const int *lst = e->list + (size_t)x * e->p.n_batch;
         for (int i = 0; i < m; i++) memcpy(e->xe + (size_t)i * C, e->xn + (size_t)(lst[i] / K) * C, sizeof(float) * C);
-        moe__wt_matmul(&y->gate_exps, x, e->xe, m, e->ge, F, &e->ks);
-        moe__wt_matmul(&y->up_exps, x, e->xe, m, e->ue, F, &e->ks);
+        moe__wt_matmul(&y->gate_exps, x, e->xe, m, e->ge, F, &e->ks, 0);
+        moe__wt_matmul(&y->up_exps, x, e->xe, m, e->ue, F, &e->ks, 1);
         swiglu(e->ge, e->ue, (size_t)m * F);
-        moe__wt_matmul(&y->down_exps, x, e->ge, m, e->de, C, &e->ks);
+        moe__wt_matmul(&y->down_exps, x, e->ge, m, e->de, C, &e->ks, 0);
         for (int i = 0; i < m; i++) memcpy(e->outs + (size_t)lst[i] * C, e->de + (size_t)i * C, sizeof(float) * C);
     }
     for (int t = 0; t < n; t++) { /* weighted sum in top-k order, as llama.cpp adds the slots */
@@ -275,10 +275,10 @@ static void experts(moe_engine *e, const moe__ilayer *y, int n) {
 /* qwen2moe: tmp += sigmoid(x . g) * shared_ffn(x). */
 static void shared_expert(moe_engine *e, const moe__ilayer *y, int n) {
     const int C = e->m->hp.n_embd, Fs = e->m->hp.n_ff_shexp;
-    moe__wt_matmul(&y->gate_sh, 0, e->xn, n, e->gs, Fs, &e->ks);
-    moe__wt_matmul(&y->up_sh, 0, e->xn, n, e->us, Fs, &e->ks);
+    moe__wt_matmul(&y->gate_sh, 0, e->xn, n, e->gs, Fs, &e->ks, 0);
+    moe__wt_matmul(&y->up_sh, 0, e->xn, n, e->us, Fs, &e->ks, 1);
     swiglu(e->gs, e->us, (size_t)n * Fs);
-    moe__wt_matmul(&y->down_sh, 0, e->gs, n, e->de, C, &e->ks);
+    moe__wt_matmul(&y->down_sh, 0, e->gs, n, e->de, C, &e->ks, 0);
     for (int t = 0; t < n; t++) {
         const float g = moe__dot_f32(e->xn + (size_t)t * C, y->gate_inp_sh, C), sg = 1.0f / (1.0f + expf(-g));
         float *o = e->tmp + (size_t)t * C;
@@ -292,14 +292,14 @@ static void forward_layer(moe_engine *e, int l, int n, int pos0) {
     const moe_engine_hparams *h = &m->hp;
     const moe__ilayer *y = &m->layers[l];
     const int C = h->n_embd, HD = h->n_head * h->head_dim, GD = h->n_head_kv * h->head_dim, E = h->n_expert;
-    moe__rmsnorm_forward(e->xn, e->rstd, e->x, y->attn_norm, n, C, h->rms_eps, e->threads);
-    moe__wt_matmul(&y->wq, 0, e->xn, n, e->q, HD, &e->ks);
-    moe__wt_matmul(&y->wk, 0, e->xn, n, e->kx, GD, &e->ks);
-    moe__wt_matmul(&y->wv, 0, e->xn, n, e->vx, GD, &e->ks);
+    moe__rmsnorm_forward(e->xn, e->rstd, e->x, y->attn_norm, n, C, h->rms_eps, n > 1 ? e->threads : 1);
+    moe__wt_matmul(&y->wq, 0, e->xn, n, e->q, HD, &e->ks, 0);
+    moe__wt_matmul(&y->wk, 0, e->xn, n, e->kx, GD, &e->ks, 1);
+    moe__wt_matmul(&y->wv, 0, e->xn, n, e->vx, GD, &e->ks, 1);
     add_bias(e->q, y->bq, n, HD), add_bias(e->kx, y->bk, n, GD), add_bias(e->vx, y->bv, n, GD);
     if (y->q_norm) { /* olmoe: RMSNorm over the whole projection, before the heads split */
-        moe__rmsnorm_forward(e->q, e->rstd, e->q, y->q_norm, n, HD, h->rms_eps, e->threads);
-        moe__rmsnorm_forward(e->kx, e->rstd, e->kx, y->k_norm, n, GD, h->rms_eps, e->threads);
+        moe__rmsnorm_forward(e->q, e->rstd, e->q, y->q_norm, n, HD, h->rms_eps, n > 1 ? e->threads : 1);
+        moe__rmsnorm_forward(e->kx, e->rstd, e->kx, y->k_norm, n, GD, h->rms_eps, n > 1 ? e->threads : 1);
     }
     rope_apply(e, e->q, n, h->n_head);
     rope_apply(e, e->kx, n, h->n_head_kv);
@@ -307,11 +307,11 @@ static void forward_layer(moe_engine *e, int l, int n, int pos0) {
     memcpy(kc, e->kx, sizeof(float) * n * GD);
     memcpy(vc, e->vx, sizeof(float) * n * GD);
     attention(e, l, n, pos0);
-    moe__wt_matmul(&y->wo, 0, e->att, n, e->tmp, C, &e->ks);
+    moe__wt_matmul(&y->wo, 0, e->att, n, e->tmp, C, &e->ks, 0);
     add_bias(e->tmp, y->bo, n, C);
     for (size_t i = 0; i < (size_t)n * C; i++) e->x[i] += e->tmp[i];
-    moe__rmsnorm_forward(e->xn, e->rstd, e->x, y->ffn_norm, n, C, h->rms_eps, e->threads);
-    moe__wt_matmul(&y->gate_inp, 0, e->xn, n, e->probs, E, &e->ks);
+    moe__rmsnorm_forward(e->xn, e->rstd, e->x, y->ffn_norm, n, C, h->rms_eps, n > 1 ? e->threads : 1);
+    moe__wt_matmul(&y->gate_inp, 0, e->xn, n, e->probs, E, &e->ks, 0);
     route(e, n);
     experts(e, y, n);
     if (y->gate_inp_sh) shared_expert(e, y, n);
@@ -329,8 +329,8 @@ static void forward(moe_engine *e, const int32_t *tok, int n, float *logits, int
     if (!logits) return;
     const int first = all ? 0 : n - 1, rows = n - first;
     const float *xs = e->x + (size_t)first * C;
-    moe__rmsnorm_forward(e->xn, e->rstd, xs, m->output_norm, rows, C, m->hp.rms_eps, e->threads);
-    moe__wt_matmul(&m->output, 0, e->xn, rows, logits, m->hp.n_vocab, &e->ks);
+    moe__rmsnorm_forward(e->xn, e->rstd, xs, m->output_norm, rows, C, m->hp.rms_eps, n > 1 ? e->threads : 1);
+    moe__wt_matmul(&m->output, 0, e->xn, rows, logits, m->hp.n_vocab, &e->ks, 0);
 }
 
 int moe_engine_eval(moe_engine *e, const int32_t *tokens, int n, float *logits, int all_logits) {

@@ -76,15 +76,20 @@ typedef struct moe__kscratch {
     void *q;       /* >= N * moe__gguf_row_size(Q8_0, cols) bytes */
     float *rows;   /* [threads][16][max cols]: a block of widened rows */
     int max_cols, threads;
+    const float *qx; /* the activations q holds (qn rows of qcols), NULL: none */
+    int qn, qcols;
 } moe__kscratch;
 
 /* y[t][r] (row stride ldy) = sum_c W[mat][r][c] x[t][c] for t < N, r < rows.
  * x [N][cols]. Each output element is one dot product in a fixed order that
  * depends on neither N nor the thread count: a token gets bit-identical
  * results alone or inside a batch. Q8_0/Q4_0 weights dot with x quantized to
- * Q8_0 (llama.cpp's scheme); F16/BF16 rows are widened to float. */
-void moe__wt_matmul(const moe__wt *w, int mat, const float *x, int N, float *y, int ldy,
-                    const moe__kscratch *s);
+ * Q8_0 (llama.cpp's scheme); F16/BF16 rows are widened to float.
+ * same_x = 1 promises x has not changed since the previous call: if that call
+ * quantized the same x (same pointer, N, cols), the quantization is reused
+ * (q, k and v share one input, so do an expert's gate and up). */
+void moe__wt_matmul(const moe__wt *w, int mat, const float *x, int N, float *y, int ldy, moe__kscratch *s,
+                    int same_x);
 /* Row r of W[mat] to float (embedding lookups). */
 void moe__wt_row(const moe__wt *w, int mat, int r, float *out);
 /* Dot of two float vectors, fixed blocked order. */

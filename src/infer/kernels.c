@@ -15,7 +15,7 @@
 #include <immintrin.h>
 
 /* One 16-lane accumulator, the tail by a masked load: moe__dot_f32 and the
- * 4x4 tile below run the same per-lane fused multiply-adds and the same final
+ * 4xT tiles below run the same per-lane fused multiply-adds and the same final
  * reduction, so a product is bit-identical whichever of them computed it. */
 float moe__dot_f32(const float *a, const float *b, int n) {
     __m512 acc = _mm512_setzero_ps();
@@ -28,30 +28,32 @@ float moe__dot_f32(const float *a, const float *b, int n) {
     return _mm512_reduce_add_ps(acc);
 }
 
-/* y[t][r] (row stride ldy) = dot(w[r], x[t]) for r, t < 4: each loaded
- * vector serves four products, a quarter of the loads of separate dots. */
-static void dot_4x4(const float *w, size_t ws, const float *x, size_t xs, int n, float *y, int ldy) {
+/* y[t][r] (row stride ldy) = dot(w[r], x[t]) for r < 4, t < T (T = 4 or
+ * 1): each loaded vector serves several products, and the four rows give
+ * four independent FMA chains (a lone dot waits on one chain's latency). */
+static inline __attribute__((always_inline)) void dot_4xT(const float *w, size_t ws, const float *x, size_t xs,
+                                                          int n, float *y, int ldy, int T) {
     __m512 acc[4][4];
     for (int r = 0; r < 4; r++)
-        for (int t = 0; t < 4; t++) acc[r][t] = _mm512_setzero_ps();
+        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
     int i = 0;
     for (; i + 16 <= n; i += 16) {
         __m512 wv[4], xv[4];
         for (int r = 0; r < 4; r++) wv[r] = _mm512_loadu_ps(w + r * ws + i);
-        for (int t = 0; t < 4; t++) xv[t] = _mm512_loadu_ps(x + t * xs + i);
+        for (int t = 0; t < T; t++) xv[t] = _mm512_loadu_ps(x + t * xs + i);
         for (int r = 0; r < 4; r++)
-            for (int t = 0; t < 4; t++) acc[r][t] = _mm512_fmadd_ps(wv[r], xv[t], acc[r][t]);
+            for (int t = 0; t < T; t++) acc[r][t] = _mm512_fmadd_ps(wv[r], xv[t], acc[r][t]);
     }
     if (i < n) {
         const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
         __m512 wv[4], xv[4];
         for (int r = 0; r < 4; r++) wv[r] = _mm512_maskz_loadu_ps(m, w + r * ws + i);
-        for (int t = 0; t < 4; t++) xv[t] = _mm512_maskz_loadu_ps(m, x + t * xs + i);
+        for (int t = 0; t < T; t++) xv[t] = _mm512_maskz_loadu_ps(m, x + t * xs + i);
         for (int r = 0; r < 4; r++)
-            for (int t = 0; t < 4; t++) acc[r][t] = _mm512_fmadd_ps(wv[r], xv[t], acc[r][t]);
+            for (int t = 0; t < T; t++) acc[r][t] = _mm512_fmadd_ps(wv[r], xv[t], acc[r][t]);
     }
     for (int r = 0; r < 4; r++)
-        for (int t = 0; t < 4; t++) y[(size_t)t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
+        for (int t = 0; t < T; t++) y[(size_t)t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
 #else
 float moe__dot_f32(const float *a, const float *b, int n) {
@@ -76,10 +78,9 @@ static void float_tile(const float *w, size_t ws, int nr, const float *x, int co
     for (; r + 4 <= nr; r += 4) {
         int t = t0;
         for (; t + 4 <= t1; t += 4)
-            dot_4x4(w + (size_t)r * ws, ws, x + (size_t)t * cols, (size_t)cols, cols, y + (size_t)t * ldy + r, ldy);
-        for (; t < t1; t++)
-            for (int i = 0; i < 4; i++)
-                y[(size_t)t * ldy + r + i] = moe__dot_f32(w + (size_t)(r + i) * ws, x + (size_t)t * cols, cols);
+            dot_4xT(w + (size_t)r * ws, ws, x + (size_t)t * cols, (size_t)cols, cols, y + (size_t)t * ldy + r, ldy, 4);
+        for (; t < t1; t++) /* decode (N = 1) lands here */
+            dot_4xT(w + (size_t)r * ws, ws, x + (size_t)t * cols, (size_t)cols, cols, y + (size_t)t * ldy + r, ldy, 1);
     }
 #endif
     for (; r < nr; r++)
@@ -102,10 +103,13 @@ static inline __m512i widen_block(int q4, const uint8_t *b) {
     return _mm512_sub_epi16(_mm512_cvtepu8_epi16(nib), _mm512_set1_epi16(8));
 }
 
+/* The F16C instruction, inline: the out-of-line software conversion was a
+ * tenth of decode time (five calls per block at T = 1). fp16 -> f32 is exact,
+ * so the value is the same as moe__gguf_fp16_to_f32's. */
 static inline float block_scale(const uint8_t *b) {
     uint16_t h;
     memcpy(&h, b, sizeof h);
-    return moe__gguf_fp16_to_f32(h);
+    return _cvtsh_ss(h);
 }
 
 /* y[t][r] = dot(w row r, xq row t), r < R, t < T (both <= 4); nb blocks. */
@@ -123,6 +127,8 @@ static inline __attribute__((always_inline)) void quant_tile(int q4, const uint8
         for (int r = 0; r < R; r++) {
             const uint8_t *blk = w + r * wrb + b * wbs;
             wv[r] = widen_block(q4, blk), dw[r] = block_scale(blk);
+            /* the next 4-row tile: the loads above stalled on memory at decode */
+            _mm_prefetch((const char *)(blk + 4 * wrb), _MM_HINT_T0);
         }
         for (int t = 0; t < T; t++) {
             const uint8_t *blk = xq + t * xrb + b * xbs;
@@ -159,20 +165,28 @@ void moe__wt_row(const moe__wt *w, int mat, int r, float *out) {
     moe__gguf_dequantize(w->type, p, out, (size_t)w->cols); /* types checked at load */
 }
 
-void moe__wt_matmul(const moe__wt *w, int mat, const float *x, int N, float *y, int ldy,
-                    const moe__kscratch *s) {
+/* Work below this many multiply-adds runs on the calling thread: a parallel
+ * region costs microseconds on an idle machine and a scheduler slice on a
+ * loaded one, more than a router [E][C] or one token's quantization. Where
+ * the work runs does not change any result. */
+#define PAR_MIN_WORK (1 << 16)
+
+void moe__wt_matmul(const moe__wt *w, int mat, const float *x, int N, float *y, int ldy, moe__kscratch *s,
+                    int same_x) {
     const int rows = w->rows, cols = w->cols;
     const int quant = w->type == MOE__GGML_Q8_0 || w->type == MOE__GGML_Q4_0;
     const size_t qrow = moe__gguf_row_size(MOE__GGML_Q8_0, (size_t)cols);
     const uint8_t *base = moe__wt_mat(w, mat);
     const int threads = s->threads;
-    if (quant) {
-#pragma omp parallel for num_threads(threads) schedule(static)
+    if (quant && !(same_x && s->qx == x && s->qn == N && s->qcols == cols)) {
+#pragma omp parallel for num_threads(threads) schedule(static) if ((size_t)N * cols >= PAR_MIN_WORK)
         for (int t = 0; t < N; t++)
             moe__gguf_quantize_q8_0(x + (size_t)t * cols, (uint8_t *)s->q + (size_t)t * qrow, (size_t)cols);
+        s->qx = x, s->qn = N, s->qcols = cols;
     }
+    if (!quant) s->qx = NULL; /* s->q untouched, but the caller's x may change before the next call */
     const int nblk = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(static) if ((size_t)rows * cols * N >= PAR_MIN_WORK)
     for (int bi = 0; bi < nblk; bi++) {
         const int r0 = bi * ROW_BLOCK, nr = rows - r0 < ROW_BLOCK ? rows - r0 : ROW_BLOCK;
         const uint8_t *wb = base + (size_t)r0 * w->row_bytes;
