@@ -181,3 +181,38 @@ put("hf_dir", "index-names-parent-dir.hf", hf_cfg + SEP + SEP + json.dumps(
     {"weight_map": {"model.embed_tokens.weight": "../model.safetensors"}}).encode())
 put("hf_dir", "index-not-object.hf", hf_cfg + SEP + SEP + b"[]")
 put("hf_dir", "missing-tensors.hf", hf_cfg + SEP + one)
+
+# ---- checkpoint manifest / commit record (fuzz_ckpt_manifest.c: record, SEP, config.json;
+# odd total size: written as checkpoint.commit, even: checkpoint.json) --------------------
+def fnv1a64(b):
+    h = 0xcbf29ce484222325
+    for c in b:
+        h = ((h ^ c) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def manifest(files, step=3, **extra):
+    return json.dumps(dict({"format": "moe-checkpoint", "version": 1, "step": step, "files": files},
+                           **extra)).encode()
+
+
+def listed(name, body):
+    return {"name": name, "bytes": str(len(body)), "fnv1a64": "%016x" % fnv1a64(body)}
+
+
+cfg = json.dumps(TINY).encode()
+for parity in (0, 1):  # the same record as checkpoint.json and as checkpoint.commit
+    rec = manifest([listed("config.json", cfg)])
+    data = rec + SEP + cfg
+    if len(data) % 2 != parity:
+        rec = rec + b" "
+        data = rec + SEP + cfg
+    put("ckpt_manifest", "ok-config-only-%s" % ("commit" if parity else "manifest"), data)
+# same size, other bytes: only the hash tells
+put("ckpt_manifest", "hash-mismatch", manifest([listed("config.json", cfg.replace(b"1", b"2", 1))]) + SEP + cfg)
+put("ckpt_manifest", "name-with-slash", manifest([listed("../config.json", cfg)]) + SEP + cfg)
+put("ckpt_manifest", "too-many-files", manifest([listed("config.json", cfg)] * 9) + SEP + cfg)
+put("ckpt_manifest", "step-out-of-range", manifest([listed("config.json", cfg)], step=1 << 31) + SEP + cfg)
+put("ckpt_manifest", "bytes-not-a-number", manifest(
+    [dict(listed("config.json", cfg), bytes="-1")]) + SEP + cfg)
+put("ckpt_manifest", "not-json", b"{\"format\": \"moe-checkpoint\", " + SEP + cfg)

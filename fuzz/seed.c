@@ -224,19 +224,26 @@ static void seed_hf_dir(void) {
     if (!m || moe_model_init(m, 1) || moe_model_save(m, dir, err, sizeof err)) die("hf_dir", err);
     FILE *out = fopen(path_of("hf_dir", "seed-tiny.hf"), "wb");
     if (!out) die("hf_dir", "cannot write");
-    static const char *const files[] = {"config.json", "model.safetensors"};
-    for (int i = 0; i < 2; i++) {
-        size_t n;
+    static const char *const files[] = {"config.json", "model.safetensors", "checkpoint.json"};
+    unsigned char *b[3];
+    size_t n[3];
+    for (int i = 0; i < 3; i++) {
         snprintf(p, sizeof p, "%s/%s", dir, files[i]);
-        unsigned char *b = slurp(p, &n);
-        if (i) fputs("\n--moe-file--\n", out);
-        fwrite(b, 1, n, out);
-        free(b);
+        b[i] = slurp(p, &n[i]);
         remove(p);
     }
+    fwrite(b[0], 1, n[0], out);
+    fputs("\n--moe-file--\n", out);
+    fwrite(b[1], 1, n[1], out);
     fclose(out);
-    snprintf(p, sizeof p, "%s/checkpoint.json", dir);
-    remove(p);
+    /* the manifest moe_model_save wrote seeds ckpt_manifest: the record, then the config.json it hashes */
+    out = fopen(path_of("ckpt_manifest", "seed-manifest"), "wb");
+    if (!out) die("ckpt_manifest", "cannot write");
+    fwrite(b[2], 1, n[2], out);
+    fputs("\n--moe-file--\n", out);
+    fwrite(b[0], 1, n[0], out);
+    fclose(out);
+    for (int i = 0; i < 3; i++) free(b[i]);
     rmdir(dir);
     moe_model_free(m);
 }
