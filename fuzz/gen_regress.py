@@ -122,3 +122,97 @@ put("corpus", "bad-utf8", b"\tThe/at \xff\xfe/nn ./.\n")
 put("corpus", "token-without-tag", b"\tThe jury/nn ./.\n")
 put("corpus", "nul-byte", b"\tThe/at\x00 jury/nn ./.\n")
 put("corpus", "no-words", b"\n\n\t\n")
+
+# ---- GGUF tokenizer (fuzz_vocab.c: a GGUF, then a text whose length is the last byte) --
+def gkv(key, typ, payload):
+    return gstr(key) + struct.pack("<I", typ) + payload
+
+
+def gkv_str(key, s):
+    return gkv(key, 8, gstr(s))
+
+
+def gkv_u32(key, v):
+    return gkv(key, 4, struct.pack("<I", v))
+
+
+def gkv_strs(key, items):
+    return gkv(key, 9, struct.pack("<IQ", 8, len(items)) + b"".join(gstr(s) for s in items))
+
+
+def gkv_f32s(key, items):
+    return gkv(key, 9, struct.pack("<IQ", 6, len(items)) + struct.pack("<%df" % len(items), *items))
+
+
+def gkv_i32s(key, items):
+    return gkv(key, 9, struct.pack("<IQ", 5, len(items)) + struct.pack("<%di" % len(items), *items))
+
+
+def gguf_kv(*kvs):
+    return hdr + struct.pack("<QQ", 0, len(kvs)) + b"".join(kvs)
+
+
+def vocab_input(*kvs, text=b"a a"):
+    return gguf_kv(*kvs) + text + bytes([len(text)])
+
+
+SPM = ["<unk>", "<s>", "</s>", "\u2581a", "a", "\u2581"]
+spm_kvs = [gkv_str("tokenizer.ggml.model", "llama"), gkv_strs("tokenizer.ggml.tokens", SPM),
+           gkv_f32s("tokenizer.ggml.scores", [0.0, 0.0, 0.0, -1.0, -2.0, -3.0]),
+           gkv_i32s("tokenizer.ggml.token_type", [2, 3, 3, 1, 1, 1])]
+put("vocab", "ok-spm-6.gguf", vocab_input(*spm_kvs))
+put("vocab", "bos-out-of-range.gguf", vocab_input(*spm_kvs, gkv_u32("tokenizer.ggml.bos_token_id", 6)))
+put("vocab", "scores-short.gguf", vocab_input(*spm_kvs[:2], gkv_f32s("tokenizer.ggml.scores", [0.0]), spm_kvs[3]))
+put("vocab", "merge-forms-no-token.gguf", vocab_input(
+    gkv_str("tokenizer.ggml.model", "gpt2"), gkv_strs("tokenizer.ggml.tokens", ["a", "b"]),
+    gkv_strs("tokenizer.ggml.merges", ["a b"])))
+
+# ---- inference engine: GGUF model, Hugging Face directory -------------------------------
+# a Mixtral header declaring 2^20-wide, 256-layer, 65536-expert weights, none present
+put("gguf_model", "dims-without-weights.gguf", gguf_kv(
+    gkv_str("general.architecture", "llama"), gkv_u32("llama.embedding_length", 1 << 20),
+    gkv_u32("llama.block_count", 256), gkv_u32("llama.expert_count", 65536),
+    gkv_u32("llama.expert_used_count", 2), gkv_u32("llama.attention.head_count", 1 << 14),
+    gkv_u32("llama.feed_forward_length", 1 << 20), gkv_u32("llama.context_length", 1 << 20)))
+hf_cfg = json.dumps({"model_type": "mixtral", "vocab_size": 40, "hidden_size": 8, "intermediate_size": 8,
+                     "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                     "num_local_experts": 2, "num_experts_per_tok": 1}).encode()
+put("hf_dir", "index-names-parent-dir.hf", hf_cfg + SEP + SEP + json.dumps(
+    {"weight_map": {"model.embed_tokens.weight": "../model.safetensors"}}).encode())
+put("hf_dir", "index-not-object.hf", hf_cfg + SEP + SEP + b"[]")
+put("hf_dir", "missing-tensors.hf", hf_cfg + SEP + one)
+
+# ---- checkpoint manifest / commit record (fuzz_ckpt_manifest.c: record, SEP, config.json;
+# odd total size: written as checkpoint.commit, even: checkpoint.json) --------------------
+def fnv1a64(b):
+    h = 0xcbf29ce484222325
+    for c in b:
+        h = ((h ^ c) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def manifest(files, step=3, **extra):
+    return json.dumps(dict({"format": "moe-checkpoint", "version": 1, "step": step, "files": files},
+                           **extra)).encode()
+
+
+def listed(name, body):
+    return {"name": name, "bytes": str(len(body)), "fnv1a64": "%016x" % fnv1a64(body)}
+
+
+cfg = json.dumps(TINY).encode()
+for parity in (0, 1):  # the same record as checkpoint.json and as checkpoint.commit
+    rec = manifest([listed("config.json", cfg)])
+    data = rec + SEP + cfg
+    if len(data) % 2 != parity:
+        rec = rec + b" "
+        data = rec + SEP + cfg
+    put("ckpt_manifest", "ok-config-only-%s" % ("commit" if parity else "manifest"), data)
+# same size, other bytes: only the hash tells
+put("ckpt_manifest", "hash-mismatch", manifest([listed("config.json", cfg.replace(b"1", b"2", 1))]) + SEP + cfg)
+put("ckpt_manifest", "name-with-slash", manifest([listed("../config.json", cfg)]) + SEP + cfg)
+put("ckpt_manifest", "too-many-files", manifest([listed("config.json", cfg)] * 9) + SEP + cfg)
+put("ckpt_manifest", "step-out-of-range", manifest([listed("config.json", cfg)], step=1 << 31) + SEP + cfg)
+put("ckpt_manifest", "bytes-not-a-number", manifest(
+    [dict(listed("config.json", cfg), bytes="-1")]) + SEP + cfg)
+put("ckpt_manifest", "not-json", b"{\"format\": \"moe-checkpoint\", " + SEP + cfg)

@@ -209,6 +209,45 @@ static void seed_checkpoint(void) {
     moe_tokenizer_free(tok);
 }
 
+/* hf_dir: a `moe train` model directory, which the engine reads as a Hugging
+ * Face mixtral one when every layer is MoE and there is no shared expert
+ * (model_hf.c refuses the others); config.json and model.safetensors joined
+ * as fuzz/fuzz_hf_dir.c splits them. seed.sh derives the sharded seed. */
+static void seed_hf_dir(void) {
+    char err[256], dir[1100], p[1200];
+    snprintf(dir, sizeof dir, "%s/.hf", g_out);
+    moe_model_config c = tiny_config(40);
+    c.n_shared_experts = 0, c.shared_expert_intermediate_size = 0;
+    for (int l = 0; l < MOE_MAX_LAYERS; l++) c.is_moe_layer[l] = 1;
+    int rc;
+    moe_model *m = moe_model_create(&c, 1, 4, 0, 1, &rc, err, sizeof err);
+    if (!m || moe_model_init(m, 1) || moe_model_save(m, dir, err, sizeof err)) die("hf_dir", err);
+    FILE *out = fopen(path_of("hf_dir", "seed-tiny.hf"), "wb");
+    if (!out) die("hf_dir", "cannot write");
+    static const char *const files[] = {"config.json", "model.safetensors", "checkpoint.json"};
+    unsigned char *b[3];
+    size_t n[3];
+    for (int i = 0; i < 3; i++) {
+        snprintf(p, sizeof p, "%s/%s", dir, files[i]);
+        b[i] = slurp(p, &n[i]);
+        remove(p);
+    }
+    fwrite(b[0], 1, n[0], out);
+    fputs("\n--moe-file--\n", out);
+    fwrite(b[1], 1, n[1], out);
+    fclose(out);
+    /* the manifest moe_model_save wrote seeds ckpt_manifest: the record, then the config.json it hashes */
+    out = fopen(path_of("ckpt_manifest", "seed-manifest"), "wb");
+    if (!out) die("ckpt_manifest", "cannot write");
+    fwrite(b[2], 1, n[2], out);
+    fputs("\n--moe-file--\n", out);
+    fwrite(b[0], 1, n[0], out);
+    fclose(out);
+    for (int i = 0; i < 3; i++) free(b[i]);
+    rmdir(dir);
+    moe_model_free(m);
+}
+
 static void seed_corpus(void) {
     static const char *const files[] = {
         "\n\n\tThe/at Fulton/np-tl County/nn-tl Grand/jj-tl Jury/nn-tl said/vbd Friday/nr an/at\n"
@@ -237,6 +276,7 @@ int main(int argc, char **argv) {
     seed_tokenizer();
     seed_shard();
     seed_checkpoint();
+    seed_hf_dir();
     seed_corpus();
     return 0;
 }

@@ -88,9 +88,10 @@ static int replay_dir(const char *target, moe_fuzz_fn fn, const char *dir) {
 }
 
 TEST(fuzz_regressions_replay) {
-    static const char *const expected[] = {"gguf", "safetensors", "config", "tokenizer", "shard", "checkpoint",
-                                           "corpus"};
-    for (int i = 0; i < 7; i++)
+    static const char *const expected[] = {"gguf",  "safetensors", "config",     "tokenizer", "shard",
+                                           "checkpoint", "corpus", "vocab", "gguf_model", "hf_dir",
+                                           "ckpt_manifest"};
+    for (int i = 0; i < 11; i++)
         CHECK_MSG(moe_fuzz_find(expected[i]) != NULL, "fuzz target %s is not registered", expected[i]);
     int total = 0;
     for (int i = 0; i < moe_fuzz_count(); i++) {

@@ -55,8 +55,9 @@ static int get_int(hf_binder *b, const cJSON *j, const char *k, int def, int lo,
         *out = def;
         return 0;
     }
-    if (!cJSON_IsNumber(v) || v->valuedouble != (double)(long long)v->valuedouble || v->valuedouble < lo ||
-        v->valuedouble > hi)
+    /* range first: converting a double outside long long's range is undefined (a fuzzed 1e32) */
+    if (!cJSON_IsNumber(v) || !(v->valuedouble >= lo && v->valuedouble <= hi) ||
+        v->valuedouble != (double)(int)v->valuedouble)
         return moe__set_err(b->err, b->errsz, MOE_EFORMAT, "%s/config.json: \"%s\" must be an integer in [%d, %d]",
                             b->dir, k, lo, hi);
     *out = (int)v->valuedouble;
