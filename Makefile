@@ -184,9 +184,9 @@ fuzz-replay: $(BUILD)/fuzz_replay
 # What CI runs (.ci/run): MPI, sanitizers, then the plain suite, whose last
 # line is the "N passed, N failed" summary.
 ci:
-	$(MAKE) test-mpi
-	$(MAKE) test-asan
-	$(MAKE) test
+	$(MAKE) --no-print-directory test-mpi
+	$(MAKE) --no-print-directory test-asan
+	$(MAKE) --no-print-directory test
 
 -include $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d) $(TST_OBJ:.o=.d) $(MPI_TST_SRC:%.c=$(BUILD)/obj/%.d) $(FUZZ_LIB_OBJ:.o=.d) \
   $(ASAN_OBJ:.o=.d)
