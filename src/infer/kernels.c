@@ -15,7 +15,7 @@
 #include <immintrin.h>
 
 /* One 16-lane accumulator, the tail by a masked load: moe__dot_f32 and the
- * 4xT tiles below run the same per-lane fused multiply-adds and the same final
+ * 4x4 tile below run the same per-lane fused multiply-adds and the same final
  * reduction, so a product is bit-identical whichever of them computed it. */
 float moe__dot_f32(const float *a, const float *b, int n) {
     __m512 acc = _mm512_setzero_ps();
@@ -28,32 +28,30 @@ float moe__dot_f32(const float *a, const float *b, int n) {
     return _mm512_reduce_add_ps(acc);
 }
 
-/* y[t][r] (row stride ldy) = dot(w[r], x[t]) for r < 4, t < T (T = 4 or
- * 1): each loaded vector serves several products, and the four rows give
- * four independent FMA chains (a lone dot waits on one chain's latency). */
-static inline __attribute__((always_inline)) void dot_4xT(const float *w, size_t ws, const float *x, size_t xs,
-                                                          int n, float *y, int ldy, int T) {
+/* y[t][r] (row stride ldy) = dot(w[r], x[t]) for r, t < 4: each loaded
+ * vector serves four products, a quarter of the loads of separate dots. */
+static void dot_4x4(const float *w, size_t ws, const float *x, size_t xs, int n, float *y, int ldy) {
     __m512 acc[4][4];
     for (int r = 0; r < 4; r++)
-        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
+        for (int t = 0; t < 4; t++) acc[r][t] = _mm512_setzero_ps();
     int i = 0;
     for (; i + 16 <= n; i += 16) {
         __m512 wv[4], xv[4];
         for (int r = 0; r < 4; r++) wv[r] = _mm512_loadu_ps(w + r * ws + i);
-        for (int t = 0; t < T; t++) xv[t] = _mm512_loadu_ps(x + t * xs + i);
+        for (int t = 0; t < 4; t++) xv[t] = _mm512_loadu_ps(x + t * xs + i);
         for (int r = 0; r < 4; r++)
-            for (int t = 0; t < T; t++) acc[r][t] = _mm512_fmadd_ps(wv[r], xv[t], acc[r][t]);
+            for (int t = 0; t < 4; t++) acc[r][t] = _mm512_fmadd_ps(wv[r], xv[t], acc[r][t]);
     }
     if (i < n) {
         const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
         __m512 wv[4], xv[4];
         for (int r = 0; r < 4; r++) wv[r] = _mm512_maskz_loadu_ps(m, w + r * ws + i);
-        for (int t = 0; t < T; t++) xv[t] = _mm512_maskz_loadu_ps(m, x + t * xs + i);
+        for (int t = 0; t < 4; t++) xv[t] = _mm512_maskz_loadu_ps(m, x + t * xs + i);
         for (int r = 0; r < 4; r++)
-            for (int t = 0; t < T; t++) acc[r][t] = _mm512_fmadd_ps(wv[r], xv[t], acc[r][t]);
+            for (int t = 0; t < 4; t++) acc[r][t] = _mm512_fmadd_ps(wv[r], xv[t], acc[r][t]);
     }
     for (int r = 0; r < 4; r++)
-        for (int t = 0; t < T; t++) y[(size_t)t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
+        for (int t = 0; t < 4; t++) y[(size_t)t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
 #else
 float moe__dot_f32(const float *a, const float *b, int n) {
@@ -78,9 +76,10 @@ static void float_tile(const float *w, size_t ws, int nr, const float *x, int co
     for (; r + 4 <= nr; r += 4) {
         int t = t0;
         for (; t + 4 <= t1; t += 4)
-            dot_4xT(w + (size_t)r * ws, ws, x + (size_t)t * cols, (size_t)cols, cols, y + (size_t)t * ldy + r, ldy, 4);
-        for (; t < t1; t++) /* decode (N = 1) lands here */
-            dot_4xT(w + (size_t)r * ws, ws, x + (size_t)t * cols, (size_t)cols, cols, y + (size_t)t * ldy + r, ldy, 1);
+            dot_4x4(w + (size_t)r * ws, ws, x + (size_t)t * cols, (size_t)cols, cols, y + (size_t)t * ldy + r, ldy);
+        for (; t < t1; t++)
+            for (int i = 0; i < 4; i++)
+                y[(size_t)t * ldy + r + i] = moe__dot_f32(w + (size_t)(r + i) * ws, x + (size_t)t * cols, cols);
     }
 #endif
     for (; r < nr; r++)
@@ -112,10 +111,12 @@ static inline float block_scale(const uint8_t *b) {
     return _cvtsh_ss(h);
 }
 
-/* y[t][r] = dot(w row r, xq row t), r < R, t < T (both <= 4); nb blocks. */
+/* y[t][r] = dot(w row r, xq row t), r < R, t < T (both <= 4); nb blocks.
+ * npf rows of the next tile exist (0..4): only those are prefetched, so no
+ * address past the matrix is ever formed. */
 static inline __attribute__((always_inline)) void quant_tile(int q4, const uint8_t *w, size_t wrb, int R,
                                                              const uint8_t *xq, size_t xrb, int T, int nb,
-                                                             float *y, int ldy) {
+                                                             float *y, int ldy, int npf) {
     const size_t wbs = q4 ? sizeof(moe__gguf_block_q4_0) : sizeof(moe__gguf_block_q8_0);
     const size_t xbs = sizeof(moe__gguf_block_q8_0);
     __m512 acc[4][4];
@@ -128,7 +129,7 @@ static inline __attribute__((always_inline)) void quant_tile(int q4, const uint8
             const uint8_t *blk = w + r * wrb + b * wbs;
             wv[r] = widen_block(q4, blk), dw[r] = block_scale(blk);
             /* the next 4-row tile: the loads above stalled on memory at decode */
-            _mm_prefetch((const char *)(blk + 4 * wrb), _MM_HINT_T0);
+            if (r < npf) _mm_prefetch((const char *)(blk + 4 * wrb), _MM_HINT_T0);
         }
         for (int t = 0; t < T; t++) {
             const uint8_t *blk = xq + t * xrb + b * xbs;
@@ -148,13 +149,14 @@ static void quant_rows(int q4, const uint8_t *w, size_t wrb, int nr, const uint8
                        int t1, int nb, float *y, int ldy) {
     for (int r = 0; r < nr; r += 4) {
         const int R = nr - r < 4 ? nr - r : 4;
+        const int left = nr - r - 4, npf = left < 0 ? 0 : left < 4 ? left : 4;
         for (int t = t0; t < t1; t += 4) {
             const int T = t1 - t < 4 ? t1 - t : 4;
             const uint8_t *wr = w + (size_t)r * wrb, *xt = xq + (size_t)t * xrb;
             float *yt = y + (size_t)t * ldy + r;
-            if (R == 4 && T == 4) quant_tile(q4, wr, wrb, 4, xt, xrb, 4, nb, yt, ldy);
-            else if (R == 4 && T == 1) quant_tile(q4, wr, wrb, 4, xt, xrb, 1, nb, yt, ldy); /* decode */
-            else quant_tile(q4, wr, wrb, R, xt, xrb, T, nb, yt, ldy);
+            if (R == 4 && T == 4) quant_tile(q4, wr, wrb, 4, xt, xrb, 4, nb, yt, ldy, npf);
+            else if (R == 4 && T == 1) quant_tile(q4, wr, wrb, 4, xt, xrb, 1, nb, yt, ldy, npf); /* decode */
+            else quant_tile(q4, wr, wrb, R, xt, xrb, T, nb, yt, ldy, npf);
         }
     }
 }
