@@ -113,6 +113,18 @@ static size_t contraction(const split *s, size_t p, int fold) {
 }
 
 /* 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+ */
+/* The whitespace alternatives the GPT-2 and Llama-3 patterns end with, for a
+ * run of nws spaces at pos: '\s+(?!\S)' leaves one space to the next word,
+ * '\s+' takes a run that ends the piece, and a character no alternative took
+ * is a word of its own. Returns the new position. */
+static size_t ws_word(split *s, size_t pos, size_t nws) {
+    if (nws > 1 && cp_at(s, pos + nws) != OOR) pos += nws - 1;
+    else if (nws > 0) pos += nws;
+    else pos++;
+    word(s, pos);
+    return pos;
+}
+
 static void step_gpt2(split *s) {
     const unsigned LNS = MOE__UC_LETTER | MOE__UC_NUMBER | MOE__UC_SPACE;
     for (size_t pos = s->a; pos < s->b;) {
@@ -138,15 +150,7 @@ static void step_gpt2(split *s) {
         }
         size_t nws = 0;
         while (fl_at(s, pos + nws) & MOE__UC_SPACE) nws++;
-        if (nws > 1 && cp_at(s, pos + nws) != OOR) { /* '\s+(?!\S)': leave one space to the next word */
-            pos += nws - 1;
-            word(s, pos);
-        } else if (nws > 0) {
-            pos += nws;
-            word(s, pos);
-        } else {
-            word(s, ++pos);
-        }
+        pos = ws_word(s, pos, nws);
     }
 }
 
@@ -197,14 +201,8 @@ static void step_llama3(split *s, size_t max_digits, int marks) {
         if (last_rn > 0) { /* '\s*[\r\n]+' */
             pos = last_rn;
             word(s, pos);
-        } else if (nws > 1 && cp_at(s, pos + nws) != OOR) {
-            pos += nws - 1;
-            word(s, pos);
-        } else if (nws > 0) {
-            pos += nws;
-            word(s, pos);
         } else {
-            word(s, ++pos);
+            pos = ws_word(s, pos, nws);
         }
     }
 }
