@@ -131,48 +131,6 @@ int moe_cli_info(int argc, char **argv) {
     return 0;
 }
 
-static const float *g_prob; /* for the qsort comparator */
-static int by_prob_desc(const void *a, const void *b) {
-    const float x = g_prob[*(const int *)a], y = g_prob[*(const int *)b];
-    return x < y ? 1 : x > y ? -1 : (*(const int *)a - *(const int *)b);
-}
-
-/* Samples from logits [V] with temperature, then top-k, then top-p; greedy
- * at temp 0 (ties to the lower id). */
-static int sample(const float *logits, int V, float temp, int top_k, float top_p, uint64_t *rng, float *prob,
-                  int *idx) {
-    int best = 0;
-    for (int v = 1; v < V; v++)
-        if (logits[v] > logits[best]) best = v;
-    if (temp <= 0) return best;
-    double sum = 0;
-    for (int v = 0; v < V; v++) {
-        prob[v] = expf((logits[v] - logits[best]) / temp);
-        idx[v] = v;
-        sum += prob[v];
-    }
-    g_prob = prob;
-    qsort(idx, (size_t)V, sizeof *idx, by_prob_desc);
-    int n = top_k > 0 && top_k < V ? top_k : V;
-    double kept = 0;
-    for (int i = 0; i < n; i++) {
-        kept += prob[idx[i]];
-        if (top_p < 1.0f && kept >= top_p * sum) {
-            n = i + 1;
-            break;
-        }
-    }
-    kept = 0;
-    for (int i = 0; i < n; i++) kept += prob[idx[i]];
-    *rng = *rng * 6364136223846793005ULL + 1442695040888963407ULL;
-    double r = (double)(*rng >> 11) / 9007199254740992.0 * kept;
-    for (int i = 0; i < n; i++) {
-        r -= prob[idx[i]];
-        if (r <= 0) return idx[i];
-    }
-    return idx[n - 1];
-}
-
 /* --routing-log: one trace line for the token just fed to the decoder */
 static void log_routing(moe__sb *b, const moe_model *m, const moe_tokenizer *tok, moe__trace_tok *tt, long long pos,
                         int id, const char *src) {
@@ -239,8 +197,18 @@ int moe_cli_generate(int argc, char **argv) {
         return 2;
     }
     if (n > ctx - (int)np) n = ctx - (int)np;
-    float *prob = malloc(sizeof(float) * V);
-    int *idx = malloc(sizeof(int) * V);
+    /* the library's sampler (top-k -> top-p -> temperature, llama.cpp's
+     * order), the one the GGUF engine's generate uses */
+    moe_sampler_params sp = {.temp = temp, .top_k = top_k, .top_p = top_p, .seed = seed};
+    moe_sampler *smp = NULL;
+    if (moe_sampler_create(&sp, V, &smp)) {
+        fprintf(stderr, "moe generate: bad sampling parameters (--temp %g --top-k %d --top-p %g)\n", temp, top_k,
+                top_p);
+        free(ids);
+        moe_model_free(m);
+        moe_tokenizer_free(tok);
+        return 2;
+    }
     const float *logits = NULL;
     moe_model_decode_reset(m);
     moe__sb rlog = {0};
@@ -254,10 +222,9 @@ int moe_cli_generate(int argc, char **argv) {
         if (!rc) log_routing(lb, m, tok, tt, (long long)i, ids[i], "prompt");
     }
     double t1 = cli_now();
-    uint64_t rng = seed * 0x9E3779B97F4A7C15ULL + 1;
     int made = 0;
     for (; made < n && !rc; made++) {
-        int32_t next = sample(logits, V, temp, top_k, top_p, &rng, prob, idx);
+        int32_t next = moe_sampler_sample(smp, logits);
         if (next == moe_tokenizer_eos(tok)) break;
         size_t len;
         const char *piece = moe_tokenizer_piece(tok, next, &len);
@@ -278,7 +245,8 @@ int moe_cli_generate(int argc, char **argv) {
     }
     moe__sb_free(&rlog);
     free(tt);
-    free(prob), free(idx), free(ids);
+    moe_sampler_free(smp);
+    free(ids);
     moe_model_free(m);
     moe_tokenizer_free(tok);
     return rc ? 1 : 0;
