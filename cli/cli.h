@@ -17,6 +17,7 @@ int moe_cli_convert(int argc, char **argv); /* cmd_convert.c */
 /* GGUF models (cmd_gguf.c): moe generate -m FILE.gguf, moe perplexity. */
 int cli_is_gguf_model(int argc, char **argv); /* -m names a file with GGUF magic */
 int moe_cli_gguf_generate(int argc, char **argv);
+int moe_cli_gguf_info(int argc, char **argv); /* moe info -m FILE.gguf */
 int moe_cli_perplexity(int argc, char **argv);
 
 /* The Brown corpus tokenized: the tokenizer (trained on the train split

@@ -174,14 +174,63 @@ int moe_cli_gguf_generate(int argc, char **argv) {
         printf("\n");
         if (rc) fprintf(stderr, "moe generate: %s\n", moe_engine_errmsg(e)), rc = 1;
     }
-    if (!rc)
-        fprintf(stderr, "[prompt %zu tokens in %.3f s (%.1f t/s); %d tokens at %.2f t/s]\n", np, t1 - t0,
-                np / (t1 - t0 + 1e-12), made, made / (cli_now() - t1 + 1e-12));
+    if (!rc) {
+        /* the bytes a decoded token reads: its active weights plus, on
+         * average, half of the cache it ended with (compare with moe bench
+         * bandwidth) */
+        const double td = cli_now() - t1 + 1e-12;
+        moe_engine_stats st;
+        moe_engine_get_stats(e, &st);
+        const double per_tok = (double)st.n_bytes_active + st.kv_bytes_per_pos * (np + made / 2.0);
+        fprintf(stderr, "[prompt %zu tokens in %.3f s (%.1f t/s); %d tokens at %.2f t/s; %.1f MiB read per token, %.2f GB/s]\n",
+                np, t1 - t0, np / (t1 - t0 + 1e-12), made, made / td, per_tok / 1048576.0, made * per_tok / td / 1e9);
+    }
     moe_sampler_free(sm);
     moe_vocab_free(voc);
     free(logits), free(ids);
     moe_engine_free(e);
     return rc;
+}
+
+/* moe info -m FILE.gguf: the file's card (total vs active weights). */
+int moe_cli_gguf_info(int argc, char **argv) {
+    const char *path = NULL;
+    int json = 0, k = 0, ctx = 0;
+    cli_arg args[] = {
+        {"--model", "-m", ARG_STR, &path, "GGUF model file"},
+        {"--experts-used", NULL, ARG_INT, &k, "k, experts per token (0: the file's)"},
+        {"--ctx", NULL, ARG_INT, &ctx, "context for the KV cache figures (0: the file's, at most 4096)"},
+        {"--json", NULL, ARG_BOOL, &json, "print one JSON object"},
+    };
+    int rc = cli_parse("moe info -m FILE.gguf [--experts-used K] [--json]", args, sizeof args / sizeof args[0], argc,
+                       argv);
+    if (rc) return rc == 1 ? 0 : 2;
+    moe_engine *e = open_engine("info", path, ctx, 1, 1, k, 0);
+    if (!e) return 1;
+    const moe_engine_hparams *h = moe_engine_get_hparams(e);
+    moe_engine_stats st;
+    moe_engine_get_stats(e, &st);
+    const double kv_ctx = (double)st.kv_bytes_per_pos * h->n_ctx;
+    if (json) {
+        /* the keys of moe info --json for trained models where they overlap */
+        printf("{\"arch\": \"%s\", \"total_params\": %llu, \"active_params\": %llu, \"weight_bytes\": %llu, "
+               "\"weight_bytes_active\": %llu, \"kv_bytes_per_pos\": %llu, \"context_length\": %d, \"experts\": %d, "
+               "\"experts_per_token\": %d, \"layers\": %d, \"hidden_size\": %d, \"vocab_size\": %d, "
+               "\"active_fraction\": %.4f}\n",
+               h->arch, (unsigned long long)st.n_params, (unsigned long long)st.n_params_active,
+               (unsigned long long)st.n_bytes, (unsigned long long)st.n_bytes_active,
+               (unsigned long long)st.kv_bytes_per_pos, h->n_ctx, h->n_expert, k ? k : h->n_expert_used, h->n_layer,
+               h->n_embd, h->n_vocab, (double)st.n_params_active / (double)st.n_params);
+    } else {
+        printf("parameters        %12.2f M total, %.2f M active per token (%.1f%%)\n", st.n_params / 1e6,
+               st.n_params_active / 1e6, 100.0 * st.n_params_active / (double)st.n_params);
+        printf("weights           %12.1f MiB total, %.1f MiB read per token\n", st.n_bytes / 1048576.0,
+               st.n_bytes_active / 1048576.0);
+        printf("KV cache          %12.1f KiB per position, %.1f MiB at n_ctx %d\n", st.kv_bytes_per_pos / 1024.0,
+               kv_ctx / 1048576.0, h->n_ctx);
+    }
+    moe_engine_free(e);
+    return 0;
 }
 
 static void print_chunk(int chunk, int n_chunk, double ppl, void *user) {

@@ -90,10 +90,11 @@ int moe_cli_eval(int argc, char **argv) {
 }
 
 int moe_cli_info(int argc, char **argv) {
+    if (cli_is_gguf_model(argc, argv)) return moe_cli_gguf_info(argc, argv);
     const char *dir = NULL, *preset = NULL, *config = NULL;
     int json = 0, ctx = 0, print_config = 0;
     cli_arg args[] = {
-        {"--model", "-m", ARG_STR, &dir, "model directory"},
+        {"--model", "-m", ARG_STR, &dir, "model directory (a GGUF file: its card, see moe info -m FILE.gguf --help)"},
         {"--print-config", NULL, ARG_BOOL, &print_config, "print the config.json instead of the card"},
         {"--preset", NULL, ARG_STR, &preset, "or a preset (tiny, tiny-dense, small, small-dense, small-mixtral)"},
         {"--config", NULL, ARG_STR, &config, "or a config.json"},

@@ -631,6 +631,18 @@ int moe_engine_n_past(const moe_engine *e);
 /* Keeps the first n cached positions (0: reset). */
 int moe_engine_truncate(moe_engine *e, int n);
 
+/* Weights of the loaded model, as stored (a Q4_0 matrix counts 18 bytes per
+ * 32 weights), in total and read per decoded token at the current k: every
+ * attention, router and shared-expert matrix, k of the E experts per layer,
+ * the norms, the output matrix and one embedding row. The KV cache comes on
+ * top: kv_bytes_per_pos for every cached position attended to. */
+typedef struct moe_engine_stats {
+    uint64_t n_params, n_params_active;
+    uint64_t n_bytes, n_bytes_active;
+    uint64_t kv_bytes_per_pos; /* K and V, all layers (F32 cache) */
+} moe_engine_stats;
+void moe_engine_get_stats(const moe_engine *e, moe_engine_stats *out);
+
 /* llama.cpp's perplexity protocol (tools/perplexity) over tokens [n], the
  * whole text tokenized once: n / n_ctx chunks of n_ctx tokens (n >= n_ctx;
  * llama-perplexity refuses inputs under 2 n_ctx, moe perplexity too),

@@ -352,3 +352,5 @@ int moe_engine_eval(moe_engine *e, const int32_t *tokens, int n, float *logits, 
     }
     return 0;
 }
+
+void moe_engine_get_stats(const moe_engine *e, moe_engine_stats *out) { moe__imodel_stats(e->m, e->k, out); }

@@ -66,6 +66,8 @@ int moe__imodel_load(const char *path, int use_mmap, moe__imodel **out, char *er
 int moe__imodel_load_hf(const char *dir, moe__imodel **out, char *err, size_t errsz);
 void moe__hf_files_free(struct moe__hf_files *f); /* NULL is a no-op */
 void moe__imodel_free(moe__imodel *m);
+/* moe_engine_get_stats with k experts per token (card.c) */
+void moe__imodel_stats(const moe__imodel *m, int k, moe_engine_stats *s);
 
 /* ---- kernels (kernels.c) -------------------------------------------------- */
 
