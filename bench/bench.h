@@ -7,4 +7,5 @@ int moe_bench_sgemm_main(int argc, char **argv);
 int moe_bench_train_main(int argc, char **argv);
 int moe_bench_small_gemm_main(int argc, char **argv);
 int moe_bench_bandwidth_main(int argc, char **argv);
+int moe_bench_engine_main(int argc, char **argv);
 #endif

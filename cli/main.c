@@ -27,13 +27,14 @@ static void usage(FILE *f) {
                "  bench train   time training steps of a model (vs bench/peer_train_torch.py)\n"
                "  bench small-gemm  the experts' in-place few-row kernel vs OpenBLAS\n"
                "  bench bandwidth   streaming read bandwidth (the ceiling of decoding)\n"
+               "  bench engine  a GGUF model's prompt and decode speed, llama-bench's protocol\n"
                "  version       print the version\n",
             moe_version());
 }
 
 static int cmd_bench(int argc, char **argv) {
     if (argc < 1 || !strcmp(argv[0], "--help") || !strcmp(argv[0], "-h")) {
-        printf("usage: moe bench layer|sgemm|train|small-gemm|bandwidth [flags]   (moe bench layer --help)\n");
+        printf("usage: moe bench layer|sgemm|train|small-gemm|bandwidth|engine [flags]   (moe bench layer --help)\n");
         return argc < 1 ? 2 : 0;
     }
     if (!strcmp(argv[0], "layer")) return moe_bench_layer_main(argc - 1, argv + 1);
@@ -41,7 +42,8 @@ static int cmd_bench(int argc, char **argv) {
     if (!strcmp(argv[0], "train")) return moe_bench_train_main(argc - 1, argv + 1);
     if (!strcmp(argv[0], "small-gemm")) return moe_bench_small_gemm_main(argc - 1, argv + 1);
     if (!strcmp(argv[0], "bandwidth")) return moe_bench_bandwidth_main(argc - 1, argv + 1);
-    fprintf(stderr, "moe bench: unknown benchmark '%s' (layer, sgemm, train, small-gemm, bandwidth)\n", argv[0]);
+    if (!strcmp(argv[0], "engine")) return moe_bench_engine_main(argc - 1, argv + 1);
+    fprintf(stderr, "moe bench: unknown benchmark '%s' (layer, sgemm, train, small-gemm, bandwidth, engine)\n", argv[0]);
     return 2;
 }
 
