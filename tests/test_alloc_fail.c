@@ -191,6 +191,25 @@ static int path_config_load(void *ctx) {
     return moe_model_config_load(p_cfg, &c, err, sizeof err);
 }
 
+/* The writer: every cJSON node and the printed text come from the hooks (the
+ * final copy, which the caller frees with free(), does not); a failed one is
+ * a NULL, never a text with a key missing. */
+static int path_config_to_json(void *ctx) {
+    moe_model_config c;
+    char err[256];
+    int rc = moe_model_config_parse(CONFIG_JSON, strlen(CONFIG_JSON), "cfg", &c, err, sizeof err);
+    if (rc) return rc;
+    char *js = moe_model_config_to_json(&c);
+    if (!js) return MOE_ENOMEM;
+    moe_model_config back;
+    rc = moe_model_config_parse(js, strlen(js), "to_json", &back, err, sizeof err);
+    char *js2 = rc ? NULL : moe_model_config_to_json(&back);
+    if (!rc && !js2) rc = MOE_ENOMEM;
+    if (!rc && strcmp(js, js2)) rc = MOE_EFORMAT; /* a key went missing: the default came back */
+    free(js), free(js2);
+    return rc;
+}
+
 static int path_gguf(void *ctx) {
     moe__gguf *gg;
     char err[256];
@@ -307,6 +326,7 @@ static int path_adamw(void *ctx) {
 static int g_no = 0, g_yes = 1;
 SWEEP(config_parse, path_config_parse, NULL)
 SWEEP(config_load, path_config_load, NULL)
+SWEEP(config_to_json, path_config_to_json, NULL)
 SWEEP(gguf_open, path_gguf, NULL)
 SWEEP(safetensors_open, path_safetensors, NULL)
 SWEEP(tokenizer_load, path_tokenizer, NULL)
