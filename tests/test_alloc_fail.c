@@ -14,6 +14,7 @@
 #include "io/safetensors.h"
 #include "moe.h"
 #include "tokenizer/tokenizer.h"
+#include "train/state_json.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -210,6 +211,21 @@ static int path_config_to_json(void *ctx) {
     return rc;
 }
 
+/* train_state.json: the parser (cJSON tree, command, growing curves) and the writer. */
+static int path_train_state_json(void *ctx) {
+    static const char *TS = "{\"step\": 3, \"tokens\": 96, \"skipped_steps\": 0, \"loss_spikes\": 0,"
+                            " \"command\": \"moe train\", \"train\": [[1, 5.5], [2, 5.25], [3, 5]], \"val\": [[3, 5.1]]}";
+    moe__train_state s;
+    char err[256];
+    int rc = moe__train_state_parse(TS, strlen(TS), "ts", &s, err, sizeof err);
+    if (rc) return rc;
+    char *js = moe__train_state_json(&s);
+    moe__train_state_free(&s);
+    if (!js) return MOE_ENOMEM;
+    moe__free(js);
+    return 0;
+}
+
 static int path_gguf(void *ctx) {
     moe__gguf *gg;
     char err[256];
@@ -327,6 +343,7 @@ static int g_no = 0, g_yes = 1;
 SWEEP(config_parse, path_config_parse, NULL)
 SWEEP(config_load, path_config_load, NULL)
 SWEEP(config_to_json, path_config_to_json, NULL)
+SWEEP(train_state_json, path_train_state_json, NULL)
 SWEEP(gguf_open, path_gguf, NULL)
 SWEEP(safetensors_open, path_safetensors, NULL)
 SWEEP(tokenizer_load, path_tokenizer, NULL)

@@ -348,10 +348,7 @@ int moe_model_config_load(const char *path, moe_model_config *c, char *err, size
 
 /* ---- JSON out ---------------------------------------------------------------- */
 
-/* Adds item to parent (under key, or appended when key is NULL); any failure,
- * a NULL item from a create that ran out of memory included, clears *ok and
- * frees the item, so one check at the end covers every add. */
-static void json_add(int *ok, cJSON *parent, const char *key, cJSON *item) {
+void moe__json_add(int *ok, cJSON *parent, const char *key, cJSON *item) {
     if (!item || !parent || !(key ? cJSON_AddItemToObject(parent, key, item) : cJSON_AddItemToArray(parent, item))) {
         cJSON_Delete(item);
         *ok = 0;
@@ -362,12 +359,12 @@ char *moe_model_config_to_json(const moe_model_config *c) {
     cJSON *o = cJSON_CreateObject();
     if (!o) return NULL;
     int ok = 1;
-#define NUM(key, v) json_add(&ok, o, key, cJSON_CreateNumber((double)(v)))
-#define STR(key, v) json_add(&ok, o, key, cJSON_CreateString(v))
-#define BOOL(key, v) json_add(&ok, o, key, cJSON_CreateBool(v))
+#define NUM(key, v) moe__json_add(&ok, o, key, cJSON_CreateNumber((double)(v)))
+#define STR(key, v) moe__json_add(&ok, o, key, cJSON_CreateString(v))
+#define BOOL(key, v) moe__json_add(&ok, o, key, cJSON_CreateBool(v))
     cJSON *arch = cJSON_CreateArray();
-    json_add(&ok, arch, NULL, cJSON_CreateString("MixtralForCausalLM"));
-    json_add(&ok, o, "architectures", arch);
+    moe__json_add(&ok, arch, NULL, cJSON_CreateString("MixtralForCausalLM"));
+    moe__json_add(&ok, o, "architectures", arch);
     STR("model_type", "mixtral");
     NUM("vocab_size", c->vocab_size);
     NUM("hidden_size", c->hidden_size);
@@ -391,8 +388,8 @@ char *moe_model_config_to_json(const moe_model_config *c) {
     STR("drop_policy", c->drop_policy == MOE_DROP_PROBABILITY ? "probability" : "arrival");
     cJSON *idx = cJSON_CreateArray();
     for (int l = 0; idx && l < c->num_hidden_layers && l < MOE_MAX_LAYERS; l++)
-        if (c->num_local_experts > 0 && c->is_moe_layer[l]) json_add(&ok, idx, NULL, cJSON_CreateNumber(l));
-    json_add(&ok, o, "moe_layer_indices", idx);
+        if (c->num_local_experts > 0 && c->is_moe_layer[l]) moe__json_add(&ok, idx, NULL, cJSON_CreateNumber(l));
+    moe__json_add(&ok, o, "moe_layer_indices", idx);
     NUM("dense_intermediate_size", c->dense_intermediate_size);
     NUM("n_shared_experts", c->n_shared_experts);
     NUM("shared_expert_intermediate_size", c->shared_expert_intermediate_size);
