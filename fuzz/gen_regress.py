@@ -201,6 +201,8 @@ DROP = object()
 put("train_state", "ok-full.json", state())
 put("train_state", "ok-before-numerics.json", state(skipped_steps=DROP, loss_spikes=DROP, command=DROP))
 put("train_state", "ok-null-command.json", state(command=None))
+# found by fuzzing: cJSON's writer printed this loss with 15 digits, which read back 1 ulp off
+put("train_state", "ok-loss-needs-17-digits.json", b'{"step": 8, "tokens": 0, "train": [[8, 3.3333333333333397]], "val": []}')
 put("train_state", "missing-step.json", state(step=DROP))
 put("train_state", "missing-val.json", state(val=DROP))
 put("train_state", "step-fraction.json", state(step=1.5))

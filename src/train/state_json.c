@@ -6,6 +6,8 @@
 
 #include <cjson/cJSON.h>
 #include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 int moe__train_curve_add(moe__train_curve *c, double step, double val) {
@@ -155,13 +157,27 @@ int moe__train_state_load(const char *dir, moe__train_state *s, char *err, size_
 
 /* ---- writer ------------------------------------------------------------------- */
 
+/* A number node that reads back as exactly x: cJSON prints 15 significant
+ * digits whenever they come within an epsilon of the value, which loses the
+ * last bits of some doubles (the train_state fuzz target found 3.3333333333333397
+ * coming back as ...401); the shortest of 15-17 digits that strtod maps back
+ * to x does not. x is finite (the callers skip the others). */
+static cJSON *exact_number(double x) {
+    char buf[40];
+    for (int digits = 15; digits <= 17; digits++) {
+        snprintf(buf, sizeof buf, "%.*g", digits, x);
+        if (strtod(buf, NULL) == x) break;
+    }
+    return cJSON_CreateRaw(buf);
+}
+
 static cJSON *curve_json(const moe__train_curve *c, int *ok) {
     cJSON *a = cJSON_CreateArray();
     for (int i = 0; a && i < c->n; i++) {
         if (!isfinite(c->val[i])) continue;
         cJSON *p = cJSON_CreateArray();
-        moe__json_add(ok, p, NULL, cJSON_CreateNumber(c->step[i]));
-        moe__json_add(ok, p, NULL, cJSON_CreateNumber(c->val[i]));
+        moe__json_add(ok, p, NULL, exact_number(c->step[i]));
+        moe__json_add(ok, p, NULL, exact_number(c->val[i]));
         moe__json_add(ok, a, NULL, p);
     }
     return a;
@@ -171,7 +187,7 @@ char *moe__train_state_json(const moe__train_state *s) {
     cJSON *o = cJSON_CreateObject();
     int ok = o != NULL;
     moe__json_add(&ok, o, KEYS[K_STEP], cJSON_CreateNumber(s->step));
-    moe__json_add(&ok, o, KEYS[K_TOKENS], cJSON_CreateNumber(s->tokens));
+    moe__json_add(&ok, o, KEYS[K_TOKENS], exact_number(s->tokens));
     moe__json_add(&ok, o, KEYS[K_SKIPPED], cJSON_CreateNumber(s->skipped_steps));
     moe__json_add(&ok, o, KEYS[K_SPIKES], cJSON_CreateNumber(s->loss_spikes));
     if (s->command) moe__json_add(&ok, o, KEYS[K_COMMAND], cJSON_CreateString(s->command));
