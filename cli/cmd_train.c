@@ -8,8 +8,8 @@
 #include "io/atomic.h"
 #include "io/ckpt.h"
 #include "tokenizer/tokenizer.h"
+#include "train/state_json.h"
 
-#include <cjson/cJSON.h>
 #include <errno.h>
 #include <math.h>
 #include <signal.h>
@@ -53,80 +53,47 @@ static void phase_times(const moe_model *m, char *buf, size_t n) {
     else buf[0] = '\0';
 }
 
-typedef struct {
-    double *step, *val;
-    int n, cap;
-} series;
-
-static void series_add(series *s, double x, double y) {
-    if (s->n == s->cap) {
-        s->cap = s->cap ? 2 * s->cap : 256;
-        s->step = realloc(s->step, sizeof(double) * s->cap);
-        s->val = realloc(s->val, sizeof(double) * s->cap);
-        if (!s->step || !s->val) {
-            fprintf(stderr, "moe: out of memory\n");
-            exit(1);
-        }
+/* The loss curves; out of memory ends the command (there is nothing to
+ * save a curve into). */
+static void series_add(moe__train_curve *s, double x, double y) {
+    if (moe__train_curve_add(s, x, y)) {
+        fprintf(stderr, "moe: out of memory (or more than %d points of a loss curve)\n", MOE__TRAIN_STATE_MAX_POINTS);
+        exit(1);
     }
-    s->step[s->n] = x, s->val[s->n++] = y;
 }
 
-static cJSON *series_json(const series *s) {
-    cJSON *a = cJSON_CreateArray();
-    for (int i = 0; i < s->n; i++) {
-        cJSON *p = cJSON_CreateArray();
-        cJSON_AddItemToArray(p, cJSON_CreateNumber(s->step[i]));
-        cJSON_AddItemToArray(p, cJSON_CreateNumber(s->val[i]));
-        cJSON_AddItemToArray(a, p);
+/* Restores the history of a run being resumed. A missing file starts new
+ * curves; so does a malformed one, after a warning (the model and optimizer
+ * state were loaded already: the history is only the plot). */
+static void history_load(const char *dir, moe__train_curve *tr, moe__train_curve *va) {
+    char err[512];
+    moe__train_state s;
+    int rc = moe__train_state_load(dir, &s, err, sizeof err);
+    if (rc) {
+        if (rc != MOE_EIO && rc != MOE_ENOTFOUND) fprintf(stderr, "moe train: %s; the loss curves start afresh\n", err);
+        return;
     }
-    return a;
-}
-
-/* Restores the history of a run being resumed (best effort: a missing or
- * malformed file just starts a new curve). */
-static void history_load(const char *dir, series *tr, series *va) {
-    char path[4200], err[256], *buf;
-    size_t n;
-    if (moe__ckpt_path(dir, "train_state.json", path, sizeof path, err, sizeof err)) return;
-    if (moe__read_file(path, 64u << 20, &buf, &n, err, sizeof err)) return;
-    cJSON *root = cJSON_ParseWithLength(buf, n);
-    moe__free(buf);
-    series *dst[2] = {tr, va};
-    const char *keys[2] = {"train", "val"};
-    for (int k = 0; k < 2 && root; k++) {
-        cJSON *arr = cJSON_GetObjectItemCaseSensitive(root, keys[k]), *it;
-        cJSON_ArrayForEach(it, arr) {
-            if (cJSON_GetArraySize(it) == 2 && cJSON_IsNumber(cJSON_GetArrayItem(it, 0)) &&
-                cJSON_IsNumber(cJSON_GetArrayItem(it, 1)))
-                series_add(dst[k], cJSON_GetArrayItem(it, 0)->valuedouble, cJSON_GetArrayItem(it, 1)->valuedouble);
-        }
-    }
-    cJSON_Delete(root);
+    *tr = s.train, *va = s.val;
+    s.train = s.val = (moe__train_curve){0};
+    moe__train_state_free(&s);
 }
 
 /* One checkpoint: model, optimizer state and the loss history of the same
  * step, replaced together. Under mpirun every rank calls it (the experts are
  * gathered) and gets the same result; rank 0 writes. */
-static int save_checkpoint(moe_trainer *tr, const moe_model *m, const char *dir, const series *trs, const series *va,
-                           int step, double tokens, int n_skipped, int n_spikes, const char *cmdline, char *err,
-                           size_t errsz) {
-    cJSON *o = cJSON_CreateObject();
-    cJSON_AddNumberToObject(o, "step", step);
-    cJSON_AddNumberToObject(o, "tokens", tokens);
-    cJSON_AddNumberToObject(o, "skipped_steps", n_skipped);
-    cJSON_AddNumberToObject(o, "loss_spikes", n_spikes);
-    cJSON_AddStringToObject(o, "command", cmdline);
-    cJSON_AddItemToObject(o, "train", series_json(trs));
-    cJSON_AddItemToObject(o, "val", series_json(va));
-    char *s = cJSON_Print(o);
-    cJSON_Delete(o);
+static int save_checkpoint(moe_trainer *tr, const moe_model *m, const char *dir, const moe__train_curve *trs,
+                           const moe__train_curve *va, int step, double tokens, int n_skipped, int n_spikes,
+                           char *cmdline, char *err, size_t errsz) {
+    const moe__train_state st = {.step = step, .tokens = tokens, .skipped_steps = n_skipped,
+                                 .loss_spikes = n_spikes, .command = cmdline, .train = *trs, .val = *va};
+    char *s = moe__train_state_json(&st);
     /* no early return: a rank that left here would never reach the gathers */
     int rc = s ? MOE_OK : moe__set_err(err, errsz, MOE_ENOMEM, "%s: out of memory", dir);
     if (!(rc = moe__model_agree(m, rc, err, errsz))) {
         moe__iov part = {s, strlen(s)};
         rc = moe__trainer_save_with(tr, dir, "train_state.json", &part, 1, err, errsz);
     }
-    free(s);
+    moe__free(s);
     return rc;
 }
 
@@ -325,7 +292,7 @@ int moe_cli_train(int argc, char **argv) {
         cli_data_free(&d);
         return 1;
     }
-    series hist_tr = {0}, hist_va = {0};
+    moe__train_curve hist_tr = {0}, hist_va = {0};
     if (resume) {
         rc = moe_trainer_load_state(tr, out, err, sizeof err);
         if (rc) {
@@ -449,7 +416,7 @@ int moe_cli_train(int argc, char **argv) {
     if (n_skipped || n_spikes) printf("numerics: %d updates skipped (non-finite), %d loss spikes\n", n_skipped, n_spikes);
     if (!save_rc)
         printf("saved %s (config.json, model.safetensors, tokenizer.json, optimizer.safetensors, loss.svg)\n", out);
-    free(hist_tr.step), free(hist_tr.val), free(hist_va.step), free(hist_va.val);
+    moe__train_curve_free(&hist_tr), moe__train_curve_free(&hist_va);
     moe_trainer_free(tr);
     moe_model_free(m);
     cli_data_free(&d);

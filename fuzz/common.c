@@ -1,3 +1,4 @@
+#define _GNU_SOURCE /* memmem */
 /* Shared by the fuzz targets: the name registry (non-libFuzzer builds) and the
  * scratch files of the parsers that only read paths. */
 #include "fuzz.h"
@@ -34,6 +35,17 @@ moe_fuzz_fn moe_fuzz_find(const char *name) {
 void moe_fuzz_trap(const char *what) {
     fprintf(stderr, "fuzz invariant failed: %s\n", what);
     abort();
+}
+
+void moe_fuzz_split(const uint8_t *data, size_t size, int n, const uint8_t **part, size_t *len) {
+    const size_t seplen = sizeof MOE_FUZZ_SEP - 1;
+    const uint8_t *p = data, *end = data + size;
+    for (int i = 0; i < n; i++) {
+        const uint8_t *q = i + 1 < n ? memmem(p, (size_t)(end - p), MOE_FUZZ_SEP, seplen) : NULL;
+        part[i] = p;
+        len[i] = q ? (size_t)(q - p) : (size_t)(end - p);
+        p = q ? q + seplen : end;
+    }
 }
 
 static char g_dir[128];

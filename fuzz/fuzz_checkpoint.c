@@ -3,7 +3,7 @@
  * files). It is loaded the way `moe train --resume` and `moe generate` do:
  * moe_model_load (config.json + model.safetensors), moe_trainer_load_state
  * (optimizer.safetensors) and moe_tokenizer_load (tokenizer.json).
- * train_state.json is the CLI's (cli/cmd_train.c) and is not read here.
+ * train_state.json has a target of its own (fuzz_train_state.c).
  * No cap on the declared model size is needed: moe_model_load checks that
  * model.safetensors can hold the parameters before it allocates them, so the
  * memory an input costs is bounded by its size. */
@@ -14,20 +14,16 @@
 #include <stdio.h>
 #include <string.h>
 
-#define MOE_FUZZ_SEP "\n--moe-file--\n"
 static const char *const FILES[] = {"config.json", "model.safetensors", "optimizer.safetensors",
                                     "tokenizer.json"};
 #define N_FILES 4
 
 MOE_FUZZ_TARGET(checkpoint) {
-    const uint8_t *p = data, *end = data + size;
-    const size_t seplen = strlen(MOE_FUZZ_SEP);
-    for (int i = 0; i < N_FILES; i++) {
-        const uint8_t *q = p;
-        while (q < end && !((size_t)(end - q) >= seplen && !memcmp(q, MOE_FUZZ_SEP, seplen))) q++;
-        if (!moe_fuzz_write(i, FILES[i], p, (size_t)(q - p))) return -1;
-        p = q < end ? q + seplen : end;
-    }
+    const uint8_t *part[N_FILES];
+    size_t len[N_FILES];
+    moe_fuzz_split(data, size, N_FILES, part, len);
+    for (int i = 0; i < N_FILES; i++)
+        if (!moe_fuzz_write(i, FILES[i], part[i], len[i])) return -1;
     char err[256];
     const char *dir = moe_fuzz_tmpdir();
     moe_model *m;

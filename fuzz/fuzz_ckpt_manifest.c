@@ -16,7 +16,6 @@
 #include <string.h>
 #include <unistd.h>
 
-#define MOE_FUZZ_SEP "\n--moe-file--\n"
 
 static void remove_in(const char *dir, const char *name) {
     char path[512];
@@ -25,13 +24,12 @@ static void remove_in(const char *dir, const char *name) {
 }
 
 MOE_FUZZ_TARGET(ckpt_manifest) {
-    const size_t seplen = strlen(MOE_FUZZ_SEP);
-    size_t rec = 0;
-    while (rec < size && !(size - rec >= seplen && !memcmp(data + rec, MOE_FUZZ_SEP, seplen))) rec++;
-    const size_t rest = rec + seplen <= size ? rec + seplen : size;
+    const uint8_t *part[2];
+    size_t len[2];
+    moe_fuzz_split(data, size, 2, part, len);
     const char *dir = moe_fuzz_tmpdir();
     const char *name = size & 1 ? MOE__CKPT_COMMIT : MOE__CKPT_MANIFEST;
-    if (!moe_fuzz_write(0, name, data, rec) || !moe_fuzz_write(1, "config.json", data + rest, size - rest)) return -1;
+    if (!moe_fuzz_write(0, name, part[0], len[0]) || !moe_fuzz_write(1, "config.json", part[1], len[1])) return -1;
     char err[256], path[1024];
     int step = -2, rc = moe__ckpt_verify(dir, &step, err, sizeof err);
     if (rc == 0 && (step < -1 || step > 1 << 30)) moe_fuzz_trap("ckpt_manifest: accepted step out of range");

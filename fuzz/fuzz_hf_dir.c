@@ -13,27 +13,24 @@
 #include <string.h>
 #include <unistd.h>
 
-#define MOE_FUZZ_SEP "\n--moe-file--\n"
 static const char *const FILES[] = {"config.json", "model.safetensors", "model.safetensors.index.json",
                                     "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"};
 #define N_FILES 5
 #define N_ALWAYS 2
 
 MOE_FUZZ_TARGET(hf_dir) {
-    const uint8_t *p = data, *end = data + size;
-    const size_t seplen = strlen(MOE_FUZZ_SEP);
+    const uint8_t *part[N_FILES];
+    size_t len[N_FILES];
+    moe_fuzz_split(data, size, N_FILES, part, len);
     const char *dir = moe_fuzz_tmpdir();
     for (int i = 0; i < N_FILES; i++) {
-        const uint8_t *q = p;
-        while (q < end && !((size_t)(end - q) >= seplen && !memcmp(q, MOE_FUZZ_SEP, seplen))) q++;
-        if (i >= N_ALWAYS && q == p) {
+        if (i >= N_ALWAYS && !len[i]) {
             char path[512];
             snprintf(path, sizeof path, "%s/%s", dir, FILES[i]);
             unlink(path);
-        } else if (!moe_fuzz_write(i, FILES[i], p, (size_t)(q - p))) {
+        } else if (!moe_fuzz_write(i, FILES[i], part[i], len[i])) {
             return -1;
         }
-        p = q < end ? q + seplen : end;
     }
     moe_engine_params ep = moe_engine_params_default();
     ep.n_ctx = 8, ep.n_batch = 2, ep.n_threads = 1;

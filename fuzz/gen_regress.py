@@ -182,6 +182,56 @@ put("hf_dir", "index-names-parent-dir.hf", hf_cfg + SEP + SEP + json.dumps(
 put("hf_dir", "index-not-object.hf", hf_cfg + SEP + SEP + b"[]")
 put("hf_dir", "missing-tensors.hf", hf_cfg + SEP + one)
 
+# ---- train_state.json (moe train --resume) -------------------------------------------
+STATE = {"step": 20, "tokens": 2560, "skipped_steps": 1, "loss_spikes": 0, "command": "moe train --steps 20",
+         "train": [[1, 5.5], [2, 5.25]], "val": [[20, 4.75]]}
+
+
+def state(**kw):
+    d = dict(STATE)
+    for k, v in kw.items():
+        if v is DROP:
+            del d[k]
+        else:
+            d[k] = v
+    return json.dumps(d).encode()
+
+
+DROP = object()
+put("train_state", "ok-full.json", state())
+put("train_state", "ok-before-numerics.json", state(skipped_steps=DROP, loss_spikes=DROP, command=DROP))
+put("train_state", "ok-null-command.json", state(command=None))
+# found by fuzzing: cJSON's writer printed this loss with 15 digits, which read back 1 ulp off
+put("train_state", "ok-loss-needs-17-digits.json", b'{"step": 8, "tokens": 0, "train": [[8, 3.3333333333333397]], "val": []}')
+put("train_state", "missing-step.json", state(step=DROP))
+put("train_state", "missing-val.json", state(val=DROP))
+put("train_state", "step-fraction.json", state(step=1.5))
+put("train_state", "step-negative.json", state(step=-1))
+put("train_state", "step-huge.json", state(step=1e300))
+put("train_state", "step-past-int.json", state(step=1 << 31))
+put("train_state", "step-string.json", state(step="20"))
+put("train_state", "tokens-infinite.json", state(tokens=DROP)[:-1] + b', "tokens": 1e400}')
+put("train_state", "tokens-negative.json", state(tokens=-5))
+put("train_state", "skipped-past-cap.json", state(skipped_steps=1 << 31))
+put("train_state", "loss-spikes-bool.json", state(loss_spikes=True))
+put("train_state", "command-number.json", state(command=7))
+put("train_state", "command-too-long.json", state(command="x" * 70000))
+put("train_state", "curve-not-array.json", state(train={"1": 5.5}))
+put("train_state", "pair-three-values.json", state(train=[[1, 5.5, 0]]))
+put("train_state", "pair-one-value.json", state(val=[[20]]))
+put("train_state", "pair-not-array.json", state(val=[20]))
+put("train_state", "pair-null-loss.json", state(val=[[20, None]]))
+put("train_state", "pair-loss-string.json", state(val=[[20, "4.75"]]))
+put("train_state", "pair-step-negative.json", state(val=[[-20, 4.75]]))
+put("train_state", "pair-loss-infinite.json", state(val=DROP)[:-1] + b', "val": [[20, -1e999]]}')
+# cJSON keeps both members; a lookup would take the first and ignore the second
+put("train_state", "duplicate-step.json", state()[:-1] + b', "step": 999}')
+put("train_state", "duplicate-train.json", state()[:-1] + b', "train": []}')
+put("train_state", "duplicate-null-command.json", state(command=None)[:-1] + b', "command": "x"}')
+put("train_state", "not-object.json", b"[1, 2]")
+put("train_state", "not-json.json", state()[:-2])
+put("train_state", "empty.json", b"")
+
 # ---- checkpoint manifest / commit record (fuzz_ckpt_manifest.c: record, SEP, config.json;
 # odd total size: written as checkpoint.commit, even: checkpoint.json) --------------------
 def fnv1a64(b):

@@ -7,6 +7,7 @@
 #include "io/safetensors.h"
 #include "moe.h"
 #include "tokenizer/tokenizer.h"
+#include "train/state_json.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -263,6 +264,29 @@ static void seed_corpus(void) {
     }
 }
 
+/* train_state: what `moe train` writes (the library's writer, with curves
+ * and a command that needs escapes), and the shape of files from before the
+ * numerics counters. */
+static void seed_train_state(void) {
+    moe__train_state s = {.step = 40, .tokens = 5120, .skipped_steps = 2, .loss_spikes = 1,
+                          .command = "moe train --out \"runs/a b\"\t--steps 40"};
+    for (int i = 1; i <= 40; i++)
+        if (moe__train_curve_add(&s.train, i, 6.0 / (1 + 0.1 * i)) ||
+            (i % 10 == 0 && moe__train_curve_add(&s.val, i, 6.2 / (1 + 0.1 * i))))
+            die("train_state", "out of memory");
+    char *js = moe__train_state_json(&s);
+    FILE *fp = fopen(path_of("train_state", "seed-run.json"), "w");
+    if (!js || !fp) die("train_state", "cannot write");
+    fputs(js, fp);
+    fclose(fp);
+    moe__free(js);
+    moe__train_curve_free(&s.train), moe__train_curve_free(&s.val);
+    fp = fopen(path_of("train_state", "seed-old.json"), "w");
+    if (!fp) die("train_state", "cannot write");
+    fputs("{\"step\": 2, \"tokens\": 64, \"train\": [[1, 5.5], [2, 5.4]], \"val\": [[2, 5.45]]}", fp);
+    fclose(fp);
+}
+
 int main(int argc, char **argv) {
     if (argc != 2) {
         fprintf(stderr, "usage: %s OUT_DIR\n", argv[0]);
@@ -278,5 +302,6 @@ int main(int argc, char **argv) {
     seed_checkpoint();
     seed_hf_dir();
     seed_corpus();
+    seed_train_state();
     return 0;
 }

@@ -14,6 +14,7 @@
 #include "io/safetensors.h"
 #include "moe.h"
 #include "tokenizer/tokenizer.h"
+#include "train/state_json.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -191,6 +192,40 @@ static int path_config_load(void *ctx) {
     return moe_model_config_load(p_cfg, &c, err, sizeof err);
 }
 
+/* The writer: every cJSON node and the printed text come from the hooks (the
+ * final copy, which the caller frees with free(), does not); a failed one is
+ * a NULL, never a text with a key missing. */
+static int path_config_to_json(void *ctx) {
+    moe_model_config c;
+    char err[256];
+    int rc = moe_model_config_parse(CONFIG_JSON, strlen(CONFIG_JSON), "cfg", &c, err, sizeof err);
+    if (rc) return rc;
+    char *js = moe_model_config_to_json(&c);
+    if (!js) return MOE_ENOMEM;
+    moe_model_config back;
+    rc = moe_model_config_parse(js, strlen(js), "to_json", &back, err, sizeof err);
+    char *js2 = rc ? NULL : moe_model_config_to_json(&back);
+    if (!rc && !js2) rc = MOE_ENOMEM;
+    if (!rc && strcmp(js, js2)) rc = MOE_EFORMAT; /* a key went missing: the default came back */
+    free(js), free(js2);
+    return rc;
+}
+
+/* train_state.json: the parser (cJSON tree, command, growing curves) and the writer. */
+static int path_train_state_json(void *ctx) {
+    static const char *TS = "{\"step\": 3, \"tokens\": 96, \"skipped_steps\": 0, \"loss_spikes\": 0,"
+                            " \"command\": \"moe train\", \"train\": [[1, 5.5], [2, 5.25], [3, 5]], \"val\": [[3, 5.1]]}";
+    moe__train_state s;
+    char err[256];
+    int rc = moe__train_state_parse(TS, strlen(TS), "ts", &s, err, sizeof err);
+    if (rc) return rc;
+    char *js = moe__train_state_json(&s);
+    moe__train_state_free(&s);
+    if (!js) return MOE_ENOMEM;
+    moe__free(js);
+    return 0;
+}
+
 static int path_gguf(void *ctx) {
     moe__gguf *gg;
     char err[256];
@@ -307,6 +342,8 @@ static int path_adamw(void *ctx) {
 static int g_no = 0, g_yes = 1;
 SWEEP(config_parse, path_config_parse, NULL)
 SWEEP(config_load, path_config_load, NULL)
+SWEEP(config_to_json, path_config_to_json, NULL)
+SWEEP(train_state_json, path_train_state_json, NULL)
 SWEEP(gguf_open, path_gguf, NULL)
 SWEEP(safetensors_open, path_safetensors, NULL)
 SWEEP(tokenizer_load, path_tokenizer, NULL)

@@ -19,6 +19,12 @@ char *moe__strdup(const char *s);
  * moe_set_allocator) remember it. Returns whether a JSON allocation failed
  * since the last call, and clears that: call it before and after a parse. */
 int moe__json_oom(void);
+/* Adds item to parent (under key, or appended when key is NULL); any failure,
+ * a NULL item from a create that ran out of memory included, clears *ok and
+ * frees the item, so a JSON writer checks once, at the end, for all its adds
+ * (src/model/config.c). */
+struct cJSON;
+void moe__json_add(int *ok, struct cJSON *parent, const char *key, struct cJSON *item);
 
 /* Overflow-safe size arithmetic: return 0 on success, -1 on overflow. */
 static inline int moe__mul_size(size_t a, size_t b, size_t *out) {

@@ -348,52 +348,68 @@ int moe_model_config_load(const char *path, moe_model_config *c, char *err, size
 
 /* ---- JSON out ---------------------------------------------------------------- */
 
+void moe__json_add(int *ok, cJSON *parent, const char *key, cJSON *item) {
+    if (!item || !parent || !(key ? cJSON_AddItemToObject(parent, key, item) : cJSON_AddItemToArray(parent, item))) {
+        cJSON_Delete(item);
+        *ok = 0;
+    }
+}
+
 char *moe_model_config_to_json(const moe_model_config *c) {
     cJSON *o = cJSON_CreateObject();
     if (!o) return NULL;
-    cJSON *arch = cJSON_AddArrayToObject(o, "architectures");
-    cJSON_AddItemToArray(arch, cJSON_CreateString("MixtralForCausalLM"));
-    cJSON_AddStringToObject(o, "model_type", "mixtral");
-    cJSON_AddNumberToObject(o, "vocab_size", c->vocab_size);
-    cJSON_AddNumberToObject(o, "hidden_size", c->hidden_size);
-    cJSON_AddNumberToObject(o, "intermediate_size", c->intermediate_size);
-    cJSON_AddNumberToObject(o, "num_hidden_layers", c->num_hidden_layers);
-    cJSON_AddNumberToObject(o, "num_attention_heads", c->num_attention_heads);
-    cJSON_AddNumberToObject(o, "num_key_value_heads", c->num_key_value_heads);
-    cJSON_AddNumberToObject(o, "head_dim", c->head_dim);
-    cJSON_AddNumberToObject(o, "max_position_embeddings", c->max_position_embeddings);
-    cJSON_AddNumberToObject(o, "rope_theta", c->rope_theta);
-    cJSON_AddNumberToObject(o, "rms_norm_eps", c->rms_norm_eps);
-    cJSON_AddBoolToObject(o, "tie_word_embeddings", c->tie_word_embeddings);
-    cJSON_AddNumberToObject(o, "num_local_experts", c->num_local_experts);
-    cJSON_AddNumberToObject(o, "num_experts_per_tok", c->num_experts_per_tok);
-    cJSON_AddBoolToObject(o, "norm_topk_prob", c->norm_topk_prob);
-    cJSON_AddStringToObject(o, "scoring_func", c->scoring_func == MOE_SCORE_SIGMOID ? "sigmoid" : "softmax");
-    cJSON_AddNumberToObject(o, "routed_scaling_factor", c->routed_scaling_factor);
-    cJSON_AddNumberToObject(o, "router_aux_loss_coef", c->router_aux_loss_coef);
-    cJSON_AddNumberToObject(o, "router_z_loss_coef", c->router_z_loss_coef);
-    cJSON_AddNumberToObject(o, "capacity_factor", c->capacity_factor);
-    cJSON_AddStringToObject(o, "drop_policy", c->drop_policy == MOE_DROP_PROBABILITY ? "probability" : "arrival");
-    cJSON *idx = cJSON_AddArrayToObject(o, "moe_layer_indices");
-    for (int l = 0; l < c->num_hidden_layers && l < MOE_MAX_LAYERS; l++)
-        if (c->num_local_experts > 0 && c->is_moe_layer[l]) cJSON_AddItemToArray(idx, cJSON_CreateNumber(l));
-    cJSON_AddNumberToObject(o, "dense_intermediate_size", c->dense_intermediate_size);
-    cJSON_AddNumberToObject(o, "n_shared_experts", c->n_shared_experts);
-    cJSON_AddNumberToObject(o, "shared_expert_intermediate_size", c->shared_expert_intermediate_size);
-    cJSON_AddBoolToObject(o, "shared_expert_gate", c->shared_expert_gate);
-    cJSON_AddStringToObject(o, "router_type", moe_router_name(c->router_type));
-    cJSON_AddBoolToObject(o, "gshard_random", c->gshard_random);
-    cJSON_AddNumberToObject(o, "router_importance_loss_coef", c->router_importance_loss_coef);
-    cJSON_AddNumberToObject(o, "router_load_loss_coef", c->router_load_loss_coef);
-    cJSON_AddNumberToObject(o, "router_bias_update_rate", c->router_bias_update_rate);
-    cJSON_AddNumberToObject(o, "n_group", c->n_group);
-    cJSON_AddNumberToObject(o, "topk_group", c->topk_group);
-    cJSON_AddBoolToObject(o, "seq_aux", c->seq_aux);
-    cJSON_AddNumberToObject(o, "router_seed", (double)c->router_seed);
-    cJSON_AddNumberToObject(o, "initializer_range", c->initializer_range);
-    cJSON_AddStringToObject(o, "hidden_act", "silu");
-    cJSON_AddStringToObject(o, "torch_dtype", "float32");
-    char *js = cJSON_Print(o);
+    int ok = 1;
+#define NUM(key, v) moe__json_add(&ok, o, key, cJSON_CreateNumber((double)(v)))
+#define STR(key, v) moe__json_add(&ok, o, key, cJSON_CreateString(v))
+#define BOOL(key, v) moe__json_add(&ok, o, key, cJSON_CreateBool(v))
+    cJSON *arch = cJSON_CreateArray();
+    moe__json_add(&ok, arch, NULL, cJSON_CreateString("MixtralForCausalLM"));
+    moe__json_add(&ok, o, "architectures", arch);
+    STR("model_type", "mixtral");
+    NUM("vocab_size", c->vocab_size);
+    NUM("hidden_size", c->hidden_size);
+    NUM("intermediate_size", c->intermediate_size);
+    NUM("num_hidden_layers", c->num_hidden_layers);
+    NUM("num_attention_heads", c->num_attention_heads);
+    NUM("num_key_value_heads", c->num_key_value_heads);
+    NUM("head_dim", c->head_dim);
+    NUM("max_position_embeddings", c->max_position_embeddings);
+    NUM("rope_theta", c->rope_theta);
+    NUM("rms_norm_eps", c->rms_norm_eps);
+    BOOL("tie_word_embeddings", c->tie_word_embeddings);
+    NUM("num_local_experts", c->num_local_experts);
+    NUM("num_experts_per_tok", c->num_experts_per_tok);
+    BOOL("norm_topk_prob", c->norm_topk_prob);
+    STR("scoring_func", c->scoring_func == MOE_SCORE_SIGMOID ? "sigmoid" : "softmax");
+    NUM("routed_scaling_factor", c->routed_scaling_factor);
+    NUM("router_aux_loss_coef", c->router_aux_loss_coef);
+    NUM("router_z_loss_coef", c->router_z_loss_coef);
+    NUM("capacity_factor", c->capacity_factor);
+    STR("drop_policy", c->drop_policy == MOE_DROP_PROBABILITY ? "probability" : "arrival");
+    cJSON *idx = cJSON_CreateArray();
+    for (int l = 0; idx && l < c->num_hidden_layers && l < MOE_MAX_LAYERS; l++)
+        if (c->num_local_experts > 0 && c->is_moe_layer[l]) moe__json_add(&ok, idx, NULL, cJSON_CreateNumber(l));
+    moe__json_add(&ok, o, "moe_layer_indices", idx);
+    NUM("dense_intermediate_size", c->dense_intermediate_size);
+    NUM("n_shared_experts", c->n_shared_experts);
+    NUM("shared_expert_intermediate_size", c->shared_expert_intermediate_size);
+    BOOL("shared_expert_gate", c->shared_expert_gate);
+    STR("router_type", moe_router_name(c->router_type));
+    BOOL("gshard_random", c->gshard_random);
+    NUM("router_importance_loss_coef", c->router_importance_loss_coef);
+    NUM("router_load_loss_coef", c->router_load_loss_coef);
+    NUM("router_bias_update_rate", c->router_bias_update_rate);
+    NUM("n_group", c->n_group);
+    NUM("topk_group", c->topk_group);
+    BOOL("seq_aux", c->seq_aux);
+    NUM("router_seed", c->router_seed);
+    NUM("initializer_range", c->initializer_range);
+    STR("hidden_act", "silu");
+    STR("torch_dtype", "float32");
+#undef NUM
+#undef STR
+#undef BOOL
+    char *js = ok ? cJSON_Print(o) : NULL;
     cJSON_Delete(o);
     /* the caller frees with free(), so the text leaves the library's hooks */
     char *s = js ? strdup(js) : NULL;

@@ -8,6 +8,8 @@
 #include "model/model_impl.h"
 #include "train/numerics.h"
 
+#include <ctype.h>
+#include <errno.h>
 #include <inttypes.h>
 #include <math.h>
 #include <stdio.h>
@@ -335,64 +337,127 @@ int moe_trainer_save(moe_trainer *t, const char *dir, char *err, size_t errsz) {
     return moe__trainer_save_with(t, dir, NULL, NULL, 0, err, errsz);
 }
 
-/* The numerics counters; absent in checkpoints from before they existed. */
-static int load_numerics(moe_trainer *t, const moe__st_file *f, const char *path, char *err, size_t errsz) {
-    const char *keys[3] = {"skipped", "spikes", "loss_ema_n"};
-    int *dst[3] = {&t->n_skipped, &t->n_spikes, &t->n_ema};
-    for (int k = 0; k < 3; k++) {
-        const char *v = moe__st_meta(f, keys[k]);
-        char *end;
-        long x = v ? strtol(v, &end, 10) : 0;
-        if (v && (*end || end == v || x < 0 || x > 1L << 30))
-            return moe__set_err(err, errsz, MOE_EFORMAT, "%s: bad \"%s\"", path, keys[k]);
-        *dst[k] = (int)x;
-    }
-    const char *v = moe__st_meta(f, "loss_ema");
+/* Everything optimizer.safetensors restores besides the moments, parsed
+ * before any of it is stored so that a bad file changes nothing. */
+typedef struct {
+    int step, n_skipped, n_spikes, n_ema;
+    uint64_t rng[4];
+    double tokens, loss_ema;
+} loaded_state;
+
+/* strtol/strtod with the whole string consumed and the range checked. */
+static int meta_long(const moe__st_file *f, const char *key, int required, long lim, long *out) {
+    const char *v = moe__st_meta(f, key);
+    *out = 0;
+    if (!v) return !required;
     char *end;
-    t->loss_ema = v ? strtod(v, &end) : 0;
-    if (v && (*end || end == v || !isfinite(t->loss_ema)))
+    errno = 0;
+    long x = strtol(v, &end, 10);
+    if (end == v || *end || errno || x < 0 || x > lim) return 0;
+    *out = x;
+    return 1;
+}
+
+static int meta_double(const moe__st_file *f, const char *key, int required, double lo, double *out) {
+    const char *v = moe__st_meta(f, key);
+    *out = 0;
+    if (!v) return !required;
+    char *end;
+    double x = strtod(v, &end);
+    if (end == v || *end || !isfinite(x) || x < lo) return 0;
+    *out = x;
+    return 1;
+}
+
+static int parse_state(const moe__st_file *f, const char *path, loaded_state *s, char *err, size_t errsz) {
+    long x[4];
+    if (!meta_long(f, "step", 1, 1L << 30, &x[0]))
+        return moe__set_err(err, errsz, MOE_EFORMAT, "%s: metadata \"step\" missing or bad", path);
+    s->step = (int)x[0];
+    for (int k = 0; k < 4; k++) {
+        char key[8];
+        snprintf(key, sizeof key, "rng%d", k);
+        const char *v = moe__st_meta(f, key);
+        char *end;
+        if (!v || strlen(v) != 16 || !isxdigit((unsigned char)v[0]))
+            return moe__set_err(err, errsz, MOE_EFORMAT, "%s: metadata \"%s\" missing or bad", path, key);
+        s->rng[k] = strtoull(v, &end, 16);
+        if (*end) return moe__set_err(err, errsz, MOE_EFORMAT, "%s: metadata \"%s\" missing or bad", path, key);
+    }
+    if (!meta_double(f, "tokens", 1, 0, &s->tokens))
+        return moe__set_err(err, errsz, MOE_EFORMAT, "%s: metadata \"tokens\" missing or bad", path);
+    /* the numerics counters are absent in checkpoints from before they existed */
+    const char *keys[3] = {"skipped", "spikes", "loss_ema_n"};
+    for (int k = 0; k < 3; k++)
+        if (!meta_long(f, keys[k], 0, 1L << 30, &x[1 + k]))
+            return moe__set_err(err, errsz, MOE_EFORMAT, "%s: bad \"%s\"", path, keys[k]);
+    s->n_skipped = (int)x[1], s->n_spikes = (int)x[2], s->n_ema = (int)x[3];
+    if (!meta_double(f, "loss_ema", 0, -HUGE_VAL, &s->loss_ema))
         return moe__set_err(err, errsz, MOE_EFORMAT, "%s: bad \"loss_ema\"", path);
-    t->consecutive_skips = 0;
     return MOE_OK;
 }
 
+/* Moment i of the table (m. tensors, then v.) converted to float in dst. A
+ * moment AdamW cannot have produced (NaN/Inf, a negative second moment) is
+ * refused here: the first update would turn it into NaN weights. */
+static int read_moment(moe_trainer *t, const moe__st_file *f, const char *path, int i, float *dst, char *err,
+                       size_t errsz) {
+    const moe_model *m = t->m;
+    const moe_param_info *pi = &m->tensors[i % m->n_tensors];
+    const int second = i >= m->n_tensors;
+    char name[128];
+    snprintf(name, sizeof name, "%s.%s", second ? "v" : "m", pi->name);
+    const moe__st_tensor *st = moe__st_find(f, name);
+    if (!st || st->numel != pi->numel)
+        return moe__set_err(err, errsz, MOE_EFORMAT, "%s: tensor \"%s\" missing or of the wrong size", path, name);
+    if (moe__st_read_f32(st, dst, pi->numel))
+        return moe__set_err(err, errsz, MOE_EFORMAT, "%s: tensor \"%s\" has dtype %s, not a float type", path,
+                            name, moe__dtype_name(st->dtype));
+    for (size_t j = 0; j < pi->numel; j++)
+        if (!isfinite(dst[j]) || (second && dst[j] < 0))
+            return moe__set_err(err, errsz, MOE_EFORMAT, "%s: tensor \"%s\" [%zu] = %g is not a valid moment", path,
+                                name, j, (double)dst[j]);
+    return MOE_OK;
+}
+
+/* Two passes over the file, so that a failure leaves the trainer as it was
+ * (a resume that fails must not leave half the moments of another run):
+ * the first converts and checks every moment into a scratch buffer the
+ * size of the largest tensor and parses the metadata; only when all of it
+ * is good, and every rank agrees, does the second pass convert the same
+ * bytes again into the optimizer, which cannot fail (same tensors, dtypes
+ * and values). A scratch copy of all moments would cost 8 bytes per
+ * parameter at the moment memory peaks. */
 int moe_trainer_load_state(moe_trainer *t, const char *dir, char *err, size_t errsz) {
     char path[4200];
     moe__st_file *f = NULL;
+    moe_model *m = t->m;
+    loaded_state s = {0};
+    float *scratch = NULL;
     int rc = moe__ckpt_path(dir, "optimizer.safetensors", path, sizeof path, err, errsz);
     if (!rc) rc = moe__st_open(path, &f, err, errsz);
-    moe_model *m = t->m;
-    char name[128];
+    size_t most = 1;
+    for (int i = 0; i < m->n_tensors; i++)
+        if (m->tensors[i].numel > most) most = m->tensors[i].numel;
+    if (!rc && !(scratch = moe__malloc(most * sizeof(float))))
+        rc = moe__set_err(err, errsz, MOE_ENOMEM, "%s: out of memory", path);
+    for (int i = 0; i < 2 * m->n_tensors && !rc; i++) rc = read_moment(t, f, path, i, scratch, err, errsz);
+    if (!rc) rc = parse_state(f, path, &s, err, errsz);
+    moe__free(scratch);
+    rc = moe__model_agree(m, rc, err, errsz); /* each rank read its own experts' moments */
     for (int i = 0; i < 2 * m->n_tensors && !rc; i++) {
         const moe_param_info *pi = &m->tensors[i % m->n_tensors];
-        snprintf(name, sizeof name, "%s.%s", i < m->n_tensors ? "m" : "v", pi->name);
-        const moe__st_tensor *st = moe__st_find(f, name);
-        if (!st || st->numel != pi->numel)
-            rc = moe__set_err(err, errsz, MOE_EFORMAT, "%s: tensor \"%s\" missing or of the wrong size", path, name);
-        else
-            rc = moe__st_read_f32(st, (i < m->n_tensors ? moe_adamw_m(t->opt) : moe_adamw_v(t->opt)) + pi->offset,
-                                  pi->numel);
-    }
-    const char *keys[] = {"step", "rng0", "rng1", "rng2", "rng3", "tokens"};
-    const char *vals[6];
-    for (int k = 0; k < 6 && !rc; k++) {
-        vals[k] = moe__st_meta(f, keys[k]);
-        if (!vals[k]) rc = moe__set_err(err, errsz, MOE_EFORMAT, "%s: metadata \"%s\" missing", path, keys[k]);
+        float *base = i < m->n_tensors ? moe_adamw_m(t->opt) : moe_adamw_v(t->opt);
+        (void)read_moment(t, f, path, i, base + pi->offset, err, errsz);
     }
     if (!rc) {
-        char *end;
-        long step = strtol(vals[0], &end, 10);
-        if (*end || step < 0 || step > 1L << 30) rc = moe__set_err(err, errsz, MOE_EFORMAT, "%s: bad step", path);
-        for (int k = 0; k < 4 && !rc; k++) {
-            t->rng.s[k] = strtoull(vals[1 + k], &end, 16);
-            if (*end || strlen(vals[1 + k]) != 16) rc = moe__set_err(err, errsz, MOE_EFORMAT, "%s: bad rng state", path);
-        }
-        if (!rc) {
-            moe_adamw_set_step(t->opt, (int)step);
-            t->tokens = strtod(vals[5], NULL);
-        }
+        moe_adamw_set_step(t->opt, s.step);
+        for (int k = 0; k < 4; k++) t->rng.s[k] = s.rng[k];
+        t->tokens = s.tokens;
+        t->n_skipped = s.n_skipped, t->n_spikes = s.n_spikes, t->n_ema = s.n_ema;
+        t->loss_ema = s.loss_ema;
+        t->consecutive_skips = 0;
     }
-    if (!rc) rc = load_numerics(t, f, path, err, errsz);
     moe__st_close(f);
-    return moe__model_agree(m, rc, err, errsz); /* each rank read its own experts' moments */
+    return rc;
 }
