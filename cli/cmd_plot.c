@@ -2,11 +2,9 @@
  * SVG, e.g. the MoE model against its dense baseline. */
 #include "args.h"
 #include "cli.h"
-#include "io/ckpt.h"
 #include "internal.h"
-#include "io/atomic.h"
+#include "train/state_json.h"
 
-#include <cjson/cJSON.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,43 +15,30 @@ typedef struct {
     char label[160];
 } curve;
 
-/* Reads the "val" (or "train") pairs of dir/train_state.json into c. */
+/* Reads the "val" (or "train") pairs of dir/train_state.json into c (the
+ * library's checked parser, the one --resume uses). */
 static int read_curve(const char *dir, const char *key, int x_tokens, curve *c) {
-    char path[4096], err[512], *buf;
-    size_t n;
-    moe__ckpt_path(dir, "train_state.json", path, sizeof path, NULL, 0); /* a checkpoint cut short reads as the committed one */
-    if (moe__read_file(path, 64u << 20, &buf, &n, err, sizeof err)) {
+    char err[4200];
+    moe__train_state st;
+    if (moe__train_state_load(dir, &st, err, sizeof err)) {
         fprintf(stderr, "moe plot: %s\n", err);
         return 1;
     }
-    cJSON *root = cJSON_ParseWithLength(buf, n);
-    moe__free(buf);
-    const cJSON *arr = root ? cJSON_GetObjectItemCaseSensitive(root, key) : NULL;
-    const cJSON *steps = root ? cJSON_GetObjectItemCaseSensitive(root, "step") : NULL;
-    const cJSON *toks = root ? cJSON_GetObjectItemCaseSensitive(root, "tokens") : NULL;
-    if (!cJSON_IsArray(arr)) {
-        fprintf(stderr, "moe plot: %s: no \"%s\" curve\n", path, key);
-        cJSON_Delete(root);
+    const moe__train_curve *k = strcmp(key, "train") ? &st.val : &st.train;
+    /* tokens per step, to put runs of different batch sizes on one axis */
+    const double tps = st.step > 0 ? st.tokens / st.step : 1;
+    c->x = calloc((size_t)k->n + 1, sizeof(double));
+    c->y = calloc((size_t)k->n + 1, sizeof(double));
+    if (!c->x || !c->y) {
+        fprintf(stderr, "moe plot: out of memory\n");
+        moe__train_state_free(&st);
         return 1;
     }
-    /* tokens per step, to put runs of different batch sizes on one axis */
-    const double tps = cJSON_IsNumber(steps) && cJSON_IsNumber(toks) && steps->valuedouble > 0
-                           ? toks->valuedouble / steps->valuedouble : 1;
-    int m = cJSON_GetArraySize(arr);
-    c->x = calloc((size_t)m + 1, sizeof(double));
-    c->y = calloc((size_t)m + 1, sizeof(double));
-    c->n = 0;
-    const cJSON *it;
-    cJSON_ArrayForEach(it, arr) {
-        const cJSON *a = cJSON_GetArrayItem(it, 0), *b = cJSON_GetArrayItem(it, 1);
-        if (cJSON_IsNumber(a) && cJSON_IsNumber(b)) {
-            c->x[c->n] = x_tokens ? a->valuedouble * tps / 1e6 : a->valuedouble;
-            c->y[c->n++] = b->valuedouble;
-        }
-    }
+    for (int i = 0; i < k->n; i++) c->x[i] = x_tokens ? k->step[i] * tps / 1e6 : k->step[i], c->y[i] = k->val[i];
+    c->n = k->n;
     const char *slash = strrchr(dir, '/');
     snprintf(c->label, sizeof c->label, "%s (%s)", slash && slash[1] ? slash + 1 : dir, key);
-    cJSON_Delete(root);
+    moe__train_state_free(&st);
     return 0;
 }
 
