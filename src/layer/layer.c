@@ -530,14 +530,26 @@ int moe_layer_backward(moe_layer *l, const float *dy, float *dx) {
     if (!l->grads)
         return moe__set_err(l->err, sizeof l->err, MOE_ESTATE, "backward: layer bound without gradients");
     if (!dy) return moe__set_err(l->err, sizeof l->err, MOE_EINVAL, "backward: dy is NULL");
+    const double t0 = omp_get_wtime();
+    l->ms_a2a = 0.0;
     moe__dispatch_backward(l, dy);
     int rc = moe__ep_to_experts(l, l->tdy, l->dout);
     if (rc) return rc;
+    const double t2 = omp_get_wtime(), a2 = l->ms_a2a;
     moe__experts_backward(l);
+    const double t3 = omp_get_wtime();
     /* every rank takes part in the return trip, whether it wants dx or not */
     if ((rc = moe__ep_to_tokens(l, l->dxg, l->tdx))) return rc;
     if (dx) moe__dispatch_scatter_dx(l, dx);
+    const double t4 = omp_get_wtime(), a4 = l->ms_a2a;
     moe__router_backward(l, l->x, dx);
+    const double t5 = omp_get_wtime();
+    /* the mirror of the forward's phases; the all-to-alls on their own */
+    l->stats.ms_bwd_alltoall = l->ms_a2a;
+    l->stats.ms_bwd_combine = (t2 - t0) * 1e3 - a2;
+    l->stats.ms_bwd_experts = (t3 - t2) * 1e3;
+    l->stats.ms_bwd_dispatch = (t4 - t3) * 1e3 - (a4 - a2);
+    l->stats.ms_bwd_router = (t5 - t4) * 1e3;
     return MOE_OK;
 }
 
