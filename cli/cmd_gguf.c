@@ -92,10 +92,14 @@ static moe_engine *open_engine(const char *cmd, const char *path, int ctx, int b
         return NULL;
     }
     const moe_engine_hparams *h = moe_engine_get_hparams(e);
-    fprintf(stderr, "moe %s: %s: arch %s, %d layers, C %d, %d experts (k %d), F %d%s, vocab %d, %s experts, ctx %d\n",
-            cmd, path, h->arch, h->n_layer, h->n_embd, h->n_expert, k ? k : h->n_expert_used, h->n_ff_exp,
-            h->n_ff_shexp ? " + shared" : "", h->n_vocab, h->expert_type == 0 ? "F32" : h->expert_type == 1 ? "F16"
-            : h->expert_type == 30 ? "BF16" : h->expert_type == 8 ? "Q8_0" : "Q4_0", h->n_ctx);
+    /* under mpirun (expert parallelism) rank 0 reports; every rank reports its errors */
+    const int ranks = moe_dist_size(moe_get_dist());
+    if (moe_dist_rank(moe_get_dist()) == 0)
+        fprintf(stderr, "moe %s: %s: arch %s, %d layers, C %d, %d experts (k %d), F %d%s, vocab %d, %s experts, ctx %d%s\n",
+                cmd, path, h->arch, h->n_layer, h->n_embd, h->n_expert, k ? k : h->n_expert_used, h->n_ff_exp,
+                h->n_ff_shexp ? " + shared" : "", h->n_vocab, h->expert_type == 0 ? "F32" : h->expert_type == 1 ? "F16"
+                : h->expert_type == 30 ? "BF16" : h->expert_type == 8 ? "Q8_0" : "Q4_0", h->n_ctx,
+                ranks > 1 ? ", experts spread over the ranks" : "");
     return e;
 }
 
@@ -174,7 +178,7 @@ int moe_cli_gguf_generate(int argc, char **argv) {
         printf("\n");
         if (rc) fprintf(stderr, "moe generate: %s\n", moe_engine_errmsg(e)), rc = 1;
     }
-    if (!rc)
+    if (!rc && moe_dist_rank(moe_get_dist()) == 0)
         fprintf(stderr, "[prompt %zu tokens in %.3f s (%.1f t/s); %d tokens at %.2f t/s]\n", np, t1 - t0,
                 np / (t1 - t0 + 1e-12), made, made / (cli_now() - t1 + 1e-12));
     moe_sampler_free(sm);
@@ -244,7 +248,8 @@ int moe_cli_perplexity(int argc, char **argv) {
     if (chunks > 0 && (size_t)chunks * ctx < n) n = (size_t)chunks * ctx;
     moe_engine *e = open_engine("perplexity", path, ctx, batch < ctx ? batch : ctx, threads, k, no_mmap);
     if (!e) return free(ids), 1;
-    fprintf(stderr, "perplexity: calculating perplexity over %zu chunks, n_ctx=%d\n", n / ctx, ctx);
+    const int root = moe_dist_rank(moe_get_dist()) == 0;
+    if (root) fprintf(stderr, "perplexity: calculating perplexity over %zu chunks, n_ctx=%d\n", n / ctx, ctx);
     double ppl = 0, ppl_err = 0, t0 = cli_now();
     rc = moe_engine_perplexity(e, ids, n, ctx, bos, &ppl, &ppl_err, print_chunk, NULL);
     printf("\n");
@@ -252,7 +257,7 @@ int moe_cli_perplexity(int argc, char **argv) {
         fprintf(stderr, "moe perplexity: %s: %s\n", moe_strerror(rc), moe_engine_errmsg(e));
     } else {
         printf("Final estimate: PPL = %.4f +/- %.5f\n", ppl, ppl_err);
-        fprintf(stderr, "[%zu tokens in %.2f s]\n", n / ctx * ctx, cli_now() - t0);
+        if (root) fprintf(stderr, "[%zu tokens in %.2f s]\n", n / ctx * ctx, cli_now() - t0);
     }
     free(ids);
     moe_engine_free(e);

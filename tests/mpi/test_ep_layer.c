@@ -306,5 +306,6 @@ int main(int argc, char **argv) {
     mt_model_bad_batch(D);
     mt_train_nan_skip(D);
     mt_model_decode(D);
+    mt_infer_tests(D);
     return finish("layer + train");
 }
