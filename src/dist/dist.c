@@ -144,9 +144,9 @@ int moe__dist_alltoallv_rows(moe_dist *d, const float *send, const int *send_row
     return MOE_OK;
 }
 
-int moe__dist_allgatherv_rows(moe_dist *d, const float *send, float *recv, const int *rows, int cols) {
+int moe__dist_allgatherv_rows(moe_dist *d, const void *send, void *recv, const int *rows, size_t row_bytes) {
     if (d->size == 1) {
-        memmove(recv, send, sizeof(float) * (size_t)rows[0] * (size_t)cols);
+        memmove(recv, send, row_bytes * (size_t)rows[0]);
         return MOE_OK;
     }
 #ifdef MOE_MPI
@@ -160,8 +160,10 @@ int moe__dist_allgatherv_rows(moe_dist *d, const float *send, float *recv, const
         off[q] = (int)r;
         r += rows[q];
     }
+    if (row_bytes > INT_MAX)
+        return moe__set_err(d->err, sizeof d->err, MOE_ELIMIT, "all-gather: rows of %zu bytes", row_bytes);
     MPI_Datatype row;
-    MPI_CHECK(MPI_Type_contiguous(cols, MPI_FLOAT, &row), "MPI_Type_contiguous");
+    MPI_CHECK(MPI_Type_contiguous((int)row_bytes, MPI_BYTE, &row), "MPI_Type_contiguous");
     MPI_Type_commit(&row);
     const int rc = MPI_Allgatherv(send, rows[d->rank], row, recv, rows, off, row, COMM(d));
     MPI_Type_free(&row);

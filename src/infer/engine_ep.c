@@ -130,7 +130,7 @@ int moe__engine_ep_exchange(moe__engine_ep *ep, const int *sel, int stride, int 
         for (int s = 0; s < K; s++)
             if (ep->owner[sel[(size_t)t * stride + s]] == ep->rank)
                 memcpy(ep->send + i++ * C, outs + ((size_t)t * K + s) * C, rb);
-    if (moe__dist_allgatherv_rows(ep->d, ep->send, ep->recv, ep->rows, C))
+    if (moe__dist_allgatherv_rows(ep->d, ep->send, ep->recv, ep->rows, rb))
         return moe__set_err(err, errsz, MOE_EIO, "expert parallelism: %s", moe_dist_errmsg(ep->d));
     /* the other ranks' rows back into their (token, slot) places */
     int acc = 0;

@@ -13,6 +13,7 @@
 #include "dist/dist.h"
 
 #include <omp.h>
+#include <stdlib.h>
 #include <string.h>
 
 static int dist_err(moe_layer *l, int rc) {
@@ -133,4 +134,73 @@ int moe__ep_to_tokens(moe_layer *l, const float *exp, float *tok) {
     int rc = moe__dist_alltoallv_rows(l->dist, l->ep_buf, l->ep_recv, tok, l->ep_send, l->cfg.d_model);
     l->ms_a2a += (omp_get_wtime() - t0) * 1e3;
     return rc ? dist_err(l, rc) : MOE_OK;
+}
+
+/* Probability order of the capacity: higher score first, then the lower
+ * global slot (as one process orders its slots); by expert first. */
+static int by_cand(const void *a, const void *b) {
+    const struct moe__ep_cand *x = a, *y = b;
+    if (x->e != y->e) return x->e < y->e ? -1 : 1;
+    if (x->s != y->s) return x->s > y->s ? -1 : 1;
+    return (x->slot > y->slot) - (x->slot < y->slot);
+}
+
+/* One process keeps, per expert, the first `cap` kept slots in slot order
+ * (arrival) or the `cap` best by score (probability). Rank r holds the
+ * global tokens after those of ranks < r, so global slot order is rank, then
+ * local slot: arrival needs only how many kept slots each expert got from the
+ * ranks before this one (one all-gather of [E] counts); probability needs
+ * each expert's cap-th best slot over all ranks (an all-gather of every
+ * rank's kept (expert, score, global slot) triples, then one sort). */
+int moe__ep_capacity(moe_layer *l, int cap) {
+    const int E = l->cfg.n_experts, R = l->n_slots, P = l->ep_size, me = l->ep_rank;
+    int *mine = l->ep_before + (size_t)P * E; /* [E]: local counts, then a cursor */
+    const double t0 = omp_get_wtime();
+    int rc = MOE_OK;
+    if (l->cfg.drop_policy == MOE_DROP_ARRIVAL) {
+        memset(mine, 0, sizeof(int) * (size_t)E);
+        for (int i = 0; i < R; i++) mine[l->topk_ids[i]] += l->keep[i] != 0;
+        rc = moe__dist_allgather_int(l->dist, mine, l->ep_before, E);
+        l->ms_a2a += (omp_get_wtime() - t0) * 1e3;
+        if (rc) return dist_err(l, rc);
+        for (int e = 0; e < E; e++) {
+            long long before = 0;
+            for (int q = 0; q < me; q++) before += l->ep_before[(size_t)q * E + e];
+            mine[e] = before > cap ? cap : (int)before; /* global position of the next kept slot */
+        }
+        for (int i = 0; i < R; i++) {
+            if (!l->keep[i]) continue;
+            const int e = l->topk_ids[i];
+            if (mine[e] >= cap) l->keep[i] = 0;
+            else mine[e]++;
+        }
+        return MOE_OK;
+    }
+    struct moe__ep_cand *own = l->ep_cand, *all = l->ep_cand + R;
+    const int K = l->cfg.top_k, base = l->tok_base * K; /* token-choice slots: t K + j */
+    int m = 0;
+    for (int i = 0; i < R; i++) {
+        if (!l->keep[i]) continue;
+        const int e = l->topk_ids[i];
+        own[m++] = (struct moe__ep_cand){l->scores[(size_t)l->slot_tok[i] * E + e], base + i, e};
+    }
+    rc = moe__dist_allgather_int(l->dist, &m, l->ep_before, 1);
+    if (!rc) rc = moe__dist_allgatherv_rows(l->dist, own, all, l->ep_before, sizeof *own);
+    l->ms_a2a += (omp_get_wtime() - t0) * 1e3;
+    if (rc) return dist_err(l, rc);
+    long long tot = 0;
+    for (int q = 0; q < P; q++) tot += l->ep_before[q];
+    qsort(all, (size_t)tot, sizeof *all, by_cand);
+    for (int e = 0; e < E; e++) l->ep_thr[e].slot = -1;
+    for (long long a = 0; a < tot;) { /* expert segments of the sorted list */
+        long long b = a;
+        while (b < tot && all[b].e == all[a].e) b++;
+        if (b - a > cap) l->ep_thr[all[a].e] = all[a + cap - 1];
+        a = b;
+    }
+    for (int j = 0; j < m; j++) {
+        const struct moe__ep_cand *t = &l->ep_thr[own[j].e];
+        if (t->slot >= 0 && by_cand(&own[j], t) > 0) l->keep[own[j].slot - base] = 0;
+    }
+    return MOE_OK;
 }

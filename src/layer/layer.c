@@ -194,9 +194,6 @@ static int check_ep(const moe_layer_config *c, const moe_dist *d, char *err, siz
         return moe__set_err(err, n, MOE_EUNSUPPORTED,
                             "expert parallelism: router %d (only TOPK and NOISY_TOPK: the others rank tokens "
                             "against the whole batch)", (int)c->router);
-    if (c->capacity_factor > 0)
-        return moe__set_err(err, n, MOE_EUNSUPPORTED, "expert parallelism: capacity_factor %g (dropless only)",
-                            (double)c->capacity_factor);
     if (c->load_coef > 0 || c->aux_seq_len > 0)
         return moe__set_err(err, n, MOE_EUNSUPPORTED,
                             "expert parallelism: load_coef and aux_seq_len are not supported");
@@ -311,6 +308,9 @@ moe_layer *moe_layer_create_ep(const moe_layer_config *cfg, moe_dist *dist, int 
         ALLOC(tdx, R * C, float);
         ALLOC(ep_buf, Rx * C, float);
         ALLOC(ep_red, 2 * E + 4, double);
+        ALLOC(ep_before, (P + 1) * E, int);
+        ALLOC(ep_cand, (P + 1) * R, struct moe__ep_cand);
+        ALLOC(ep_thr, E, struct moe__ep_cand);
         ALLOC(ep_off, El + 1, int);
         ALLOC(ep_cnt, P * El, int);
         ALLOC(ep_send, P, int);
@@ -502,7 +502,7 @@ int moe_layer_forward(moe_layer *l, const float *x, int n_tokens, float *y) {
     rc = moe__router_forward(l, l->x, n_tokens);
     if (rc) return rc;
     const double t1 = omp_get_wtime(), a1 = l->ms_a2a;
-    moe__dispatch_build(l, n_tokens);
+    if ((rc = moe__dispatch_build(l, n_tokens))) return rc;
     moe__dispatch_gather(l, l->x);
     if ((rc = moe__ep_plan(l)) || (rc = moe__ep_to_experts(l, l->tx, l->xg))) return rc;
     const double t2 = omp_get_wtime(), a2 = l->ms_a2a;

@@ -45,15 +45,15 @@ static void split_tokens(enum split sp, int N, int *cnt) {
 }
 
 typedef struct stat_ref {
-    float aux, z, imp, ent, cv;
+    float aux, z, imp, ent, cv, dropped;
     int counts[64];
-    int n_tokens, n_slots;
+    int n_tokens, n_slots, capacity;
 } stat_ref;
 
 static stat_ref take_stats(const moe_layer *l, int E) {
     const moe_layer_stats *st = moe_layer_get_stats(l);
-    stat_ref s = {st->aux_loss, st->z_loss, st->importance_loss, st->router_entropy, st->load_cv, {0},
-                  st->n_tokens, st->n_slots};
+    stat_ref s = {st->aux_loss, st->z_loss, st->importance_loss, st->router_entropy, st->load_cv,
+                  st->dropped_fraction, {0}, st->n_tokens, st->n_slots, st->capacity};
     for (int e = 0; e < E; e++) s.counts[e] = st->expert_count[e];
     return s;
 }
@@ -151,6 +151,12 @@ static void run(const scenario *sc) {
         MT_CHECK(mt_close(se.imp, sr.imp, 1e-7, 1e-5), "%s: importance %.9g vs %.9g", sc->name, se.imp, sr.imp);
         MT_CHECK(mt_close(se.ent, sr.ent, 1e-6, 1e-5), "%s: entropy %.9g vs %.9g", sc->name, se.ent, sr.ent);
         MT_CHECK(mt_close(se.cv, sr.cv, 1e-6, 1e-5), "%s: load cv %.9g vs %.9g", sc->name, se.cv, sr.cv);
+        /* capacity: the global batch's capacity and dropped fraction, and drops do happen */
+        MT_CHECK(se.capacity == sr.capacity && se.dropped == sr.dropped, "%s: capacity %d dropped %.9g vs %d %.9g",
+                 sc->name, se.capacity, se.dropped, sr.capacity, sr.dropped);
+        if (sc->cfg.capacity_factor > 0)
+            MT_CHECK(sr.dropped > 0 && sr.capacity > 0, "%s: no capacity drops (%g, capacity %d)", sc->name,
+                     sr.dropped, sr.capacity);
         if (sc->skew) { /* every slot on the last rank: the other experts are empty */
             int elsewhere = 0;
             for (int e = 0; e < E - cfg.top_k; e++) elsewhere += se.counts[e];
@@ -225,10 +231,6 @@ static void errors(void) {
     moe_layer *l = moe_layer_create_ep(&c, D, &err, msg, sizeof msg);
     MT_CHECK(!l && err == MOE_EUNSUPPORTED, "expert choice under EP: err %d", err);
     c.router = MOE_ROUTER_TOPK;
-    c.capacity_factor = 1.25f;
-    l = moe_layer_create_ep(&c, D, &err, msg, sizeof msg);
-    MT_CHECK(!l && err == MOE_EUNSUPPORTED, "capacity under EP: err %d", err);
-    c.capacity_factor = 0;
     if (mt_size > 1) {
         c.n_experts = mt_size * 2 + 1;
         l = moe_layer_create_ep(&c, D, &err, msg, sizeof msg);
@@ -277,7 +279,7 @@ int main(int argc, char **argv) {
         else mt_ckpt_resume(D, argv[2]);
         return finish(argv[1]);
     }
-    scenario sc[10];
+    scenario sc[16];
     int ns = 0;
     moe_layer_config base = moe_layer_config_default(16, 24, 8, 2, 0);
     base.importance_coef = 0.05f;
@@ -299,6 +301,23 @@ int main(int argc, char **argv) {
     moe_layer_config nz = base; /* noisy top-k: the noise of a token is the same on any rank */
     nz.router = MOE_ROUTER_NOISY_TOPK;
     sc[ns++] = (scenario){"noisy topk", nz, 29, UNEVEN, 0, 0};
+    /* capacity limits: one process drops by global token order (arrival) or
+     * by score over the global batch (probability) */
+    moe_layer_config ca = base;
+    ca.capacity_factor = 1.0f;
+    sc[ns++] = (scenario){"capacity arrival", ca, 40, EVEN, 0, 0};
+    sc[ns++] = (scenario){"capacity arrival zero-token", ca, 37, UNEVEN, 0, 0};
+    sc[ns++] = (scenario){"capacity arrival skewed", ca, 33, EVEN, 1, 0};
+    moe_layer_config cp = ca;
+    cp.drop_policy = MOE_DROP_PROBABILITY;
+    sc[ns++] = (scenario){"capacity probability", cp, 45, UNEVEN, 0, 0};
+    sc[ns++] = (scenario){"capacity probability last", cp, 21, ALL_ON_LAST, 0, 0};
+    moe_layer_config cg = g; /* GShard: random routing drops first, then capacity */
+    cg.capacity_factor = 0.75f;
+    sc[ns++] = (scenario){"capacity gshard", cg, 50, EVEN, 0, 0};
+    moe_layer_config cx = a;
+    cx.capacity_factor = 1.0f, cx.drop_policy = MOE_DROP_PROBABILITY;
+    sc[ns++] = (scenario){"capacity chunks (bit-exact)", cx, 256 * P, EVEN, 0, 1};
     (void)P;
     for (int i = 0; i < ns; i++) run(&sc[i]);
     errors();

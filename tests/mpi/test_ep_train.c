@@ -19,6 +19,7 @@
 #define NTOK 6000
 
 static int32_t tokens[NTOK];
+static float g_capacity; /* the MoE layers' capacity factor (0: dropless) */
 
 static void make_data(void) {
     uint64_t s = 99;
@@ -33,6 +34,7 @@ static moe_model_config tiny(void) {
     moe_model_preset("tiny", &c);
     c.vocab_size = 64;
     c.router_bias_update_rate = 0.001f; /* global loads move the bias alike on every rank */
+    c.capacity_factor = g_capacity;
     return c;
 }
 
@@ -140,6 +142,28 @@ void mt_train_tests(moe_dist *d) {
     rc |= moe_trainer_eval(ref.t, &vr);
     MT_CHECK(rc == 0 && mt_close(ve, vr, 1e-6, 1e-5), "val loss %.9g vs %.9g", ve, vr);
     if (mt_rank == 0) printf("train P=%d: %d steps, val loss %.6f (one process %.6f)\n", P, STEPS, ve, vr);
+    free_run(&ep);
+    free_run(&ref);
+    /* a capacity limit: the drops of the global batch in global token order */
+    g_capacity = 1.0f;
+    if (make_run(&ep, d, B, NULL, MOE_NAN_ERROR) || make_run(&ref, NULL, GLOBAL_B, NULL, MOE_NAN_ERROR)) return;
+    double drops = 0;
+    for (int s = 0; s < STEPS / 2; s++) {
+        step_both(&ep, &ref, s, NULL);
+        for (int l = 0; l < moe_model_get_config(ref.m)->num_hidden_layers; l++) {
+            const moe_layer_stats *se = moe_model_layer_stats(ep.m, l), *sr = moe_model_layer_stats(ref.m, l);
+            if (!se || !sr) continue;
+            MT_CHECK(se->capacity == sr->capacity && se->dropped_fraction == sr->dropped_fraction,
+                     "capacity step %d layer %d: capacity %d dropped %.9g vs %d %.9g", s, l, se->capacity,
+                     se->dropped_fraction, sr->capacity, sr->dropped_fraction);
+            drops += sr->dropped_fraction;
+        }
+    }
+    MT_CHECK(drops > 0, "capacity factor 1: no drops in %d steps", STEPS / 2);
+    cmp_models("capacity 1.0, 10 steps", ep.m, ref.m, 1e-5, 1e-4);
+    if (mt_rank == 0) printf("train P=%d capacity 1.0: %d steps match, mean dropped fraction %.4f\n", P, STEPS / 2,
+                             drops / (STEPS / 2) / moe_model_get_config(ref.m)->num_hidden_layers);
+    g_capacity = 0;
     free_run(&ep);
     free_run(&ref);
 }
