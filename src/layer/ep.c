@@ -117,8 +117,10 @@ static void regroup(moe_layer *l, float *rank_major, float *expert_major, int to
         }
 }
 
+/* With one rank the token-side and expert-side rows are the same buffers
+ * (the layer aliases them): nothing moves. */
 int moe__ep_to_experts(moe_layer *l, const float *tok, float *exp) {
-    if (!l->dist) return MOE_OK;
+    if (!l->dist || l->ep_size == 1) return MOE_OK;
     const double t0 = omp_get_wtime();
     int rc = moe__dist_alltoallv_rows(l->dist, tok, l->ep_send, l->ep_buf, l->ep_recv, l->cfg.d_model);
     l->ms_a2a += (omp_get_wtime() - t0) * 1e3;
@@ -128,7 +130,7 @@ int moe__ep_to_experts(moe_layer *l, const float *tok, float *exp) {
 }
 
 int moe__ep_to_tokens(moe_layer *l, const float *exp, float *tok) {
-    if (!l->dist) return MOE_OK;
+    if (!l->dist || l->ep_size == 1) return MOE_OK;
     regroup(l, l->ep_buf, (float *)exp, 0);
     const double t0 = omp_get_wtime();
     int rc = moe__dist_alltoallv_rows(l->dist, l->ep_buf, l->ep_recv, tok, l->ep_send, l->cfg.d_model);

@@ -175,9 +175,10 @@ void moe_layer_free(moe_layer *l) {
                     l->blk_counts, l->blk_daux,  l->dimp,   l->ws,     l->tscr,   l->bias_load};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) moe__afree(bufs[i]);
     if (l->dist) {
-        void *ep[] = {l->tx, l->ty, l->tdy, l->tdx, l->ep_buf, l->ep_red, l->ep_off, l->ep_cnt,
-                      l->ep_send, l->ep_recv, l->ep_ntok, l->ep_cur};
+        void *ep[] = {l->ep_buf, l->ep_red, l->ep_off, l->ep_cnt, l->ep_send, l->ep_recv, l->ep_ntok, l->ep_cur,
+                      l->ep_before, l->ep_cand, l->ep_thr};
         for (size_t i = 0; i < sizeof ep / sizeof ep[0]; i++) moe__afree(ep[i]);
+        if (l->ep_size > 1) moe__afree(l->tx), moe__afree(l->ty), moe__afree(l->tdy), moe__afree(l->tdx);
     }
     moe__free(l);
 }
@@ -302,11 +303,13 @@ moe_layer *moe_layer_create_ep(const moe_layer_config *cfg, moe_dist *dist, int 
     }
     if (dist) {
         const size_t P = (size_t)l->ep_size, El = (size_t)l->e_local;
-        ALLOC(tx, R * C, float);
-        ALLOC(ty, R * C, float);
-        ALLOC(tdy, R * C, float);
-        ALLOC(tdx, R * C, float);
-        ALLOC(ep_buf, Rx * C, float);
+        if (P > 1) { /* one rank: the rows stay where they are (aliases below) */
+            ALLOC(tx, R * C, float);
+            ALLOC(ty, R * C, float);
+            ALLOC(tdy, R * C, float);
+            ALLOC(tdx, R * C, float);
+            ALLOC(ep_buf, Rx * C, float);
+        }
         ALLOC(ep_red, 2 * E + 4, double);
         ALLOC(ep_before, (P + 1) * E, int);
         ALLOC(ep_cand, (P + 1) * R, struct moe__ep_cand);
@@ -336,8 +339,8 @@ moe_layer *moe_layer_create_ep(const moe_layer_config *cfg, moe_dist *dist, int 
     } else {
         l->n_seg = (int)E;
         l->eoff = l->seg_off;
-        l->tx = l->xg, l->ty = l->out, l->tdy = l->dout, l->tdx = l->dxg;
     }
+    if (l->ep_size == 1) l->tx = l->xg, l->ty = l->out, l->tdy = l->dout, l->tdx = l->dxg;
     if (err) *err = MOE_OK;
     return l;
 
