@@ -73,7 +73,10 @@ TEST(dist_ep_layer_one_rank_is_bit_identical) {
     c.capacity_factor = 0, c.drop_policy = MOE_DROP_ARRIVAL;
 
     /* refused under expert parallelism, at creation */
-    c.router = MOE_ROUTER_EXPERT_CHOICE, c.bias_update_rate = 0;
+    c.bias_update_rate = 0;
+    c.router = MOE_ROUTER_EXPERT_CHOICE; /* the expert-parallel selection on one rank */
+    one_rank_alike(d, c);
+    c.router = MOE_ROUTER_BALANCED;
     CHECK(!moe_layer_create_ep(&c, d, &err, msg, sizeof msg) && err == MOE_EUNSUPPORTED);
     moe_dist_free(d);
 }

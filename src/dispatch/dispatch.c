@@ -7,6 +7,7 @@
  */
 #include "layer/layer_impl.h"
 
+#include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -90,13 +91,19 @@ int moe__dispatch_build(moe_layer *l, int n) {
     off[0] = 0;
     l->stats.capacity = cap;
     if (l->cfg.router == MOE_ROUTER_EXPERT_CHOICE) { /* tokens no expert took */
-        cap = moe__ec_capacity(&l->cfg, n);
+        cap = moe__ec_capacity(&l->cfg, ng > INT_MAX ? INT_MAX : (int)ng);
         l->stats.capacity = cap;
         int none = 0;
         for (int t = 0; t < n; t++) none += l->tok_off[t + 1] == l->tok_off[t];
         l->stats.dropped_fraction = n ? (float)none / n : 0.0f;
+        if (l->dist) { /* the global batch's fraction */
+            double v[2] = {none, (double)ng}; /* only the count is summed */
+            int rc = moe__ep_sum(l, v, 1);
+            if (rc) return rc;
+            l->stats.dropped_fraction = v[1] > 0 ? (float)v[0] / (float)v[1] : 0.0f;
+        }
     } else if (cap > 0 && l->dist) { /* the global batch's fraction */
-        double v[2] = {dropped - router_dropped, (double)Rg};
+        double v[2] = {dropped - router_dropped, (double)Rg}; /* only the count is summed */
         int rc = moe__ep_sum(l, v, 1);
         if (rc) return rc;
         l->stats.dropped_fraction = (float)(v[0] / v[1]);

@@ -12,6 +12,7 @@
 #include "layer/layer_impl.h"
 #include "dist/dist.h"
 
+#include <limits.h>
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
@@ -204,5 +205,71 @@ int moe__ep_capacity(moe_layer *l, int cap) {
         const struct moe__ep_cand *t = &l->ep_thr[own[j].e];
         if (t->slot >= 0 && by_cand(&own[j], t) > 0) l->keep[own[j].slot - base] = 0;
     }
+    return MOE_OK;
+}
+
+/* Expert e takes the cap tokens of the global batch with the highest score
+ * s[t][e] (ties: the lower global token), as moe__ec_select does in one
+ * process. A rank's best min(cap, n) tokens per expert hold every one of its
+ * tokens the expert can take, so those candidates travel (one all-gather),
+ * every rank sorts them and finds each expert's last taken token, and lays
+ * out the slots of its own tokens as one process does: by token, a token's
+ * slots in increasing expert id. */
+int moe__ep_ec_select(moe_layer *l, int n) {
+    const moe_layer_config *c = &l->cfg;
+    const int E = c->n_experts, P = l->ep_size;
+    const int cap = moe__ec_capacity(c, l->n_glob > INT_MAX ? INT_MAX : (int)l->n_glob);
+    const int k = cap < n ? cap : n;
+    int *chosen = l->order; /* [E][k] this rank's best tokens per expert */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(l->threads)
+    for (int e = 0; e < E; e++) moe__topk(l->scores + e, (size_t)E, 0, n, k, chosen + (size_t)e * k);
+    struct moe__ep_cand *own = l->ep_cand, *all = l->ep_cand + l->r_cap;
+    int m = 0;
+    for (int e = 0; e < E; e++)
+        for (int j = 0; j < k; j++) {
+            const int t = chosen[(size_t)e * k + j];
+            own[m++] = (struct moe__ep_cand){l->scores[(size_t)t * E + e], l->tok_base + t, e};
+        }
+    const double t0 = omp_get_wtime();
+    int rc = moe__dist_allgather_int(l->dist, &m, l->ep_before, 1);
+    if (!rc) rc = moe__dist_allgatherv_rows(l->dist, own, all, l->ep_before, sizeof *own);
+    l->ms_a2a += (omp_get_wtime() - t0) * 1e3;
+    if (rc) return dist_err(l, rc);
+    long long tot = 0;
+    for (int q = 0; q < P; q++) tot += l->ep_before[q];
+    qsort(all, (size_t)tot, sizeof *all, by_cand);
+    /* every expert has >= cap candidates: sum over ranks of min(cap, n_q) */
+    for (int e = 0; e < E; e++) l->ep_thr[e].slot = -1;
+    for (long long a = 0; a < tot;) {
+        long long b = a;
+        while (b < tot && all[b].e == all[a].e) b++;
+        if (cap > 0 && b - a >= cap) l->ep_thr[all[a].e] = all[a + cap - 1];
+        a = b;
+    }
+    /* this rank's taken (token, expert) pairs, laid out by token */
+    int *off = l->tok_off;
+    memset(off, 0, sizeof(int) * (size_t)(n + 1));
+    int r = 0;
+    for (int j = 0; j < m; j++) {
+        const struct moe__ep_cand *t = &l->ep_thr[own[j].e];
+        own[j].slot -= l->tok_base; /* local token, or -1: not taken */
+        if (t->slot < 0 || by_cand(&(struct moe__ep_cand){own[j].s, own[j].slot + l->tok_base, own[j].e}, t) > 0)
+            own[j].slot = -1;
+        else
+            off[own[j].slot + 1]++, r++;
+    }
+    for (int t = 0; t < n; t++) off[t + 1] += off[t];
+    for (int j = 0; j < m; j++) { /* own[] runs by expert: a token's slots in expert order */
+        const int t = own[j].slot;
+        if (t < 0) continue;
+        const int i = off[t]++;
+        l->slot_tok[i] = t;
+        l->topk_ids[i] = own[j].e;
+        l->topk_w[i] = c->route_scale * own[j].s;
+    }
+    for (int t = n; t > 0; t--) off[t] = off[t - 1];
+    off[0] = 0;
+    l->n_slots = r;
+    memset(l->keep, 1, (size_t)r);
     return MOE_OK;
 }

@@ -191,13 +191,16 @@ static int check_ep(const moe_layer_config *c, const moe_dist *d, char *err, siz
     if (c->n_experts % P)
         return moe__set_err(err, n, MOE_EINVAL, "expert parallelism: n_experts = %d is not a multiple of %d ranks",
                             c->n_experts, P);
-    if (c->router != MOE_ROUTER_TOPK && c->router != MOE_ROUTER_NOISY_TOPK)
+    if (c->router != MOE_ROUTER_TOPK && c->router != MOE_ROUTER_NOISY_TOPK && c->router != MOE_ROUTER_EXPERT_CHOICE)
         return moe__set_err(err, n, MOE_EUNSUPPORTED,
-                            "expert parallelism: router %d (only TOPK and NOISY_TOPK: the others rank tokens "
-                            "against the whole batch)", (int)c->router);
+                            "expert parallelism: router %d (only TOPK, NOISY_TOPK and EXPERT_CHOICE: the others "
+                            "rank tokens against the whole batch)", (int)c->router);
     if (c->load_coef > 0 || c->aux_seq_len > 0)
         return moe__set_err(err, n, MOE_EUNSUPPORTED,
                             "expert parallelism: load_coef and aux_seq_len are not supported");
+    if (c->router == MOE_ROUTER_EXPERT_CHOICE && (long long)c->max_tokens * c->n_experts * P > MAX_DIM * 64LL)
+        return moe__set_err(err, n, MOE_EINVAL, "expert parallelism: %d ranks x %d tokens x %d experts: too many rows",
+                            P, c->max_tokens, c->n_experts);
     if ((long long)c->max_tokens * c->top_k * P > MAX_DIM * 64LL)
         return moe__set_err(err, n, MOE_EINVAL, "expert parallelism: %d ranks x %d tokens x top-%d: too many rows",
                             P, c->max_tokens, c->top_k);
@@ -235,7 +238,10 @@ moe_layer *moe_layer_create_ep(const moe_layer_config *cfg, moe_dist *dist, int 
     if (cfg->router == MOE_ROUTER_EXPERT_CHOICE) {
         moe_layer_config sized = *cfg;
         sized.top_k = (int)K;
-        const size_t ec = E * (size_t)moe__ec_capacity(&sized, cfg->max_tokens);
+        size_t ec = E * (size_t)moe__ec_capacity(&sized, cfg->max_tokens);
+        /* under expert parallelism an expert's share of the global batch
+         * may all sit on one rank: up to every local token per expert */
+        if (dist && dist->size > 1) ec = E * N;
         if (ec > R) R = ec;
     }
     const size_t nchunks = (N + MOE__CHUNK - 1) / MOE__CHUNK;

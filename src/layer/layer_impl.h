@@ -181,6 +181,9 @@ int moe__ep_plan(moe_layer *l);                         /* rows per (rank, exper
 /* Capacity over the global batch in global token order (rank, then local
  * slot): clears keep[] of this rank's slots that one process would drop. */
 int moe__ep_capacity(moe_layer *l, int cap);
+/* Expert choice over the global batch: each expert takes the tokens one
+ * process would give it; this rank lays out the slots of its tokens. */
+int moe__ep_ec_select(moe_layer *l, int n);
 int moe__ep_to_experts(moe_layer *l, const float *tok, float *exp);
 int moe__ep_to_tokens(moe_layer *l, const float *exp, float *tok);
 

@@ -310,12 +310,15 @@ int moe__router_forward(moe_layer *l, const float *x, int n) {
         if (c->gshard_random && l->training) moe__gshard_random(l, n);
         break;
     case MOE_ROUTER_NOISY_TOPK: rc = moe__noisy_select(l, n); break;
-    case MOE_ROUTER_EXPERT_CHOICE: rc = moe__ec_select(l, n); break;
+    case MOE_ROUTER_EXPERT_CHOICE: /* under expert parallelism: after the agreement (a collective) */
+        if (!l->dist) rc = moe__ec_select(l, n);
+        break;
     case MOE_ROUTER_HIERARCHICAL: rc = moe__hier_select(l, n); break;
     case MOE_ROUTER_BALANCED: rc = moe__balanced_select(l, n); break;
     }
     /* under expert parallelism the ranks go on together or fail together */
     rc = moe__ep_agree(l, rc);
+    if (!rc && l->dist && c->router == MOE_ROUTER_EXPERT_CHOICE) rc = moe__ep_ec_select(l, n);
     if (rc) return rc;
     rc = router_stats(l, n, nchunks);
     if (rc) return rc;

@@ -154,7 +154,7 @@ static void run(const scenario *sc) {
         /* capacity: the global batch's capacity and dropped fraction, and drops do happen */
         MT_CHECK(se.capacity == sr.capacity && se.dropped == sr.dropped, "%s: capacity %d dropped %.9g vs %d %.9g",
                  sc->name, se.capacity, se.dropped, sr.capacity, sr.dropped);
-        if (sc->cfg.capacity_factor > 0)
+        if (sc->cfg.capacity_factor > 0 && sc->cfg.router != MOE_ROUTER_EXPERT_CHOICE)
             MT_CHECK(sr.dropped > 0 && sr.capacity > 0, "%s: no capacity drops (%g, capacity %d)", sc->name,
                      sr.dropped, sr.capacity);
         if (sc->skew) { /* every slot on the last rank: the other experts are empty */
@@ -227,9 +227,9 @@ static void errors(void) {
     moe_layer_config c = moe_layer_config_default(8, 12, 8, 2, 16);
     int err;
     char msg[256];
-    c.router = MOE_ROUTER_EXPERT_CHOICE;
+    c.router = MOE_ROUTER_BALANCED;
     moe_layer *l = moe_layer_create_ep(&c, D, &err, msg, sizeof msg);
-    MT_CHECK(!l && err == MOE_EUNSUPPORTED, "expert choice under EP: err %d", err);
+    MT_CHECK(!l && err == MOE_EUNSUPPORTED, "balanced under EP: err %d", err);
     c.router = MOE_ROUTER_TOPK;
     if (mt_size > 1) {
         c.n_experts = mt_size * 2 + 1;
@@ -279,7 +279,7 @@ int main(int argc, char **argv) {
         else mt_ckpt_resume(D, argv[2]);
         return finish(argv[1]);
     }
-    scenario sc[16];
+    scenario sc[24];
     int ns = 0;
     moe_layer_config base = moe_layer_config_default(16, 24, 8, 2, 0);
     base.importance_coef = 0.05f;
@@ -318,6 +318,15 @@ int main(int argc, char **argv) {
     moe_layer_config cx = a;
     cx.capacity_factor = 1.0f, cx.drop_policy = MOE_DROP_PROBABILITY;
     sc[ns++] = (scenario){"capacity chunks (bit-exact)", cx, 256 * P, EVEN, 0, 1};
+    /* expert choice: each expert takes its best tokens of the global batch */
+    moe_layer_config ec = base;
+    ec.router = MOE_ROUTER_EXPERT_CHOICE, ec.importance_coef = 0;
+    sc[ns++] = (scenario){"expert choice", ec, 40, EVEN, 0, 0};
+    sc[ns++] = (scenario){"expert choice zero-token", ec, 37, UNEVEN, 0, 0};
+    sc[ns++] = (scenario){"expert choice last rank", ec, 21, ALL_ON_LAST, 0, 0};
+    moe_layer_config ex = a;
+    ex.router = MOE_ROUTER_EXPERT_CHOICE, ex.capacity_factor = 1.5f;
+    sc[ns++] = (scenario){"expert choice chunks (bit-exact)", ex, 256 * P, EVEN, 0, 1};
     (void)P;
     for (int i = 0; i < ns; i++) run(&sc[i]);
     errors();
