@@ -77,6 +77,8 @@ TEST(dist_ep_layer_one_rank_is_bit_identical) {
     c.router = MOE_ROUTER_EXPERT_CHOICE; /* the expert-parallel selection on one rank */
     one_rank_alike(d, c);
     c.router = MOE_ROUTER_BALANCED;
+    one_rank_alike(d, c);
+    c.router = MOE_ROUTER_HIERARCHICAL, c.n_groups = 2, c.topk_groups = 1;
     CHECK(!moe_layer_create_ep(&c, d, &err, msg, sizeof msg) && err == MOE_EUNSUPPORTED);
     moe_dist_free(d);
 }

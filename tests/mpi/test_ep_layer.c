@@ -227,9 +227,10 @@ static void errors(void) {
     moe_layer_config c = moe_layer_config_default(8, 12, 8, 2, 16);
     int err;
     char msg[256];
-    c.router = MOE_ROUTER_BALANCED;
+    c.router = MOE_ROUTER_HIERARCHICAL, c.n_groups = 2, c.topk_groups = 1;
     moe_layer *l = moe_layer_create_ep(&c, D, &err, msg, sizeof msg);
-    MT_CHECK(!l && err == MOE_EUNSUPPORTED, "balanced under EP: err %d", err);
+    MT_CHECK(!l && err == MOE_EUNSUPPORTED, "hierarchical under EP: err %d", err);
+    c.n_groups = 0, c.topk_groups = 0;
     c.router = MOE_ROUTER_TOPK;
     if (mt_size > 1) {
         c.n_experts = mt_size * 2 + 1;
@@ -327,6 +328,9 @@ int main(int argc, char **argv) {
     moe_layer_config ex = a;
     ex.router = MOE_ROUTER_EXPERT_CHOICE, ex.capacity_factor = 1.5f;
     sc[ns++] = (scenario){"expert choice chunks (bit-exact)", ex, 256 * P, EVEN, 0, 1};
+    moe_layer_config bl = base; /* forced balance: slot j of global token t to expert (t K + j) mod E */
+    bl.router = MOE_ROUTER_BALANCED, bl.top_k = 3;
+    sc[ns++] = (scenario){"balanced", bl, 37, EVEN, 0, 0};
     (void)P;
     for (int i = 0; i < ns; i++) run(&sc[i]);
     errors();
