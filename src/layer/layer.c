@@ -191,8 +191,6 @@ static int check_ep(const moe_layer_config *c, const moe_dist *d, char *err, siz
     if (c->n_experts % P)
         return moe__set_err(err, n, MOE_EINVAL, "expert parallelism: n_experts = %d is not a multiple of %d ranks",
                             c->n_experts, P);
-    if (c->router == MOE_ROUTER_HIERARCHICAL)
-        return moe__set_err(err, n, MOE_EUNSUPPORTED, "expert parallelism: router HIERARCHICAL is not supported");
     if (c->load_coef > 0 || c->aux_seq_len > 0)
         return moe__set_err(err, n, MOE_EUNSUPPORTED,
                             "expert parallelism: load_coef and aux_seq_len are not supported");

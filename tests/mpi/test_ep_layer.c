@@ -227,10 +227,10 @@ static void errors(void) {
     moe_layer_config c = moe_layer_config_default(8, 12, 8, 2, 16);
     int err;
     char msg[256];
-    c.router = MOE_ROUTER_HIERARCHICAL, c.n_groups = 2, c.topk_groups = 1;
+    c.router = MOE_ROUTER_HIERARCHICAL, c.n_groups = 2, c.topk_groups = 1, c.load_coef = 0.01f;
     moe_layer *l = moe_layer_create_ep(&c, D, &err, msg, sizeof msg);
-    MT_CHECK(!l && err == MOE_EUNSUPPORTED, "hierarchical under EP: err %d", err);
-    c.n_groups = 0, c.topk_groups = 0;
+    MT_CHECK(!l && err == MOE_EUNSUPPORTED, "hierarchical with the load estimator under EP: err %d", err);
+    c.n_groups = 0, c.topk_groups = 0, c.load_coef = 0;
     c.router = MOE_ROUTER_TOPK;
     if (mt_size > 1) {
         c.n_experts = mt_size * 2 + 1;
@@ -331,6 +331,10 @@ int main(int argc, char **argv) {
     moe_layer_config bl = base; /* forced balance: slot j of global token t to expert (t K + j) mod E */
     bl.router = MOE_ROUTER_BALANCED, bl.top_k = 3;
     sc[ns++] = (scenario){"balanced", bl, 37, EVEN, 0, 0};
+    moe_layer_config hi = base; /* hierarchical: noisy group gate, then noisy experts in the group */
+    hi.router = MOE_ROUTER_HIERARCHICAL, hi.n_groups = 4, hi.topk_groups = 2, hi.top_k = 2;
+    sc[ns++] = (scenario){"hierarchical", hi, 41, EVEN, 0, 0};
+    sc[ns++] = (scenario){"hierarchical zero-token", hi, 30, UNEVEN, 0, 0};
     (void)P;
     for (int i = 0; i < ns; i++) run(&sc[i]);
     errors();
