@@ -80,8 +80,10 @@ TEST(dist_ep_layer_one_rank_is_bit_identical) {
     one_rank_alike(d, c);
     c.router = MOE_ROUTER_HIERARCHICAL, c.n_groups = 2, c.topk_groups = 1;
     one_rank_alike(d, c);
-    c.load_coef = 0.01f; /* the smooth load estimator is not done */
+    c.load_coef = 0.01f; /* hierarchical's smooth load estimator is not done */
     CHECK(!moe_layer_create_ep(&c, d, &err, msg, sizeof msg) && err == MOE_EUNSUPPORTED);
+    c.router = MOE_ROUTER_NOISY_TOPK, c.n_groups = 0, c.topk_groups = 0, c.load_coef = 0.1f; /* noisy top-k's is */
+    one_rank_alike(d, c);
     moe_dist_free(d);
 }
 

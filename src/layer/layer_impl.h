@@ -150,6 +150,8 @@ float moe__router_uniform(const moe_layer *l, int t, int i);
 size_t moe__noisy_ws_floats(const moe_layer_config *c);
 int moe__noisy_select(moe_layer *l, int n);
 void moe__noisy_backward(moe_layer *l, const float *x, float *dx);
+/* the load loss over the global batch, after the ranks agree (expert parallelism) */
+int moe__noisy_ep_load_loss(moe_layer *l, int n);
 /* hier.c */
 size_t moe__hier_ws_floats(const moe_layer_config *c);
 int moe__hier_select(moe_layer *l, int n);

@@ -319,6 +319,7 @@ int moe__router_forward(moe_layer *l, const float *x, int n) {
     /* under expert parallelism the ranks go on together or fail together */
     rc = moe__ep_agree(l, rc);
     if (!rc && l->dist && c->router == MOE_ROUTER_EXPERT_CHOICE) rc = moe__ep_ec_select(l, n);
+    if (!rc && l->dist && c->router == MOE_ROUTER_NOISY_TOPK) rc = moe__noisy_ep_load_loss(l, n);
     if (rc) return rc;
     rc = router_stats(l, n, nchunks);
     if (rc) return rc;

@@ -45,7 +45,7 @@ static void split_tokens(enum split sp, int N, int *cnt) {
 }
 
 typedef struct stat_ref {
-    float aux, z, imp, ent, cv, dropped;
+    float aux, z, imp, ent, cv, dropped, load;
     int counts[64];
     int n_tokens, n_slots, capacity;
 } stat_ref;
@@ -53,7 +53,7 @@ typedef struct stat_ref {
 static stat_ref take_stats(const moe_layer *l, int E) {
     const moe_layer_stats *st = moe_layer_get_stats(l);
     stat_ref s = {st->aux_loss, st->z_loss, st->importance_loss, st->router_entropy, st->load_cv,
-                  st->dropped_fraction, {0}, st->n_tokens, st->n_slots, st->capacity};
+                  st->dropped_fraction, st->load_loss, {0}, st->n_tokens, st->n_slots, st->capacity};
     for (int e = 0; e < E; e++) s.counts[e] = st->expert_count[e];
     return s;
 }
@@ -149,6 +149,8 @@ static void run(const scenario *sc) {
         MT_CHECK(mt_close(se.aux, sr.aux, 1e-7, 1e-5), "%s: aux %.9g vs %.9g", sc->name, se.aux, sr.aux);
         MT_CHECK(mt_close(se.z, sr.z, 1e-7, 1e-5), "%s: z %.9g vs %.9g", sc->name, se.z, sr.z);
         MT_CHECK(mt_close(se.imp, sr.imp, 1e-7, 1e-5), "%s: importance %.9g vs %.9g", sc->name, se.imp, sr.imp);
+        MT_CHECK(mt_close(se.load, sr.load, 1e-7, 1e-5), "%s: load loss %.9g vs %.9g", sc->name, se.load, sr.load);
+        if (sc->cfg.load_coef > 0) MT_CHECK(sr.load > 0, "%s: load loss %g", sc->name, sr.load);
         MT_CHECK(mt_close(se.ent, sr.ent, 1e-6, 1e-5), "%s: entropy %.9g vs %.9g", sc->name, se.ent, sr.ent);
         MT_CHECK(mt_close(se.cv, sr.cv, 1e-6, 1e-5), "%s: load cv %.9g vs %.9g", sc->name, se.cv, sr.cv);
         /* capacity: the global batch's capacity and dropped fraction, and drops do happen */
@@ -302,6 +304,9 @@ int main(int argc, char **argv) {
     moe_layer_config nz = base; /* noisy top-k: the noise of a token is the same on any rank */
     nz.router = MOE_ROUTER_NOISY_TOPK;
     sc[ns++] = (scenario){"noisy topk", nz, 29, UNEVEN, 0, 0};
+    moe_layer_config nl = nz; /* Shazeer et al.'s smooth load estimator over the global batch */
+    nl.load_coef = 0.1f;
+    sc[ns++] = (scenario){"noisy topk load loss", nl, 43, EVEN, 0, 0};
     /* capacity limits: one process drops by global token order (arrival) or
      * by score over the global batch (probability) */
     moe_layer_config ca = base;
