@@ -84,6 +84,8 @@ TEST(dist_ep_layer_one_rank_is_bit_identical) {
     CHECK(!moe_layer_create_ep(&c, d, &err, msg, sizeof msg) && err == MOE_EUNSUPPORTED);
     c.router = MOE_ROUTER_NOISY_TOPK, c.n_groups = 0, c.topk_groups = 0, c.load_coef = 0.1f; /* noisy top-k's is */
     one_rank_alike(d, c);
+    c.router = MOE_ROUTER_TOPK, c.load_coef = 0, c.aux_seq_len = 10; /* the sequence-wise aux loss */
+    one_rank_alike(d, c);
     moe_dist_free(d);
 }
 

@@ -64,6 +64,19 @@ int moe__ep_start(moe_layer *l, int rc, int n) {
     if (total > (1LL << 40) || base > 0x7fffffff)
         return moe__set_err(l->err, sizeof l->err, MOE_ELIMIT, "expert parallelism: %lld tokens in the global batch",
                             total);
+    /* the sequence-wise aux loss needs whole blocks on every rank (every
+     * rank sees every count: all decide alike) */
+    const int S = l->cfg.aux_seq_len;
+    if (S > 0 && l->cfg.aux_coef > 0) {
+        long long start = 0;
+        for (int q = 0; q < l->ep_size; q++) {
+            if (l->ep_ntok[q] > 0 && start % S)
+                return moe__set_err(l->err, sizeof l->err, MOE_EUNSUPPORTED,
+                                    "expert parallelism: rank %d's tokens start at global token %lld, inside a "
+                                    "block of aux_seq_len = %d (split the batch on whole blocks)", q, start, S);
+            start += l->ep_ntok[q];
+        }
+    }
     l->tok_base = (int)base;
     l->n_glob = total;
     return MOE_OK;

@@ -191,9 +191,9 @@ static int check_ep(const moe_layer_config *c, const moe_dist *d, char *err, siz
     if (c->n_experts % P)
         return moe__set_err(err, n, MOE_EINVAL, "expert parallelism: n_experts = %d is not a multiple of %d ranks",
                             c->n_experts, P);
-    if ((c->load_coef > 0 && c->router != MOE_ROUTER_NOISY_TOPK) || c->aux_seq_len > 0)
+    if (c->load_coef > 0 && c->router != MOE_ROUTER_NOISY_TOPK)
         return moe__set_err(err, n, MOE_EUNSUPPORTED,
-                            "expert parallelism: aux_seq_len, and load_coef with HIERARCHICAL, are not supported");
+                            "expert parallelism: load_coef with HIERARCHICAL is not supported");
     if (c->router == MOE_ROUTER_EXPERT_CHOICE && (long long)c->max_tokens * c->n_experts * P > MAX_DIM * 64LL)
         return moe__set_err(err, n, MOE_EINVAL, "expert parallelism: %d ranks x %d tokens x %d experts: too many rows",
                             P, c->max_tokens, c->n_experts);

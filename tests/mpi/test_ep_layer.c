@@ -257,6 +257,16 @@ static void errors(void) {
     rc = moe_layer_forward(l, x, 16, y);
     MT_CHECK(rc == 0, "forward after a failure: %s", moe_layer_errmsg(l));
     moe_layer_free(l);
+    /* the sequence-wise aux loss with a block split over two ranks: refused on every rank */
+    c.aux_seq_len = 8;
+    l = moe_layer_create_ep(&c, D, &err, msg, sizeof msg);
+    MT_CHECK(l != NULL, "create (aux_seq_len): %s", msg);
+    if (!l) return;
+    moe_layer_init(l, 1, 1.0f);
+    rc = moe_layer_forward(l, x, mt_rank == 0 ? 5 : 16, y);
+    MT_CHECK(mt_size == 1 ? rc == 0 : rc == MOE_EUNSUPPORTED, "a block over two ranks: forward returned %d (%s)", rc,
+             moe_layer_errmsg(l));
+    moe_layer_free(l);
 }
 
 static int finish(const char *what) {
@@ -336,6 +346,9 @@ int main(int argc, char **argv) {
     moe_layer_config bl = base; /* forced balance: slot j of global token t to expert (t K + j) mod E */
     bl.router = MOE_ROUTER_BALANCED, bl.top_k = 3;
     sc[ns++] = (scenario){"balanced", bl, 37, EVEN, 0, 0};
+    moe_layer_config sq = base; /* DeepSeek-V3's sequence-wise aux loss: blocks of 8 tokens, whole on each rank */
+    sq.aux_seq_len = 8, sq.aux_coef = 0.05f;
+    sc[ns++] = (scenario){"sequence-wise aux", sq, 24 * P, EVEN, 0, 0};
     moe_layer_config hi = base; /* hierarchical: noisy group gate, then noisy experts in the group */
     hi.router = MOE_ROUTER_HIERARCHICAL, hi.n_groups = 4, hi.topk_groups = 2, hi.top_k = 2;
     sc[ns++] = (scenario){"hierarchical", hi, 41, EVEN, 0, 0};
