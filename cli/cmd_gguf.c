@@ -4,11 +4,14 @@
 #include "cli.h"
 #include "internal.h"
 #include "io/atomic.h"
+#include "io/ckpt.h"
 #include "io/gguf.h"
+#include "tokenizer/tokenizer.h"
 #include "tokenizer/vocab.h"
 
 #include <errno.h>
 #include <stdio.h>
+#include <sys/stat.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -193,11 +196,37 @@ static void print_chunk(int chunk, int n_chunk, double ppl, void *user) {
     fflush(stdout);
 }
 
+static int is_dir(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+/* A `moe train` directory: its own byte-level BPE (tokenizer.json); a
+ * chunk starts with the end-of-text id, as its training documents do. */
+static int encode_own(const char *dir, const char *file, int32_t **ids, size_t *n, int *bos) {
+    char path[4096], err[512];
+    moe_tokenizer *tok = NULL;
+    char *text = NULL;
+    size_t len = 0;
+    int rc = moe__ckpt_path(dir, "tokenizer.json", path, sizeof path, err, sizeof err);
+    if (!rc) rc = moe_tokenizer_load(path, &tok, err, sizeof err);
+    if (!rc) rc = moe__read_file(file, MAX_TEXT, &text, &len, err, sizeof err);
+    if (!rc && !(*ids = malloc(sizeof(int32_t) * (len + 1))))
+        rc = MOE_ENOMEM, snprintf(err, sizeof err, "out of memory");
+    if (!rc && (rc = moe_tokenizer_encode(tok, text, len, *ids, len + 1, n)))
+        snprintf(err, sizeof err, "%s: cannot tokenize: %s", file, moe_strerror(rc));
+    if (!rc) *bos = moe_tokenizer_eos(tok);
+    if (rc) fprintf(stderr, "moe perplexity: %s\n", err);
+    moe__free(text);
+    moe_tokenizer_free(tok);
+    return rc;
+}
+
 int moe_cli_perplexity(int argc, char **argv) {
     const char *path = NULL, *file = NULL, *ids_file = NULL;
     int ctx = 512, batch = 2048, threads = 0, k = 0, chunks = -1, no_mmap = 0, bos = -1;
     cli_arg args[] = {
-        {"--model", "-m", ARG_STR, &path, "GGUF model file (required)"},
+        {"--model", "-m", ARG_STR, &path, "GGUF model file or model directory (a `moe train` run: its tokenizer) (required)"},
         {"--file", "-f", ARG_STR, &file, "text file to score (tokenized with the model's tokenizer)"},
         {"--ids-file", NULL, ARG_STR, &ids_file, "pre-tokenized input: comma-separated ids (debugging)"},
         {"--bos", NULL, ARG_INT, &bos, "with --ids-file: BOS id put at each chunk start (-1: none)"},
@@ -208,11 +237,11 @@ int moe_cli_perplexity(int argc, char **argv) {
         {"--experts-used", NULL, ARG_INT, &k, "override k, the experts per token (0: the file's)"},
         {"--no-mmap", NULL, ARG_BOOL, &no_mmap, "read the whole file instead of mapping it"},
     };
-    int rc = cli_parse("moe perplexity -m FILE.gguf -f TEXT [-c N_CTX] [-b BATCH] [-t THREADS]", args,
+    int rc = cli_parse("moe perplexity -m FILE.gguf|DIR -f TEXT [-c N_CTX] [-b BATCH] [-t THREADS]", args,
                        sizeof args / sizeof args[0], argc, argv);
     if (rc) return rc == 1 ? 0 : 2;
     if (!path || (!file && !ids_file) || ctx < 4) {
-        fprintf(stderr, "moe perplexity: -m FILE.gguf, -f TEXT (or --ids-file) and -c >= 4 are required\n");
+        fprintf(stderr, "moe perplexity: -m FILE.gguf|DIR, -f TEXT (or --ids-file) and -c >= 4 are required\n");
         return 2;
     }
     size_t len, n = 0;
@@ -225,6 +254,10 @@ int moe_cli_perplexity(int argc, char **argv) {
             return 1;
         }
         moe__free(text);
+    } else if (is_dir(path)) {
+        rc = encode_own(path, file, &ids, &n, &bos);
+        if (rc) return free(ids), 1;
+        fprintf(stderr, "perplexity: tokenized %s: %zu tokens\n", file, n);
     } else {
         moe_vocab *voc = load_vocab("perplexity", path);
         if (!voc) return 1;
