@@ -4,11 +4,14 @@
 #include "cli.h"
 #include "internal.h"
 #include "io/atomic.h"
+#include "io/ckpt.h"
 #include "io/gguf.h"
+#include "tokenizer/tokenizer.h"
 #include "tokenizer/vocab.h"
 
 #include <errno.h>
 #include <stdio.h>
+#include <sys/stat.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -92,10 +95,14 @@ static moe_engine *open_engine(const char *cmd, const char *path, int ctx, int b
         return NULL;
     }
     const moe_engine_hparams *h = moe_engine_get_hparams(e);
-    fprintf(stderr, "moe %s: %s: arch %s, %d layers, C %d, %d experts (k %d), F %d%s, vocab %d, %s experts, ctx %d\n",
-            cmd, path, h->arch, h->n_layer, h->n_embd, h->n_expert, k ? k : h->n_expert_used, h->n_ff_exp,
-            h->n_ff_shexp ? " + shared" : "", h->n_vocab, h->expert_type == 0 ? "F32" : h->expert_type == 1 ? "F16"
-            : h->expert_type == 30 ? "BF16" : h->expert_type == 8 ? "Q8_0" : "Q4_0", h->n_ctx);
+    /* under mpirun (expert parallelism) rank 0 reports; every rank reports its errors */
+    const int ranks = moe_dist_size(moe_get_dist());
+    if (moe_dist_rank(moe_get_dist()) == 0)
+        fprintf(stderr, "moe %s: %s: arch %s, %d layers, C %d, %d experts (k %d), F %d%s, vocab %d, %s experts, ctx %d%s\n",
+                cmd, path, h->arch, h->n_layer, h->n_embd, h->n_expert, k ? k : h->n_expert_used, h->n_ff_exp,
+                h->n_ff_shexp ? " + shared" : "", h->n_vocab, h->expert_type == 0 ? "F32" : h->expert_type == 1 ? "F16"
+                : h->expert_type == 30 ? "BF16" : h->expert_type == 8 ? "Q8_0" : "Q4_0", h->n_ctx,
+                ranks > 1 ? ", experts spread over the ranks" : "");
     return e;
 }
 
@@ -174,7 +181,7 @@ int moe_cli_gguf_generate(int argc, char **argv) {
         printf("\n");
         if (rc) fprintf(stderr, "moe generate: %s\n", moe_engine_errmsg(e)), rc = 1;
     }
-    if (!rc) {
+    if (!rc && moe_dist_rank(moe_get_dist()) == 0) {
         /* the bytes a decoded token reads: its active weights plus, on
          * average, half of the cache it ended with (compare with moe bench
          * bandwidth) */
@@ -238,11 +245,37 @@ static void print_chunk(int chunk, int n_chunk, double ppl, void *user) {
     fflush(stdout);
 }
 
+static int is_dir(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+/* A `moe train` directory: its own byte-level BPE (tokenizer.json); a
+ * chunk starts with the end-of-text id, as its training documents do. */
+static int encode_own(const char *dir, const char *file, int32_t **ids, size_t *n, int *bos) {
+    char path[4096], err[512];
+    moe_tokenizer *tok = NULL;
+    char *text = NULL;
+    size_t len = 0;
+    int rc = moe__ckpt_path(dir, "tokenizer.json", path, sizeof path, err, sizeof err);
+    if (!rc) rc = moe_tokenizer_load(path, &tok, err, sizeof err);
+    if (!rc) rc = moe__read_file(file, MAX_TEXT, &text, &len, err, sizeof err);
+    if (!rc && !(*ids = malloc(sizeof(int32_t) * (len + 1))))
+        rc = MOE_ENOMEM, snprintf(err, sizeof err, "out of memory");
+    if (!rc && (rc = moe_tokenizer_encode(tok, text, len, *ids, len + 1, n)))
+        snprintf(err, sizeof err, "%s: cannot tokenize: %s", file, moe_strerror(rc));
+    if (!rc) *bos = moe_tokenizer_eos(tok);
+    if (rc) fprintf(stderr, "moe perplexity: %s\n", err);
+    moe__free(text);
+    moe_tokenizer_free(tok);
+    return rc;
+}
+
 int moe_cli_perplexity(int argc, char **argv) {
     const char *path = NULL, *file = NULL, *ids_file = NULL;
     int ctx = 512, batch = 2048, threads = 0, k = 0, chunks = -1, no_mmap = 0, bos = -1;
     cli_arg args[] = {
-        {"--model", "-m", ARG_STR, &path, "GGUF model file (required)"},
+        {"--model", "-m", ARG_STR, &path, "GGUF model file or model directory (a `moe train` run: its tokenizer) (required)"},
         {"--file", "-f", ARG_STR, &file, "text file to score (tokenized with the model's tokenizer)"},
         {"--ids-file", NULL, ARG_STR, &ids_file, "pre-tokenized input: comma-separated ids (debugging)"},
         {"--bos", NULL, ARG_INT, &bos, "with --ids-file: BOS id put at each chunk start (-1: none)"},
@@ -253,11 +286,11 @@ int moe_cli_perplexity(int argc, char **argv) {
         {"--experts-used", NULL, ARG_INT, &k, "override k, the experts per token (0: the file's)"},
         {"--no-mmap", NULL, ARG_BOOL, &no_mmap, "read the whole file instead of mapping it"},
     };
-    int rc = cli_parse("moe perplexity -m FILE.gguf -f TEXT [-c N_CTX] [-b BATCH] [-t THREADS]", args,
+    int rc = cli_parse("moe perplexity -m FILE.gguf|DIR -f TEXT [-c N_CTX] [-b BATCH] [-t THREADS]", args,
                        sizeof args / sizeof args[0], argc, argv);
     if (rc) return rc == 1 ? 0 : 2;
     if (!path || (!file && !ids_file) || ctx < 4) {
-        fprintf(stderr, "moe perplexity: -m FILE.gguf, -f TEXT (or --ids-file) and -c >= 4 are required\n");
+        fprintf(stderr, "moe perplexity: -m FILE.gguf|DIR, -f TEXT (or --ids-file) and -c >= 4 are required\n");
         return 2;
     }
     size_t len, n = 0;
@@ -270,6 +303,10 @@ int moe_cli_perplexity(int argc, char **argv) {
             return 1;
         }
         moe__free(text);
+    } else if (is_dir(path)) {
+        rc = encode_own(path, file, &ids, &n, &bos);
+        if (rc) return free(ids), 1;
+        fprintf(stderr, "perplexity: tokenized %s: %zu tokens\n", file, n);
     } else {
         moe_vocab *voc = load_vocab("perplexity", path);
         if (!voc) return 1;
@@ -293,7 +330,8 @@ int moe_cli_perplexity(int argc, char **argv) {
     if (chunks > 0 && (size_t)chunks * ctx < n) n = (size_t)chunks * ctx;
     moe_engine *e = open_engine("perplexity", path, ctx, batch < ctx ? batch : ctx, threads, k, no_mmap);
     if (!e) return free(ids), 1;
-    fprintf(stderr, "perplexity: calculating perplexity over %zu chunks, n_ctx=%d\n", n / ctx, ctx);
+    const int root = moe_dist_rank(moe_get_dist()) == 0;
+    if (root) fprintf(stderr, "perplexity: calculating perplexity over %zu chunks, n_ctx=%d\n", n / ctx, ctx);
     double ppl = 0, ppl_err = 0, t0 = cli_now();
     rc = moe_engine_perplexity(e, ids, n, ctx, bos, &ppl, &ppl_err, print_chunk, NULL);
     printf("\n");
@@ -301,7 +339,7 @@ int moe_cli_perplexity(int argc, char **argv) {
         fprintf(stderr, "moe perplexity: %s: %s\n", moe_strerror(rc), moe_engine_errmsg(e));
     } else {
         printf("Final estimate: PPL = %.4f +/- %.5f\n", ppl, ppl_err);
-        fprintf(stderr, "[%zu tokens in %.2f s]\n", n / ctx * ctx, cli_now() - t0);
+        if (root) fprintf(stderr, "[%zu tokens in %.2f s]\n", n / ctx * ctx, cli_now() - t0);
     }
     free(ids);
     moe_engine_free(e);

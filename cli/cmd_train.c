@@ -38,18 +38,24 @@ static void install_stop_handlers(void) {
     sigaction(SIGTERM, &sa, NULL);
 }
 
-/* The MoE layers' forward phases of the last micro-batch, summed over layers
- * (all-to-all: expert parallelism only), or "" for a dense model. */
+/* The MoE layers' forward and backward phases of the last micro-batch,
+ * summed over layers (all-to-all: expert parallelism only), or "" for a
+ * dense model. The backward's route/dispatch/combine mirrors are one figure:
+ * the line stays short and the all-to-all and experts are what EP changes. */
 static void phase_times(const moe_model *m, char *buf, size_t n) {
-    double r = 0, a = 0, e = 0, c = 0;
+    double r = 0, a = 0, e = 0, c = 0, ba = 0, be = 0, bo = 0;
     int any = 0;
     for (int i = 0; i < moe_model_get_config(m)->num_hidden_layers; i++) {
         const moe_layer_stats *st = moe_model_layer_stats(m, i);
         if (!st) continue;
         any = 1;
         r += st->ms_router + st->ms_dispatch, a += st->ms_alltoall, e += st->ms_experts, c += st->ms_combine;
+        ba += st->ms_bwd_alltoall, be += st->ms_bwd_experts;
+        bo += st->ms_bwd_combine + st->ms_bwd_dispatch + st->ms_bwd_router;
     }
-    if (any) snprintf(buf, n, " | fwd ms route %.1f a2a %.1f experts %.1f combine %.1f", r, a, e, c);
+    if (any)
+        snprintf(buf, n, " | fwd ms route %.1f a2a %.1f experts %.1f combine %.1f | bwd a2a %.1f experts %.1f rest %.1f",
+                 r, a, e, c, ba, be, bo);
     else buf[0] = '\0';
 }
 
@@ -381,7 +387,7 @@ int moe_cli_train(int argc, char **argv) {
             fprintf(stderr, "\r[%.*s%*s] step %d  loss %.4f  val %.4f  %.0f tok/s  ETA %s   ", fill,
                     "========================", width - fill, "", step, si.loss, last_val, tps, etas);
         } else if (!quiet && (step % log_every == 0 || step == start + 1)) {
-            char ph[128];
+            char ph[192];
             phase_times(m, ph, sizeof ph);
             fprintf(stderr, "step %d loss %.4f (ce %.4f aux %.4f) val %.4f lr %.2e gnorm %.3f %.0f tok/s ETA %s%s\n", step,
                     si.loss, si.ce, si.aux, last_val, si.lr, si.grad_norm, tps, etas, ph);

@@ -221,6 +221,11 @@ typedef struct moe_layer_stats {
     float importance_cv;    /* CV over experts of sum_t (gate weight of t for e) */
     int n_slots;            /* (token, expert) pairs chosen, N K for token choice */
     double ms_alltoall;     /* expert parallelism: the forward's all-to-alls (0 otherwise) */
+    /* wall time of the last backward's phases, milliseconds, mirroring the
+     * forward's: combine (gate-scaled dy rows, gate gradients), experts,
+     * dispatch (dx rows back to tokens), router; the all-to-alls of dy and dx
+     * rows on their own (expert parallelism, 0 otherwise) */
+    double ms_bwd_combine, ms_bwd_experts, ms_bwd_dispatch, ms_bwd_router, ms_bwd_alltoall;
 } moe_layer_stats;
 
 typedef struct moe_layer moe_layer;

@@ -16,15 +16,10 @@ static void fill(float *v, size_t n, uint64_t s) {
     }
 }
 
-TEST(dist_ep_layer_one_rank_is_bit_identical) {
+/* The plain layer and the expert-parallel one on one rank, two steps. */
+static void one_rank_alike(moe_dist *d, moe_layer_config c) {
     int err;
     char msg[256];
-    if (moe_dist_is_mpi()) return; /* MPI builds: tests/mpi covers P = 1, 2, 4 */
-    moe_dist *d = moe_dist_world(&err, msg, sizeof msg);
-    CHECK_MSG(d != NULL && moe_dist_size(d) == 1, "%s", msg);
-    if (!d) return;
-    moe_layer_config c = moe_layer_config_default(16, 24, 8, 2, 50);
-    c.importance_coef = 0.05f, c.bias_update_rate = 0.01f, c.n_threads = 1;
     moe_layer *a = moe_layer_create(&c, &err, msg, sizeof msg), *b = moe_layer_create_ep(&c, d, &err, msg, sizeof msg);
     CHECK_MSG(a && b, "%s", msg);
     if (!a || !b) return;
@@ -45,6 +40,8 @@ TEST(dist_ep_layer_one_rank_is_bit_identical) {
         const moe_layer_stats *sa = moe_layer_get_stats(a), *sb = moe_layer_get_stats(b);
         CHECK(sa->aux_loss == sb->aux_loss && sa->z_loss == sb->z_loss && sa->importance_loss == sb->importance_loss);
         CHECK_EQ_INT(sb->n_tokens, 50);
+        CHECK(sa->capacity == sb->capacity && sa->dropped_fraction == sb->dropped_fraction);
+        if (c.capacity_factor > 0) CHECK_MSG(sa->dropped_fraction > 0, "no drops at capacity %d", sa->capacity);
         moe_layer_update_bias(a);
         moe_layer_update_bias(b);
         CHECK(!memcmp(moe_layer_params_ptr(a), moe_layer_params_ptr(b), sizeof(float) * total));
@@ -56,13 +53,39 @@ TEST(dist_ep_layer_one_rank_is_bit_identical) {
     CHECK_EQ_INT(moe_layer_forward(b, x, 0, yb), 0);
     moe_layer_free(a);
     moe_layer_free(b);
+}
+
+TEST(dist_ep_layer_one_rank_is_bit_identical) {
+    int err;
+    char msg[256];
+    if (moe_dist_is_mpi()) return; /* MPI builds: tests/mpi covers P = 1, 2, 4 */
+    moe_dist *d = moe_dist_world(&err, msg, sizeof msg);
+    CHECK_MSG(d != NULL && moe_dist_size(d) == 1, "%s", msg);
+    if (!d) return;
+    moe_layer_config c = moe_layer_config_default(16, 24, 8, 2, 50);
+    c.importance_coef = 0.05f, c.bias_update_rate = 0.01f, c.n_threads = 1;
+    one_rank_alike(d, c);
+    /* capacity limits, both drop policies (the expert-parallel drop code) */
+    c.capacity_factor = 1.0f;
+    one_rank_alike(d, c);
+    c.drop_policy = MOE_DROP_PROBABILITY;
+    one_rank_alike(d, c);
+    c.capacity_factor = 0, c.drop_policy = MOE_DROP_ARRIVAL;
 
     /* refused under expert parallelism, at creation */
-    c.router = MOE_ROUTER_EXPERT_CHOICE, c.bias_update_rate = 0;
+    c.bias_update_rate = 0;
+    c.router = MOE_ROUTER_EXPERT_CHOICE; /* the expert-parallel selection on one rank */
+    one_rank_alike(d, c);
+    c.router = MOE_ROUTER_BALANCED;
+    one_rank_alike(d, c);
+    c.router = MOE_ROUTER_HIERARCHICAL, c.n_groups = 2, c.topk_groups = 1;
+    one_rank_alike(d, c);
+    c.load_coef = 0.01f; /* hierarchical's smooth load estimator is not done */
     CHECK(!moe_layer_create_ep(&c, d, &err, msg, sizeof msg) && err == MOE_EUNSUPPORTED);
-    c.router = MOE_ROUTER_TOPK, c.capacity_factor = 1.0f;
-    CHECK(!moe_layer_create_ep(&c, d, &err, msg, sizeof msg) && err == MOE_EUNSUPPORTED);
-    CHECK(strstr(msg, "dropless") != NULL);
+    c.router = MOE_ROUTER_NOISY_TOPK, c.n_groups = 0, c.topk_groups = 0, c.load_coef = 0.1f; /* noisy top-k's is */
+    one_rank_alike(d, c);
+    c.router = MOE_ROUTER_TOPK, c.load_coef = 0, c.aux_seq_len = 10; /* the sequence-wise aux loss */
+    one_rank_alike(d, c);
     moe_dist_free(d);
 }
 

@@ -7,6 +7,7 @@
  */
 #include "layer/layer_impl.h"
 
+#include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,20 +46,27 @@ static void apply_capacity(moe_layer *l, int cap) {
     }
 }
 
-void moe__dispatch_build(moe_layer *l, int n) {
+int moe__dispatch_build(moe_layer *l, int n) {
     const int E = l->cfg.n_experts, K = l->cfg.top_k;
     const int R = l->n_slots;
+    /* the capacity is the global batch's under expert parallelism */
+    const long long ng = l->dist ? l->n_glob : n, Rg = ng * K;
     int cap = 0;
     /* expert choice is balanced by construction: no capacity drops */
-    if (l->training && l->cfg.capacity_factor > 0 && n > 0 && l->cfg.router != MOE_ROUTER_EXPERT_CHOICE) {
-        const double c = ceil((double)l->cfg.capacity_factor * n * K / E);
-        cap = c < 1 ? 1 : c > R ? R : (int)c;
+    if (l->training && l->cfg.capacity_factor > 0 && ng > 0 && l->cfg.router != MOE_ROUTER_EXPERT_CHOICE) {
+        const double c = ceil((double)l->cfg.capacity_factor * ng * K / E);
+        cap = c < 1 ? 1 : c > Rg ? (int)Rg : (int)c;
     }
     /* slots the router already dropped (GShard's random routing) are not
      * capacity drops: stats.dropped_fraction counts only the latter */
     int router_dropped = 0, dropped = 0;
     for (int i = 0; i < R; i++) router_dropped += !l->keep[i];
-    if (cap > 0) apply_capacity(l, cap);
+    if (cap > 0 && l->dist) {
+        int rc = moe__ep_capacity(l, cap);
+        if (rc) return rc;
+    } else if (cap > 0) {
+        apply_capacity(l, cap);
+    }
     memset(l->kept, 0, sizeof(int) * (size_t)E);
     for (int i = 0; i < R; i++) {
         if (l->keep[i]) l->kept[l->topk_ids[i]]++;
@@ -83,14 +91,26 @@ void moe__dispatch_build(moe_layer *l, int n) {
     off[0] = 0;
     l->stats.capacity = cap;
     if (l->cfg.router == MOE_ROUTER_EXPERT_CHOICE) { /* tokens no expert took */
-        cap = moe__ec_capacity(&l->cfg, n);
+        cap = moe__ec_capacity(&l->cfg, ng > INT_MAX ? INT_MAX : (int)ng);
         l->stats.capacity = cap;
         int none = 0;
         for (int t = 0; t < n; t++) none += l->tok_off[t + 1] == l->tok_off[t];
         l->stats.dropped_fraction = n ? (float)none / n : 0.0f;
+        if (l->dist) { /* the global batch's fraction */
+            double v[2] = {none, (double)ng}; /* only the count is summed */
+            int rc = moe__ep_sum(l, v, 1);
+            if (rc) return rc;
+            l->stats.dropped_fraction = v[1] > 0 ? (float)v[0] / (float)v[1] : 0.0f;
+        }
+    } else if (cap > 0 && l->dist) { /* the global batch's fraction */
+        double v[2] = {dropped - router_dropped, (double)Rg}; /* only the count is summed */
+        int rc = moe__ep_sum(l, v, 1);
+        if (rc) return rc;
+        l->stats.dropped_fraction = (float)(v[0] / v[1]);
     } else {
         l->stats.dropped_fraction = R ? (float)(dropped - router_dropped) / R : 0.0f;
     }
+    return MOE_OK;
 }
 
 void moe__dispatch_gather(moe_layer *l, const float *x) {

@@ -144,6 +144,34 @@ int moe__dist_alltoallv_rows(moe_dist *d, const float *send, const int *send_row
     return MOE_OK;
 }
 
+int moe__dist_allgatherv_rows(moe_dist *d, const void *send, void *recv, const int *rows, size_t row_bytes) {
+    if (d->size == 1) {
+        memmove(recv, send, row_bytes * (size_t)rows[0]);
+        return MOE_OK;
+    }
+#ifdef MOE_MPI
+    const int P = d->size;
+    int off[P];
+    long long r = 0;
+    for (int q = 0; q < P; q++) {
+        if (r > INT_MAX || rows[q] < 0)
+            return moe__set_err(d->err, sizeof d->err, MOE_ELIMIT, "all-gather: %d rows from rank %d after %lld",
+                                rows[q], q, r);
+        off[q] = (int)r;
+        r += rows[q];
+    }
+    if (row_bytes > INT_MAX)
+        return moe__set_err(d->err, sizeof d->err, MOE_ELIMIT, "all-gather: rows of %zu bytes", row_bytes);
+    MPI_Datatype row;
+    MPI_CHECK(MPI_Type_contiguous((int)row_bytes, MPI_BYTE, &row), "MPI_Type_contiguous");
+    MPI_Type_commit(&row);
+    const int rc = MPI_Allgatherv(send, rows[d->rank], row, recv, rows, off, row, COMM(d));
+    MPI_Type_free(&row);
+    if (rc != MPI_SUCCESS) return mpi_fail(d, rc, "MPI_Allgatherv");
+#endif
+    return MOE_OK;
+}
+
 #ifdef MOE_MPI
 static int grow_scratch(moe_dist *d, size_t bytes) {
     if (bytes <= d->scratch_bytes) return MOE_OK;

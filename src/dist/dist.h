@@ -31,6 +31,10 @@ int moe__dist_allgather_int(moe_dist *d, const int *send, int *recv, int per);
  * rank; recv receives recv_rows[s] rows from rank s, rank after rank. */
 int moe__dist_alltoallv_rows(moe_dist *d, const float *send, const int *send_rows, float *recv,
                              const int *recv_rows, int cols);
+/* Rows of row_bytes bytes: recv [sum rows] = every rank's send rows, rank
+ * after rank; rows [P] is what each rank sends (every rank passes the same
+ * rows). */
+int moe__dist_allgatherv_rows(moe_dist *d, const void *send, void *recv, const int *rows, size_t row_bytes);
 /* buf [n] = the sum over ranks of every rank's buf, added in rank order
  * (reduce-scatter by blocks, then all-gather: bandwidth 2 n per rank). */
 int moe__dist_allreduce_sum(moe_dist *d, void *buf, size_t n, moe__dist_type type);

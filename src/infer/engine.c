@@ -27,6 +27,8 @@ struct moe_engine {
     float *scores;                           /* [threads][n_ctx] */
     float *last;                             /* [V] */
     moe__kscratch ks;
+    moe__engine_ep *ep;     /* expert parallelism: NULL in one process (engine_ep.c) */
+    int ep_rc;              /* a failed exchange during the last eval */
     char errmsg[512];
 };
 
@@ -70,11 +72,24 @@ void moe_engine_free(moe_engine *e) {
     for (size_t i = 0; i < sizeof f / sizeof f[0]; i++) moe__afree(f[i]);
     moe__afree(e->ks.q);
     moe__free(e->sel), moe__free(e->cnt), moe__free(e->list);
+    moe__engine_ep_free(e->ep);
     moe__imodel_free(e->m);
     moe__free(e);
 }
 
+static int load_local(const char *path, const moe_engine_params *pp, moe_engine **out, char *err, size_t errsz);
+
 int moe_engine_load(const char *path, const moe_engine_params *pp, moe_engine **out, char *err, size_t errsz) {
+    /* under expert parallelism every rank loads; one failing fails them all */
+    const int rc = moe__engine_ep_agree(load_local(path, pp, out, err, errsz), err, errsz);
+    if (rc && *out) {
+        moe_engine_free(*out);
+        *out = NULL;
+    }
+    return rc;
+}
+
+static int load_local(const char *path, const moe_engine_params *pp, moe_engine **out, char *err, size_t errsz) {
     *out = NULL;
     moe_engine_params p = pp ? *pp : moe_engine_params_default();
     if (p.n_ctx < 0 || p.n_batch < 0 || p.experts_used < 0 || p.n_batch > (1 << 16) || p.n_ctx > (1 << 24))
@@ -109,6 +124,10 @@ int moe_engine_load(const char *path, const moe_engine_params *pp, moe_engine **
         return moe__set_err(err, errsz, rc, "%s: cannot allocate the KV cache and buffers (n_ctx %d, n_batch %d)",
                             path, p.n_ctx, p.n_batch);
     }
+    if ((rc = moe__engine_ep_create(h->n_expert, h->n_embd, (size_t)p.n_batch * e->kcap, &e->ep, err, errsz))) {
+        moe_engine_free(e);
+        return rc;
+    }
     *out = e;
     return 0;
 }
@@ -124,7 +143,10 @@ int moe_engine_set_experts_used(moe_engine *e, int k) {
     k = k ? k : e->m->hp.n_expert_used;
     if (k > e->kcap) { /* more slots per token than the buffer was sized for */
         float *o = moe__aligned_alloc(sizeof(float) * (size_t)e->p.n_batch * k * e->m->hp.n_embd);
-        if (!o) return moe__set_err(e->errmsg, sizeof e->errmsg, MOE_ENOMEM, "experts used %d: out of memory", k);
+        if (!o || (e->ep && moe__engine_ep_reserve(e->ep, (size_t)e->p.n_batch * k))) {
+            moe__afree(o);
+            return moe__set_err(e->errmsg, sizeof e->errmsg, MOE_ENOMEM, "experts used %d: out of memory", k);
+        }
         moe__afree(e->outs);
         e->outs = o, e->kcap = k;
     }
@@ -252,7 +274,9 @@ static void experts(moe_engine *e, const moe__ilayer *y, int n) {
             const int x = e->sel[(size_t)t * E + s];
             e->list[(size_t)x * e->p.n_batch + e->cnt[x]++] = t * K + s;
         }
-    for (int x = 0; x < E; x++) {
+    int x0 = 0, x1 = E;
+    if (e->ep) moe__engine_ep_range(e->ep, &x0, &x1); /* this rank's experts */
+    for (int x = x0; x < x1; x++) {
         const int m = e->cnt[x];
         if (!m) continue; /* never touched: its pages are never read */
         const int *lst = e->list + (size_t)x * e->p.n_batch;
@@ -262,6 +286,10 @@ static void experts(moe_engine *e, const moe__ilayer *y, int n) {
         swiglu(e->ge, e->ue, (size_t)m * F);
         moe__wt_matmul(&y->down_exps, x, e->ge, m, e->de, C, &e->ks, 0);
         for (int i = 0; i < m; i++) memcpy(e->outs + (size_t)lst[i] * C, e->de + (size_t)i * C, sizeof(float) * C);
+    }
+    if (e->ep) { /* every rank exchanges, even after a failure, so none waits */
+        const int rc = moe__engine_ep_exchange(e->ep, e->sel, E, n, K, e->outs, e->errmsg, sizeof e->errmsg);
+        if (rc && !e->ep_rc) e->ep_rc = rc;
     }
     for (int t = 0; t < n; t++) { /* weighted sum in top-k order, as llama.cpp adds the slots */
         float *o = e->tmp + (size_t)t * C;
@@ -350,7 +378,9 @@ int moe_engine_eval(moe_engine *e, const int32_t *tokens, int n, float *logits, 
         float *dst = all_logits ? (logits ? logits + (size_t)i * V : NULL) : (lastb ? logits : NULL);
         forward(e, tokens + i, b, dst, all_logits);
     }
-    return 0;
+    const int rc = e->ep_rc;
+    e->ep_rc = 0;
+    return rc;
 }
 
 void moe_engine_get_stats(const moe_engine *e, moe_engine_stats *out) { moe__imodel_stats(e->m, e->k, out); }

@@ -97,4 +97,23 @@ void moe__wt_row(const moe__wt *w, int mat, int r, float *out);
 /* Dot of two float vectors, fixed blocked order. */
 float moe__dot_f32(const float *a, const float *b, int n);
 
+/* ---- expert parallelism (engine_ep.c) ------------------------------------- */
+
+/* Under a communicator of P > 1 ranks (moe_set_dist) rank r computes only
+ * its experts [first, end) and the slot outputs are exchanged; NULL (and no
+ * collective ever) in one process. Collectives: every rank calls them in the
+ * same order. */
+typedef struct moe__engine_ep moe__engine_ep;
+/* rc of this rank's load, or of another's: every rank fails if one does */
+int moe__engine_ep_agree(int rc, char *err, size_t errsz);
+/* *out = NULL without a communicator of P > 1; rows: the slot rows to hold */
+int moe__engine_ep_create(int n_expert, int C, size_t rows, moe__engine_ep **out, char *err, size_t errsz);
+int moe__engine_ep_reserve(moe__engine_ep *ep, size_t rows);
+void moe__engine_ep_free(moe__engine_ep *ep);
+void moe__engine_ep_range(const moe__engine_ep *ep, int *first, int *end);
+/* outs [n][K][C]: this rank's experts' slots filled; on return every slot,
+ * the same on every rank. sel [n][stride]: the experts of each token. */
+int moe__engine_ep_exchange(moe__engine_ep *ep, const int *sel, int stride, int n, int K, float *outs, char *err,
+                            size_t errsz);
+
 #endif

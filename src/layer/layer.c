@@ -175,9 +175,10 @@ void moe_layer_free(moe_layer *l) {
                     l->blk_counts, l->blk_daux,  l->dimp,   l->ws,     l->tscr,   l->bias_load};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) moe__afree(bufs[i]);
     if (l->dist) {
-        void *ep[] = {l->tx, l->ty, l->tdy, l->tdx, l->ep_buf, l->ep_red, l->ep_off, l->ep_cnt,
-                      l->ep_send, l->ep_recv, l->ep_ntok, l->ep_cur};
+        void *ep[] = {l->ep_buf, l->ep_red, l->ep_off, l->ep_cnt, l->ep_send, l->ep_recv, l->ep_ntok, l->ep_cur,
+                      l->ep_before, l->ep_cand, l->ep_thr};
         for (size_t i = 0; i < sizeof ep / sizeof ep[0]; i++) moe__afree(ep[i]);
+        if (l->ep_size > 1) moe__afree(l->tx), moe__afree(l->ty), moe__afree(l->tdy), moe__afree(l->tdx);
     }
     moe__free(l);
 }
@@ -190,16 +191,12 @@ static int check_ep(const moe_layer_config *c, const moe_dist *d, char *err, siz
     if (c->n_experts % P)
         return moe__set_err(err, n, MOE_EINVAL, "expert parallelism: n_experts = %d is not a multiple of %d ranks",
                             c->n_experts, P);
-    if (c->router != MOE_ROUTER_TOPK && c->router != MOE_ROUTER_NOISY_TOPK)
+    if (c->load_coef > 0 && c->router != MOE_ROUTER_NOISY_TOPK)
         return moe__set_err(err, n, MOE_EUNSUPPORTED,
-                            "expert parallelism: router %d (only TOPK and NOISY_TOPK: the others rank tokens "
-                            "against the whole batch)", (int)c->router);
-    if (c->capacity_factor > 0)
-        return moe__set_err(err, n, MOE_EUNSUPPORTED, "expert parallelism: capacity_factor %g (dropless only)",
-                            (double)c->capacity_factor);
-    if (c->load_coef > 0 || c->aux_seq_len > 0)
-        return moe__set_err(err, n, MOE_EUNSUPPORTED,
-                            "expert parallelism: load_coef and aux_seq_len are not supported");
+                            "expert parallelism: load_coef with HIERARCHICAL is not supported");
+    if (c->router == MOE_ROUTER_EXPERT_CHOICE && (long long)c->max_tokens * c->n_experts * P > MAX_DIM * 64LL)
+        return moe__set_err(err, n, MOE_EINVAL, "expert parallelism: %d ranks x %d tokens x %d experts: too many rows",
+                            P, c->max_tokens, c->n_experts);
     if ((long long)c->max_tokens * c->top_k * P > MAX_DIM * 64LL)
         return moe__set_err(err, n, MOE_EINVAL, "expert parallelism: %d ranks x %d tokens x top-%d: too many rows",
                             P, c->max_tokens, c->top_k);
@@ -237,7 +234,10 @@ moe_layer *moe_layer_create_ep(const moe_layer_config *cfg, moe_dist *dist, int 
     if (cfg->router == MOE_ROUTER_EXPERT_CHOICE) {
         moe_layer_config sized = *cfg;
         sized.top_k = (int)K;
-        const size_t ec = E * (size_t)moe__ec_capacity(&sized, cfg->max_tokens);
+        size_t ec = E * (size_t)moe__ec_capacity(&sized, cfg->max_tokens);
+        /* under expert parallelism an expert's share of the global batch
+         * may all sit on one rank: up to every local token per expert */
+        if (dist && dist->size > 1) ec = E * N;
         if (ec > R) R = ec;
     }
     const size_t nchunks = (N + MOE__CHUNK - 1) / MOE__CHUNK;
@@ -305,12 +305,17 @@ moe_layer *moe_layer_create_ep(const moe_layer_config *cfg, moe_dist *dist, int 
     }
     if (dist) {
         const size_t P = (size_t)l->ep_size, El = (size_t)l->e_local;
-        ALLOC(tx, R * C, float);
-        ALLOC(ty, R * C, float);
-        ALLOC(tdy, R * C, float);
-        ALLOC(tdx, R * C, float);
-        ALLOC(ep_buf, Rx * C, float);
+        if (P > 1) { /* one rank: the rows stay where they are (aliases below) */
+            ALLOC(tx, R * C, float);
+            ALLOC(ty, R * C, float);
+            ALLOC(tdy, R * C, float);
+            ALLOC(tdx, R * C, float);
+            ALLOC(ep_buf, Rx * C, float);
+        }
         ALLOC(ep_red, 2 * E + 4, double);
+        ALLOC(ep_before, (P + 1) * E, int);
+        ALLOC(ep_cand, (P + 1) * R, struct moe__ep_cand);
+        ALLOC(ep_thr, E, struct moe__ep_cand);
         ALLOC(ep_off, El + 1, int);
         ALLOC(ep_cnt, P * El, int);
         ALLOC(ep_send, P, int);
@@ -336,8 +341,8 @@ moe_layer *moe_layer_create_ep(const moe_layer_config *cfg, moe_dist *dist, int 
     } else {
         l->n_seg = (int)E;
         l->eoff = l->seg_off;
-        l->tx = l->xg, l->ty = l->out, l->tdy = l->dout, l->tdx = l->dxg;
     }
+    if (l->ep_size == 1) l->tx = l->xg, l->ty = l->out, l->tdy = l->dout, l->tdx = l->dxg;
     if (err) *err = MOE_OK;
     return l;
 
@@ -502,7 +507,7 @@ int moe_layer_forward(moe_layer *l, const float *x, int n_tokens, float *y) {
     rc = moe__router_forward(l, l->x, n_tokens);
     if (rc) return rc;
     const double t1 = omp_get_wtime(), a1 = l->ms_a2a;
-    moe__dispatch_build(l, n_tokens);
+    if ((rc = moe__dispatch_build(l, n_tokens))) return rc;
     moe__dispatch_gather(l, l->x);
     if ((rc = moe__ep_plan(l)) || (rc = moe__ep_to_experts(l, l->tx, l->xg))) return rc;
     const double t2 = omp_get_wtime(), a2 = l->ms_a2a;
@@ -530,14 +535,26 @@ int moe_layer_backward(moe_layer *l, const float *dy, float *dx) {
     if (!l->grads)
         return moe__set_err(l->err, sizeof l->err, MOE_ESTATE, "backward: layer bound without gradients");
     if (!dy) return moe__set_err(l->err, sizeof l->err, MOE_EINVAL, "backward: dy is NULL");
+    const double t0 = omp_get_wtime();
+    l->ms_a2a = 0.0;
     moe__dispatch_backward(l, dy);
     int rc = moe__ep_to_experts(l, l->tdy, l->dout);
     if (rc) return rc;
+    const double t2 = omp_get_wtime(), a2 = l->ms_a2a;
     moe__experts_backward(l);
+    const double t3 = omp_get_wtime();
     /* every rank takes part in the return trip, whether it wants dx or not */
     if ((rc = moe__ep_to_tokens(l, l->dxg, l->tdx))) return rc;
     if (dx) moe__dispatch_scatter_dx(l, dx);
+    const double t4 = omp_get_wtime(), a4 = l->ms_a2a;
     moe__router_backward(l, l->x, dx);
+    const double t5 = omp_get_wtime();
+    /* the mirror of the forward's phases; the all-to-alls on their own */
+    l->stats.ms_bwd_alltoall = l->ms_a2a;
+    l->stats.ms_bwd_combine = (t2 - t0) * 1e3 - a2;
+    l->stats.ms_bwd_experts = (t3 - t2) * 1e3;
+    l->stats.ms_bwd_dispatch = (t4 - t3) * 1e3 - (a4 - a2);
+    l->stats.ms_bwd_router = (t5 - t4) * 1e3;
     return MOE_OK;
 }
 

@@ -103,6 +103,10 @@ struct moe_layer {
     float *tx, *ty, *tdy, *tdx;     /* [R][C] token-side rows (see above) */
     float *ep_buf;                  /* [P R][C] rows in rank-major order, as MPI moves them */
     double *ep_red;                 /* [2E+4] reduction vector */
+    int *ep_before;                 /* [P+1][E] capacity, arrival: kept slots per (rank, expert); a cursor */
+    struct moe__ep_cand { float s; int slot, e; } *ep_cand; /* [(P+1) R] capacity, probability:
+                                       this rank's kept slots (global slot ids), then every rank's */
+    struct moe__ep_cand *ep_thr;    /* [E] the last slot each expert keeps (slot -1: keeps all) */
     double ms_a2a;                  /* all-to-all time of the current call */
 
     moe__tile *tiles;               /* [max_tiles] */
@@ -146,6 +150,8 @@ float moe__router_uniform(const moe_layer *l, int t, int i);
 size_t moe__noisy_ws_floats(const moe_layer_config *c);
 int moe__noisy_select(moe_layer *l, int n);
 void moe__noisy_backward(moe_layer *l, const float *x, float *dx);
+/* the load loss over the global batch, after the ranks agree (expert parallelism) */
+int moe__noisy_ep_load_loss(moe_layer *l, int n);
 /* hier.c */
 size_t moe__hier_ws_floats(const moe_layer_config *c);
 int moe__hier_select(moe_layer *l, int n);
@@ -163,7 +169,7 @@ void moe__gshard_random(moe_layer *l, int n);
 void moe__biased_topk(const moe_layer *l, int t, int *ids, float *scratch /* [2E] */);
 
 /* dispatch.c */
-void moe__dispatch_build(moe_layer *l, int n);
+int moe__dispatch_build(moe_layer *l, int n); /* a collective under expert parallelism */
 void moe__dispatch_gather(moe_layer *l, const float *x);
 void moe__dispatch_combine(moe_layer *l, float *y);
 void moe__dispatch_backward(moe_layer *l, const float *dy);
@@ -174,6 +180,12 @@ int moe__ep_agree(moe_layer *l, int rc);               /* every rank returns an 
 int moe__ep_start(moe_layer *l, int rc, int n);         /* token counts, tok_base, n_glob */
 int moe__ep_sum(moe_layer *l, double *v, int n);        /* fixed-order sum over ranks */
 int moe__ep_plan(moe_layer *l);                         /* rows per (rank, expert) after dispatch_build */
+/* Capacity over the global batch in global token order (rank, then local
+ * slot): clears keep[] of this rank's slots that one process would drop. */
+int moe__ep_capacity(moe_layer *l, int cap);
+/* Expert choice over the global batch: each expert takes the tokens one
+ * process would give it; this rank lays out the slots of its tokens. */
+int moe__ep_ec_select(moe_layer *l, int n);
 int moe__ep_to_experts(moe_layer *l, const float *tok, float *exp);
 int moe__ep_to_tokens(moe_layer *l, const float *exp, float *tok);
 

@@ -675,17 +675,41 @@ int moe__model_sync_grads(moe_model *m) {
     return MOE_OK;
 }
 
+/* sum g^2 in double over 64 chunks that depend on n only, each with four
+ * interleaved accumulators, added in order: the same bits for any thread
+ * count, and not one serial chain of dependent adds over the whole model
+ * (that made the norm a visible share of a P = 1 step under mpirun) */
+static double sumsq(const float *g, size_t n, int threads) {
+    enum { NCH = 64 };
+    double part[NCH];
+    const size_t per = (n + NCH - 1) / NCH;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int ch = 0; ch < NCH; ch++) {
+        const size_t i0 = (size_t)ch * per < n ? (size_t)ch * per : n, i1 = i0 + per < n ? i0 + per : n;
+        double a[4] = {0, 0, 0, 0};
+        size_t i = i0;
+        for (; i + 4 <= i1; i += 4)
+            for (int k = 0; k < 4; k++) a[k] += (double)g[i + k] * g[i + k];
+        for (; i < i1; i++) a[0] += (double)g[i] * g[i];
+        part[ch] = (a[0] + a[1]) + (a[2] + a[3]);
+    }
+    double s = 0;
+    for (int ch = 0; ch < NCH; ch++) s += part[ch];
+    return s;
+}
+
 int moe__model_grad_norm(moe_model *m, const float *g, double *norm) {
     double v[2] = {0, 0}; /* replicated (the same on every rank), experts (this rank's) */
-    for (size_t i = 0; i < m->n_params; i++) v[0] += (double)g[i] * g[i];
-    for (int i = 0; i < m->cfg.num_hidden_layers; i++) {
-        if (!m->layers[i].moe) continue;
-        size_t lo, hi;
-        expert_block(&m->layers[i], &lo, &hi);
-        for (size_t j = lo; j < hi; j++) {
-            v[0] -= (double)g[j] * g[j];
-            v[1] += (double)g[j] * g[j];
+    size_t from = 0; /* the replicated gaps between the expert blocks, as in sync_grads */
+    for (int i = 0; i <= m->cfg.num_hidden_layers; i++) {
+        size_t lo = m->n_params, hi = m->n_params;
+        if (i < m->cfg.num_hidden_layers) {
+            if (!m->layers[i].moe) continue;
+            expert_block(&m->layers[i], &lo, &hi);
+            v[1] += sumsq(g + lo, hi - lo, m->threads);
         }
+        v[0] += sumsq(g + from, lo - from, m->threads);
+        from = hi;
     }
     if (m->dist && moe__dist_allreduce_sum(m->dist, &v[1], 1, MOE__DIST_F64))
         return moe__set_err(m->err, sizeof m->err, MOE_EIO, "gradient norm: %s", moe_dist_errmsg(m->dist));

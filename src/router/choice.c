@@ -50,8 +50,9 @@ int moe__ec_select(moe_layer *l, int n) {
 int moe__balanced_select(moe_layer *l, int n) {
     const int E = l->cfg.n_experts, K = l->cfg.top_k;
     moe__slots_token_choice(l, n, K);
+    const long long base = (long long)l->tok_base * K; /* the global slot index (expert parallelism) */
     for (int i = 0; i < n * K; i++) {
-        l->topk_ids[i] = (int)((long long)i % E);
+        l->topk_ids[i] = (int)((base + i) % E);
         l->topk_w[i] = 1.0f / K;
     }
     memset(l->keep, 1, (size_t)n * K);

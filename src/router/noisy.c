@@ -112,24 +112,36 @@ static double load_of(const float *part, size_t nch, int E, int e) {
     return s;
 }
 
-/* L_load and d L_load / d Load_i (as router.c's importance()). */
-static void load_loss(moe_layer *l, const noisy_ws *w, int n) {
+/* L_load and d L_load / d Load_i (as router.c's importance()); under expert
+ * parallelism Load is the global batch's (a fixed-order sum over ranks, so a
+ * collective: router.c calls it after the ranks agree). */
+static int load_loss(moe_layer *l, const noisy_ws *w, int n) {
     const int E = l->cfg.n_experts;
     const size_t nch = chunks_of(n);
+    double *load = l->psum; /* [E]; router_stats refills psum later */
+    for (int e = 0; e < E; e++) load[e] = load_of(w->part, nch, E, e);
+    int rc = moe__ep_sum(l, load, E);
+    if (rc) return rc;
     double m = 0.0, var = 0.0;
-    for (int e = 0; e < E; e++) m += load_of(w->part, nch, E, e);
+    for (int e = 0; e < E; e++) m += load[e];
     m /= E;
     for (int e = 0; e < E; e++) {
-        const double d = load_of(w->part, nch, E, e) - m;
+        const double d = load[e] - m;
         var += d * d;
     }
     var /= E;
     const double den = m * m + 1e-10, coef = l->cfg.load_coef;
     l->stats.load_loss = (float)(coef * var / den);
     for (int e = 0; e < E; e++) {
-        const double d = load_of(w->part, nch, E, e) - m;
+        const double d = load[e] - m;
         w->dload[e] = (float)(coef * (2.0 * d / E / den - var * 2.0 * m / E / (den * den)));
     }
+    return MOE_OK;
+}
+
+int moe__noisy_ep_load_loss(moe_layer *l, int n) {
+    const noisy_ws w = ws_of(l);
+    return w.mode[1] ? load_loss(l, &w, n) : MOE_OK;
 }
 
 int moe__noisy_select(moe_layer *l, int n) {
@@ -207,8 +219,8 @@ int moe__noisy_select(moe_layer *l, int n) {
 
     moe__slots_token_choice(l, n, K);
     memset(l->keep, 1, (size_t)n * K);
-    if (est) load_loss(l, &w, n);
-    else l->stats.load_loss = 0.0f;
+    l->stats.load_loss = 0.0f;
+    if (est && !l->dist) return load_loss(l, &w, n); /* expert parallelism: moe__noisy_ep_load_loss */
     return MOE_OK;
 }
 

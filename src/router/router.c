@@ -137,11 +137,19 @@ void moe__slots_token_choice(moe_layer *l, int n, int K) {
 
 /* Sequence-wise aux loss (DeepSeek-V3): the Switch formula on each block of
  * aux_seq_len tokens, averaged over blocks; fills blk_daux. */
-static double aux_per_block(moe_layer *l, int n) {
+static int aux_per_block(moe_layer *l, int n, double *aux) {
     const moe_layer_config *c = &l->cfg;
-    const int E = c->n_experts, S = c->aux_seq_len, nblk = (n + S - 1) / S;
+    const int E = c->n_experts, S = c->aux_seq_len, nb = (n + S - 1) / S;
+    /* under expert parallelism every rank's tokens start on a block
+     * boundary (moe__ep_start checks it): the blocks are local, their count
+     * and the sum of their losses global */
+    long long nblk = nb;
+    if (l->dist) {
+        nblk = 0;
+        for (int q = 0; q < l->ep_size; q++) nblk += (l->ep_ntok[q] + S - 1) / S;
+    }
     double total = 0.0;
-    for (int b = 0; b < nblk; b++) {
+    for (int b = 0; b < nb; b++) {
         const int t0 = b * S, t1 = t0 + S < n ? t0 + S : n, T = t1 - t0;
         const int r0 = l->tok_off[t0], r1 = l->tok_off[t1], R = r1 - r0;
         double *q = l->psum; /* reused as the block's sum of q */
@@ -161,7 +169,10 @@ static double aux_per_block(moe_layer *l, int n) {
         }
         total += c->aux_coef * E * a;
     }
-    return nblk ? total / nblk : 0.0;
+    int rc = moe__ep_sum(l, &total, 1);
+    if (rc) return rc;
+    *aux = nblk ? total / nblk : 0.0;
+    return MOE_OK;
 }
 
 /* Importance loss w CV(imp)^2, imp_e = sum of the gate weights of expert e
@@ -192,6 +203,7 @@ static int importance(moe_layer *l) {
  * the same values (n and R become the global counts). */
 static int router_stats(moe_layer *l, int n, int nchunks) {
     const moe_layer_config *c = &l->cfg;
+    const int n_local = n;
     const int E = c->n_experts;
     int R = l->n_slots;
     memset(l->counts, 0, sizeof(int) * (size_t)E);
@@ -232,7 +244,12 @@ static int router_stats(moe_layer *l, int n, int nchunks) {
         if (l->counts[e] > mx) mx = l->counts[e];
     }
     st->aux_loss = (float)(c->aux_coef * E * aux);
-    if (c->aux_seq_len > 0 && c->aux_coef > 0) st->aux_loss = (float)aux_per_block(l, n);
+    if (c->aux_seq_len > 0 && c->aux_coef > 0) {
+        double a;
+        int rc = aux_per_block(l, n_local, &a);
+        if (rc) return rc;
+        st->aux_loss = (float)a;
+    }
     st->z_loss = n ? (float)(c->z_coef * z / n) : 0.0f;
     st->router_entropy = n ? (float)(ent / n) : 0.0f;
     st->load_cv = R ? (float)(sqrt(var / E) / mean) : 0.0f;
@@ -310,12 +327,16 @@ int moe__router_forward(moe_layer *l, const float *x, int n) {
         if (c->gshard_random && l->training) moe__gshard_random(l, n);
         break;
     case MOE_ROUTER_NOISY_TOPK: rc = moe__noisy_select(l, n); break;
-    case MOE_ROUTER_EXPERT_CHOICE: rc = moe__ec_select(l, n); break;
+    case MOE_ROUTER_EXPERT_CHOICE: /* under expert parallelism: after the agreement (a collective) */
+        if (!l->dist) rc = moe__ec_select(l, n);
+        break;
     case MOE_ROUTER_HIERARCHICAL: rc = moe__hier_select(l, n); break;
     case MOE_ROUTER_BALANCED: rc = moe__balanced_select(l, n); break;
     }
     /* under expert parallelism the ranks go on together or fail together */
     rc = moe__ep_agree(l, rc);
+    if (!rc && l->dist && c->router == MOE_ROUTER_EXPERT_CHOICE) rc = moe__ep_ec_select(l, n);
+    if (!rc && l->dist && c->router == MOE_ROUTER_NOISY_TOPK) rc = moe__noisy_ep_load_loss(l, n);
     if (rc) return rc;
     rc = router_stats(l, n, nchunks);
     if (rc) return rc;

@@ -32,5 +32,6 @@ void mt_train_nan_skip(moe_dist *d);
 void mt_model_decode(moe_dist *d);
 void mt_ckpt_save(moe_dist *d, const char *dir);
 void mt_ckpt_resume(moe_dist *d, const char *dir);
+void mt_infer_tests(moe_dist *d);
 
 #endif

@@ -45,15 +45,15 @@ static void split_tokens(enum split sp, int N, int *cnt) {
 }
 
 typedef struct stat_ref {
-    float aux, z, imp, ent, cv;
+    float aux, z, imp, ent, cv, dropped, load;
     int counts[64];
-    int n_tokens, n_slots;
+    int n_tokens, n_slots, capacity;
 } stat_ref;
 
 static stat_ref take_stats(const moe_layer *l, int E) {
     const moe_layer_stats *st = moe_layer_get_stats(l);
-    stat_ref s = {st->aux_loss, st->z_loss, st->importance_loss, st->router_entropy, st->load_cv, {0},
-                  st->n_tokens, st->n_slots};
+    stat_ref s = {st->aux_loss, st->z_loss, st->importance_loss, st->router_entropy, st->load_cv,
+                  st->dropped_fraction, st->load_loss, {0}, st->n_tokens, st->n_slots, st->capacity};
     for (int e = 0; e < E; e++) s.counts[e] = st->expert_count[e];
     return s;
 }
@@ -149,8 +149,16 @@ static void run(const scenario *sc) {
         MT_CHECK(mt_close(se.aux, sr.aux, 1e-7, 1e-5), "%s: aux %.9g vs %.9g", sc->name, se.aux, sr.aux);
         MT_CHECK(mt_close(se.z, sr.z, 1e-7, 1e-5), "%s: z %.9g vs %.9g", sc->name, se.z, sr.z);
         MT_CHECK(mt_close(se.imp, sr.imp, 1e-7, 1e-5), "%s: importance %.9g vs %.9g", sc->name, se.imp, sr.imp);
+        MT_CHECK(mt_close(se.load, sr.load, 1e-7, 1e-5), "%s: load loss %.9g vs %.9g", sc->name, se.load, sr.load);
+        if (sc->cfg.load_coef > 0) MT_CHECK(sr.load > 0, "%s: load loss %g", sc->name, sr.load);
         MT_CHECK(mt_close(se.ent, sr.ent, 1e-6, 1e-5), "%s: entropy %.9g vs %.9g", sc->name, se.ent, sr.ent);
         MT_CHECK(mt_close(se.cv, sr.cv, 1e-6, 1e-5), "%s: load cv %.9g vs %.9g", sc->name, se.cv, sr.cv);
+        /* capacity: the global batch's capacity and dropped fraction, and drops do happen */
+        MT_CHECK(se.capacity == sr.capacity && se.dropped == sr.dropped, "%s: capacity %d dropped %.9g vs %d %.9g",
+                 sc->name, se.capacity, se.dropped, sr.capacity, sr.dropped);
+        if (sc->cfg.capacity_factor > 0 && sc->cfg.router != MOE_ROUTER_EXPERT_CHOICE)
+            MT_CHECK(sr.dropped > 0 && sr.capacity > 0, "%s: no capacity drops (%g, capacity %d)", sc->name,
+                     sr.dropped, sr.capacity);
         if (sc->skew) { /* every slot on the last rank: the other experts are empty */
             int elsewhere = 0;
             for (int e = 0; e < E - cfg.top_k; e++) elsewhere += se.counts[e];
@@ -159,8 +167,25 @@ static void run(const scenario *sc) {
 
         rc = moe_layer_backward(ref, dy, dxr);
         MT_CHECK(rc == 0, "%s: ref backward: %s", sc->name, moe_layer_errmsg(ref));
+        const double w0 = MPI_Wtime();
         rc = moe_layer_backward(ep, dy + (size_t)o * C, dx);
+        const double wall = (MPI_Wtime() - w0) * 1e3;
         MT_CHECK(rc == 0, "%s: ep backward: %s", sc->name, moe_layer_errmsg(ep));
+        { /* the backward's phase timers: each >= 0, together within the call's wall time; rows
+           * move (and the all-to-all takes time) only with P > 1; the router backward always runs */
+            const moe_layer_stats *st = moe_layer_get_stats(ep);
+            const double ph[5] = {st->ms_bwd_combine, st->ms_bwd_experts, st->ms_bwd_dispatch, st->ms_bwd_router,
+                                  st->ms_bwd_alltoall};
+            double sum = 0;
+            for (int i = 0; i < 5; i++) {
+                MT_CHECK(ph[i] >= 0, "%s: backward phase %d: %g ms", sc->name, i, ph[i]);
+                sum += ph[i];
+            }
+            MT_CHECK(sum <= wall + 1e-3 && sum > 0, "%s: backward phases %g ms, call %g ms", sc->name, sum, wall);
+            MT_CHECK((st->ms_bwd_alltoall > 0) == (mt_size > 1), "%s: backward all-to-all %g ms with P = %d",
+                     sc->name, st->ms_bwd_alltoall, mt_size);
+            MT_CHECK(st->ms_bwd_router > 0, "%s: backward router %g ms", sc->name, st->ms_bwd_router);
+        }
         cmp_block("dx", dx, dxr + (size_t)o * C, (size_t)n * C, 1e-6, 1e-4, &ybits);
         const float *rg = moe_layer_grads_ptr(ref), *eg = moe_layer_grads_ptr(ep);
         for (size_t b = 0; b < nrw; b++)
@@ -204,14 +229,11 @@ static void errors(void) {
     moe_layer_config c = moe_layer_config_default(8, 12, 8, 2, 16);
     int err;
     char msg[256];
-    c.router = MOE_ROUTER_EXPERT_CHOICE;
+    c.router = MOE_ROUTER_HIERARCHICAL, c.n_groups = 2, c.topk_groups = 1, c.load_coef = 0.01f;
     moe_layer *l = moe_layer_create_ep(&c, D, &err, msg, sizeof msg);
-    MT_CHECK(!l && err == MOE_EUNSUPPORTED, "expert choice under EP: err %d", err);
+    MT_CHECK(!l && err == MOE_EUNSUPPORTED, "hierarchical with the load estimator under EP: err %d", err);
+    c.n_groups = 0, c.topk_groups = 0, c.load_coef = 0;
     c.router = MOE_ROUTER_TOPK;
-    c.capacity_factor = 1.25f;
-    l = moe_layer_create_ep(&c, D, &err, msg, sizeof msg);
-    MT_CHECK(!l && err == MOE_EUNSUPPORTED, "capacity under EP: err %d", err);
-    c.capacity_factor = 0;
     if (mt_size > 1) {
         c.n_experts = mt_size * 2 + 1;
         l = moe_layer_create_ep(&c, D, &err, msg, sizeof msg);
@@ -234,6 +256,16 @@ static void errors(void) {
     /* and the layer still works after a failed call */
     rc = moe_layer_forward(l, x, 16, y);
     MT_CHECK(rc == 0, "forward after a failure: %s", moe_layer_errmsg(l));
+    moe_layer_free(l);
+    /* the sequence-wise aux loss with a block split over two ranks: refused on every rank */
+    c.aux_seq_len = 8;
+    l = moe_layer_create_ep(&c, D, &err, msg, sizeof msg);
+    MT_CHECK(l != NULL, "create (aux_seq_len): %s", msg);
+    if (!l) return;
+    moe_layer_init(l, 1, 1.0f);
+    rc = moe_layer_forward(l, x, mt_rank == 0 ? 5 : 16, y);
+    MT_CHECK(mt_size == 1 ? rc == 0 : rc == MOE_EUNSUPPORTED, "a block over two ranks: forward returned %d (%s)", rc,
+             moe_layer_errmsg(l));
     moe_layer_free(l);
 }
 
@@ -260,7 +292,7 @@ int main(int argc, char **argv) {
         else mt_ckpt_resume(D, argv[2]);
         return finish(argv[1]);
     }
-    scenario sc[10];
+    scenario sc[24];
     int ns = 0;
     moe_layer_config base = moe_layer_config_default(16, 24, 8, 2, 0);
     base.importance_coef = 0.05f;
@@ -282,6 +314,45 @@ int main(int argc, char **argv) {
     moe_layer_config nz = base; /* noisy top-k: the noise of a token is the same on any rank */
     nz.router = MOE_ROUTER_NOISY_TOPK;
     sc[ns++] = (scenario){"noisy topk", nz, 29, UNEVEN, 0, 0};
+    moe_layer_config nl = nz; /* Shazeer et al.'s smooth load estimator over the global batch */
+    nl.load_coef = 0.1f;
+    sc[ns++] = (scenario){"noisy topk load loss", nl, 43, EVEN, 0, 0};
+    /* capacity limits: one process drops by global token order (arrival) or
+     * by score over the global batch (probability) */
+    moe_layer_config ca = base;
+    ca.capacity_factor = 1.0f;
+    sc[ns++] = (scenario){"capacity arrival", ca, 40, EVEN, 0, 0};
+    sc[ns++] = (scenario){"capacity arrival zero-token", ca, 37, UNEVEN, 0, 0};
+    sc[ns++] = (scenario){"capacity arrival skewed", ca, 33, EVEN, 1, 0};
+    moe_layer_config cp = ca;
+    cp.drop_policy = MOE_DROP_PROBABILITY;
+    sc[ns++] = (scenario){"capacity probability", cp, 45, UNEVEN, 0, 0};
+    sc[ns++] = (scenario){"capacity probability last", cp, 21, ALL_ON_LAST, 0, 0};
+    moe_layer_config cg = g; /* GShard: random routing drops first, then capacity */
+    cg.capacity_factor = 0.75f;
+    sc[ns++] = (scenario){"capacity gshard", cg, 50, EVEN, 0, 0};
+    moe_layer_config cx = a;
+    cx.capacity_factor = 1.0f, cx.drop_policy = MOE_DROP_PROBABILITY;
+    sc[ns++] = (scenario){"capacity chunks (bit-exact)", cx, 256 * P, EVEN, 0, 1};
+    /* expert choice: each expert takes its best tokens of the global batch */
+    moe_layer_config ec = base;
+    ec.router = MOE_ROUTER_EXPERT_CHOICE, ec.importance_coef = 0;
+    sc[ns++] = (scenario){"expert choice", ec, 40, EVEN, 0, 0};
+    sc[ns++] = (scenario){"expert choice zero-token", ec, 37, UNEVEN, 0, 0};
+    sc[ns++] = (scenario){"expert choice last rank", ec, 21, ALL_ON_LAST, 0, 0};
+    moe_layer_config ex = a;
+    ex.router = MOE_ROUTER_EXPERT_CHOICE, ex.capacity_factor = 1.5f;
+    sc[ns++] = (scenario){"expert choice chunks (bit-exact)", ex, 256 * P, EVEN, 0, 1};
+    moe_layer_config bl = base; /* forced balance: slot j of global token t to expert (t K + j) mod E */
+    bl.router = MOE_ROUTER_BALANCED, bl.top_k = 3;
+    sc[ns++] = (scenario){"balanced", bl, 37, EVEN, 0, 0};
+    moe_layer_config sq = base; /* DeepSeek-V3's sequence-wise aux loss: blocks of 8 tokens, whole on each rank */
+    sq.aux_seq_len = 8, sq.aux_coef = 0.05f;
+    sc[ns++] = (scenario){"sequence-wise aux", sq, 24 * P, EVEN, 0, 0};
+    moe_layer_config hi = base; /* hierarchical: noisy group gate, then noisy experts in the group */
+    hi.router = MOE_ROUTER_HIERARCHICAL, hi.n_groups = 4, hi.topk_groups = 2, hi.top_k = 2;
+    sc[ns++] = (scenario){"hierarchical", hi, 41, EVEN, 0, 0};
+    sc[ns++] = (scenario){"hierarchical zero-token", hi, 30, UNEVEN, 0, 0};
     (void)P;
     for (int i = 0; i < ns; i++) run(&sc[i]);
     errors();
@@ -289,5 +360,6 @@ int main(int argc, char **argv) {
     mt_model_bad_batch(D);
     mt_train_nan_skip(D);
     mt_model_decode(D);
+    mt_infer_tests(D);
     return finish("layer + train");
 }

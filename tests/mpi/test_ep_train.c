@@ -19,20 +19,27 @@
 #define NTOK 6000
 
 static int32_t tokens[NTOK];
+static float g_capacity; /* the MoE layers' capacity factor (0: dropless) */
+static int g_expert_choice; /* the MoE layers route by expert choice */
 
-static void make_data(void) {
+/* random: no repeated (token, context) pairs, so no two tokens of a batch
+ * tie in the router scores (see the expert-choice run) */
+static void make_data_ex(int random) {
     uint64_t s = 99;
     for (int i = 0; i < NTOK; i++) { /* a learnable pattern with noise */
         s = s * 6364136223846793005ull + 1442695040888963407ull;
-        tokens[i] = (int32_t)((i * 7 + (int)((s >> 33) % 5)) % 64);
+        tokens[i] = (int32_t)(random ? (int)((s >> 33) % 64) : (i * 7 + (int)((s >> 33) % 5)) % 64);
     }
 }
+static void make_data(void) { make_data_ex(0); }
 
 static moe_model_config tiny(void) {
     moe_model_config c;
     moe_model_preset("tiny", &c);
     c.vocab_size = 64;
     c.router_bias_update_rate = 0.001f; /* global loads move the bias alike on every rank */
+    c.capacity_factor = g_capacity;
+    if (g_expert_choice) c.router_type = MOE_ROUTER_EXPERT_CHOICE, c.router_bias_update_rate = 0;
     return c;
 }
 
@@ -142,6 +149,39 @@ void mt_train_tests(moe_dist *d) {
     if (mt_rank == 0) printf("train P=%d: %d steps, val loss %.6f (one process %.6f)\n", P, STEPS, ve, vr);
     free_run(&ep);
     free_run(&ref);
+    /* a capacity limit (the drops of the global batch in global token
+     * order), then expert choice (each expert's tokens of the global batch) */
+    for (int v = 0; v < 2; v++) {
+    g_capacity = v == 0 ? 1.0f : 0.0f, g_expert_choice = v == 1;
+    make_data_ex(v == 1);
+    if (make_run(&ep, d, B, NULL, MOE_NAN_ERROR) || make_run(&ref, NULL, GLOBAL_B, NULL, MOE_NAN_ERROR)) return;
+    double drops = 0;
+    for (int s = 0; s < STEPS / 2; s++) {
+        step_both(&ep, &ref, s, NULL);
+        for (int l = 0; l < moe_model_get_config(ref.m)->num_hidden_layers; l++) {
+            const moe_layer_stats *se = moe_model_layer_stats(ep.m, l), *sr = moe_model_layer_stats(ref.m, l);
+            if (!se || !sr) continue;
+            MT_CHECK(se->capacity == sr->capacity && se->dropped_fraction == sr->dropped_fraction,
+                     "capacity step %d layer %d: capacity %d dropped %.9g vs %d %.9g", s, l, se->capacity,
+                     se->dropped_fraction, sr->capacity, sr->dropped_fraction);
+            drops += sr->dropped_fraction;
+        }
+    }
+    const char *what = v == 0 ? "capacity 1.0" : "expert choice";
+    /* Expert choice ranks tokens against the whole batch: on the patterned
+     * data, tokens with equal scores (a repeated token and context) split
+     * over ranks differ in the last bit (the router GEMM sees other rows)
+     * and can swap places at an expert's cut (parameters then drift by
+     * ~3e-5): so that run uses random tokens */
+    if (v == 0) MT_CHECK(drops > 0, "%s: no drops in %d steps", what, STEPS / 2);
+    cmp_models(what, ep.m, ref.m, 1e-5, 1e-4);
+    if (mt_rank == 0) printf("train P=%d %s: %d steps match, mean dropped fraction %.4f\n", P, what, STEPS / 2,
+                             drops / (STEPS / 2) / moe_model_get_config(ref.m)->num_hidden_layers);
+    free_run(&ep);
+    free_run(&ref);
+    }
+    g_capacity = 0, g_expert_choice = 0;
+    make_data();
 }
 
 /* save DIR: STEPS/2 steps on P ranks, then a checkpoint. */
