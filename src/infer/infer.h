@@ -69,27 +69,30 @@ void moe__imodel_free(moe__imodel *m);
 
 /* ---- kernels (kernels.c) -------------------------------------------------- */
 
-/* Scratch the matmul needs for N rows of activations of length cols:
- * Q8_0 activations (for Q8_0/Q4_0 weights) and one converted weight row per
- * thread (for F16/BF16). */
-typedef struct moe__kscratch {
-    void *q;       /* >= N * moe__gguf_row_size(Q8_0, cols) bytes */
-    float *rows;   /* [threads][16][max cols]: a block of widened rows */
-    int max_cols, threads;
-    const float *qx; /* the activations q holds (qn rows of qcols), NULL: none */
-    int qn, qcols;
-} moe__kscratch;
+static inline int moe__wt_quant(const moe__wt *w) {
+    return w->type == MOE__GGML_Q8_0 || w->type == MOE__GGML_Q4_0;
+}
 
-/* y[t][r] (row stride ldy) = sum_c W[mat][r][c] x[t][c] for t < N, r < rows.
- * x [N][cols]. Each output element is one dot product in a fixed order that
- * depends on neither N nor the thread count: a token gets bit-identical
- * results alone or inside a batch. Q8_0/Q4_0 weights dot with x quantized to
- * Q8_0 (llama.cpp's scheme); F16/BF16 rows are widened to float.
- * same_x = 1 promises x has not changed since the previous call: if that call
- * quantized the same x (same pointer, N, cols), the quantization is reused
- * (q, k and v share one input, so do an expert's gate and up). */
-void moe__wt_matmul(const moe__wt *w, int mat, const float *x, int N, float *y, int ldy, moe__kscratch *s,
-                    int same_x);
+/* [lo, hi) of n items for thread ith of nth: contiguous chunks, multiples of
+ * align except the last (empty when ith is past the end). */
+void moe__split(int n, int align, int ith, int nth, int *lo, int *hi);
+
+/* Bytes of one Q8_0 activation row of cols values. */
+size_t moe__qrow_bytes(int cols);
+/* Rows [t0, t1) of x [N][cols] to Q8_0 rows of moe__qrow_bytes(cols) at q. */
+void moe__quantize_rows(const float *x, int cols, int t0, int t1, uint8_t *q);
+
+/* y[t][r] (row stride ldy) = sum_c W[mat][r][c] x[t][c] for t < N and
+ * r_lo <= r < r_hi, on the calling thread: threads of one parallel region
+ * split the rows among themselves (moe__split with align 4). x [N][cols].
+ * Q8_0/Q4_0 weights dot with xq, x quantized by moe__quantize_rows
+ * (llama.cpp's scheme; x itself is then unused); F16/BF16 rows are widened
+ * to float into wbuf [16][wbuf_ld] (the calling thread's own). Each output
+ * element is one dot product in a fixed order that depends on neither N nor
+ * the row range: a token gets bit-identical results alone or inside a
+ * batch, with any thread count. */
+void moe__wt_matmul_rows(const moe__wt *w, int mat, const float *x, const uint8_t *xq, int N, float *y, int ldy,
+                         int r_lo, int r_hi, float *wbuf, int wbuf_ld);
 /* Row r of W[mat] to float (embedding lookups). */
 void moe__wt_row(const moe__wt *w, int mat, int r, float *out);
 /* Dot of two float vectors, fixed blocked order. */

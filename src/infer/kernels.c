@@ -1,11 +1,11 @@
-/* Matrix-times-activations kernels per weight type. Threads split the output
- * rows (each weight row is read once and dotted with every token), so at
- * decode all threads stream the same expert, and every output element is one
- * dot product in a fixed order: results are independent of the thread count
- * and of the batch the token arrived in. */
+/* Matrix-times-activations kernels per weight type. The caller's threads
+ * split the output rows (each weight row is read once and dotted with every
+ * token), so at decode all threads stream the same expert, and every output
+ * element is one dot product in a fixed order: results are independent of
+ * the thread count, of the row partition and of the batch the token arrived
+ * in. No kernel opens a parallel region: the engine runs one per forward. */
 #include "infer/infer.h"
 
-#include <omp.h>
 #include <string.h>
 
 #define ROW_BLOCK 16 /* output rows per work item */
@@ -86,29 +86,61 @@ static void float_tile(const float *w, size_t ws, int nr, const float *x, int co
         for (int t = t0; t < t1; t++) y[(size_t)t * ldy + r] = moe__dot_f32(w + (size_t)r * ws, x + (size_t)t * cols, cols);
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512DQ__)
 #define QUANT_TILES 1
-/* Q8_0/Q4_0 weights against Q8_0 activations, llama.cpp's block dot: per
- * block the integer codes are widened to int16, multiplied pairwise into
- * int32 lanes (exact), converted to float and accumulated with the product
- * of the two fp16 scales. A tile of up to 4 rows x 4 tokens widens each
- * block once for all its products; every product runs the same per-lane
+/* Q8_0/Q4_0 weights against Q8_0 activations, llama.cpp's block dot with
+ * AVX-512 VNNI: one register holds two blocks and vpdpbusd multiplies 64
+ * unsigned weight bytes by 64 signed activation bytes, four products per
+ * int32 lane. The weights are made unsigned by an offset c (Q8_0: w + 128,
+ * Q4_0: the raw nibble, i.e. (w - 8) + 8) and the accumulator starts at
+ * -c * (the lane's sum of activations), so every lane holds the exact integer
+ * sum of its four (w * x) products: no sign trick, so -128 weights are
+ * exact (activations from our quantizer lie in [-127, 127], but any int8
+ * works). Lanes are converted to float and accumulated with the product of
+ * the two fp16 scales. A tile of up to 4 rows x 4 tokens loads each block
+ * once for all its products, and every product runs the same per-lane
  * operations whatever the tile size, so a token's result does not depend
- * on the batch it came in. */
-static inline __m512i widen_block(int q4, const uint8_t *b) {
-    if (!q4) return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(b + 2)));
-    const __m128i q = _mm_loadu_si128((const __m128i *)(b + 2)), m4 = _mm_set1_epi8(15);
-    const __m256i nib = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m4), _mm_and_si128(q, m4));
-    return _mm512_sub_epi16(_mm512_cvtepu8_epi16(nib), _mm512_set1_epi16(8));
-}
-
-/* The F16C instruction, inline: the out-of-line software conversion was a
- * tenth of decode time (five calls per block at T = 1). fp16 -> f32 is exact,
- * so the value is the same as moe__gguf_fp16_to_f32's. */
+ * on the batch it came in.
+ *
+ * Lane layout. Q8_0: [block b | block b+1], 8 lanes each. Q4_0: the nibbles
+ * unpack as 128-bit quarters [lo b, lo b+1, hi b, hi b+1] (lo = values
+ * 0..15 of a block, hi = 16..31), so the activations are permuted to match
+ * and the scales follow the same quarters. */
 static inline float block_scale(const uint8_t *b) {
     uint16_t h;
     memcpy(&h, b, sizeof h);
-    return _cvtsh_ss(h);
+    return _cvtsh_ss(h); /* F16C inline: exact, as moe__gguf_fp16_to_f32 */
+}
+
+/* Blocks b and b+1 (two = 0: b only, the rest zero) of a weight row as
+ * unsigned bytes in the layout above. */
+static inline __m512i load_w(int q4, const uint8_t *blk, int two) {
+    if (!q4) {
+        const __m256i lo = _mm256_loadu_si256((const __m256i *)(blk + 2));
+        /* a missing block b+1 meets zero activations: its bytes do not matter */
+        const __m256i hi = two ? _mm256_loadu_si256((const __m256i *)(blk + 34 + 2)) : _mm256_setzero_si256();
+        return _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), _mm512_set1_epi8(-128));
+    }
+    const __m128i a = _mm_loadu_si128((const __m128i *)(blk + 2));
+    const __m128i b = two ? _mm_loadu_si128((const __m128i *)(blk + 18 + 2)) : _mm_setzero_si128();
+    const __m256i v = _mm256_set_m128i(b, a), m4 = _mm256_set1_epi8(15);
+    const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+/* Activation blocks b, b+1 (Q8_0, 34 bytes each) in the weight's layout. */
+static inline __m512i load_x(int q4, const uint8_t *blk, int two) {
+    const __m256i lo = _mm256_loadu_si256((const __m256i *)(blk + 2));
+    const __m256i hi = two ? _mm256_loadu_si256((const __m256i *)(blk + 34 + 2)) : _mm256_setzero_si256();
+    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    return q4 ? _mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(3, 1, 2, 0)) : v;
+}
+
+/* The two blocks' scales spread over the lanes of their products. */
+static inline __m512 load_d(int q4, const uint8_t *blk, size_t bs, int two) {
+    const float d0 = block_scale(blk), d1 = two ? block_scale(blk + bs) : 0.0f;
+    if (!q4) return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(d0)), _mm256_set1_ps(d1), 1);
+    return _mm512_broadcast_f32x8(_mm256_set_m128(_mm_set1_ps(d1), _mm_set1_ps(d0)));
 }
 
 /* y[t][r] = dot(w row r, xq row t), r < R, t < T (both <= 4); nb blocks.
@@ -119,26 +151,30 @@ static inline __attribute__((always_inline)) void quant_tile(int q4, const uint8
                                                              float *y, int ldy, int npf) {
     const size_t wbs = q4 ? sizeof(moe__gguf_block_q4_0) : sizeof(moe__gguf_block_q8_0);
     const size_t xbs = sizeof(moe__gguf_block_q8_0);
+    const __m512i ones = _mm512_set1_epi8(1);
     __m512 acc[4][4];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
-    for (int b = 0; b < nb; b++) {
-        __m512i wv[4], xv[4];
-        float dw[4], dx[4];
+    for (int b = 0; b < nb; b += 2) {
+        const int two = b + 1 < nb;
+        __m512i wv[4], xv[4], corr[4];
+        __m512 dw[4], dx[4];
         for (int r = 0; r < R; r++) {
             const uint8_t *blk = w + r * wrb + b * wbs;
-            wv[r] = widen_block(q4, blk), dw[r] = block_scale(blk);
+            wv[r] = load_w(q4, blk, two), dw[r] = load_d(q4, blk, wbs, two);
             /* the next 4-row tile: the loads above stalled on memory at decode */
             if (r < npf) _mm_prefetch((const char *)(blk + 4 * wrb), _MM_HINT_T0);
         }
         for (int t = 0; t < T; t++) {
             const uint8_t *blk = xq + t * xrb + b * xbs;
-            xv[t] = widen_block(0, blk), dx[t] = block_scale(blk);
+            xv[t] = load_x(q4, blk, two), dx[t] = load_d(q4, blk, xbs, two);
+            const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, xv[t]);
+            corr[t] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(s, q4 ? 3 : 7));
         }
         for (int r = 0; r < R; r++)
             for (int t = 0; t < T; t++)
-                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(wv[r], xv[t])),
-                                            _mm512_set1_ps(dw[r] * dx[t]), acc[r][t]);
+                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(corr[t], wv[r], xv[t])),
+                                            _mm512_mul_ps(dw[r], dx[t]), acc[r][t]);
     }
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) y[(size_t)t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
@@ -167,37 +203,36 @@ void moe__wt_row(const moe__wt *w, int mat, int r, float *out) {
     moe__gguf_dequantize(w->type, p, out, (size_t)w->cols); /* types checked at load */
 }
 
-/* Work below this many multiply-adds runs on the calling thread: a parallel
- * region costs microseconds on an idle machine and a scheduler slice on a
- * loaded one, more than a router [E][C] or one token's quantization. Where
- * the work runs does not change any result. */
-#define PAR_MIN_WORK (1 << 16)
+void moe__split(int n, int align, int ith, int nth, int *lo, int *hi) {
+    int chunk = (n + nth - 1) / nth;
+    chunk = (chunk + align - 1) / align * align;
+    const long a = (long)ith * chunk, b = a + chunk;
+    *lo = a < n ? (int)a : n;
+    *hi = b < n ? (int)b : n;
+}
 
-void moe__wt_matmul(const moe__wt *w, int mat, const float *x, int N, float *y, int ldy, moe__kscratch *s,
-                    int same_x) {
-    const int rows = w->rows, cols = w->cols;
-    const int quant = w->type == MOE__GGML_Q8_0 || w->type == MOE__GGML_Q4_0;
-    const size_t qrow = moe__gguf_row_size(MOE__GGML_Q8_0, (size_t)cols);
+size_t moe__qrow_bytes(int cols) { return moe__gguf_row_size(MOE__GGML_Q8_0, (size_t)cols); }
+
+void moe__quantize_rows(const float *x, int cols, int t0, int t1, uint8_t *q) {
+    const size_t qrow = moe__qrow_bytes(cols);
+    for (int t = t0; t < t1; t++) moe__gguf_quantize_q8_0(x + (size_t)t * cols, q + (size_t)t * qrow, (size_t)cols);
+}
+
+void moe__wt_matmul_rows(const moe__wt *w, int mat, const float *x, const uint8_t *xq, int N, float *y, int ldy,
+                         int r_lo, int r_hi, float *wbuf, int wbuf_ld) {
+    const int cols = w->cols;
+    const int quant = moe__wt_quant(w);
+    const size_t qrow = moe__qrow_bytes(cols);
     const uint8_t *base = moe__wt_mat(w, mat);
-    const int threads = s->threads;
-    if (quant && !(same_x && s->qx == x && s->qn == N && s->qcols == cols)) {
-#pragma omp parallel for num_threads(threads) schedule(static) if ((size_t)N * cols >= PAR_MIN_WORK)
-        for (int t = 0; t < N; t++)
-            moe__gguf_quantize_q8_0(x + (size_t)t * cols, (uint8_t *)s->q + (size_t)t * qrow, (size_t)cols);
-        s->qx = x, s->qn = N, s->qcols = cols;
-    }
-    if (!quant) s->qx = NULL; /* s->q untouched, but the caller's x may change before the next call */
-    const int nblk = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
-#pragma omp parallel for num_threads(threads) schedule(static) if ((size_t)rows * cols * N >= PAR_MIN_WORK)
-    for (int bi = 0; bi < nblk; bi++) {
-        const int r0 = bi * ROW_BLOCK, nr = rows - r0 < ROW_BLOCK ? rows - r0 : ROW_BLOCK;
+    for (int r0 = r_lo; r0 < r_hi; r0 += ROW_BLOCK) {
+        const int nr = r_hi - r0 < ROW_BLOCK ? r_hi - r0 : ROW_BLOCK;
         const uint8_t *wb = base + (size_t)r0 * w->row_bytes;
         const float *wf = (const float *)(const void *)wb; /* F32 rows, contiguous */
         size_t wstride = (size_t)cols;
         if (w->type == MOE__GGML_F16 || w->type == MOE__GGML_BF16) { /* widen the block once for all tokens */
-            float *tmp = s->rows + (size_t)omp_get_thread_num() * ROW_BLOCK * s->max_cols;
-            for (int r = 0; r < nr; r++) moe__gguf_dequantize(w->type, wb + (size_t)r * w->row_bytes, tmp + (size_t)r * s->max_cols, (size_t)cols);
-            wf = tmp, wstride = (size_t)s->max_cols;
+            for (int r = 0; r < nr; r++)
+                moe__gguf_dequantize(w->type, wb + (size_t)r * w->row_bytes, wbuf + (size_t)r * wbuf_ld, (size_t)cols);
+            wf = wbuf, wstride = (size_t)wbuf_ld;
         }
         /* token tiles keep the block's rows and a tile of activations in cache */
         for (int t0 = 0; t0 < N; t0 += TOK_BLOCK) {
@@ -207,25 +242,18 @@ void moe__wt_matmul(const moe__wt *w, int mat, const float *x, int N, float *y, 
                 continue;
             }
 #ifdef QUANT_TILES
-            quant_rows(w->type == MOE__GGML_Q4_0, wb, w->row_bytes, nr, (const uint8_t *)s->q, qrow, t0, t1,
-                       cols / MOE__GGUF_QK, y + r0, ldy);
-            continue;
-#endif
+            quant_rows(w->type == MOE__GGML_Q4_0, wb, w->row_bytes, nr, xq, qrow, t0, t1, cols / MOE__GGUF_QK,
+                       y + r0, ldy);
+#else
             for (int r = 0; r < nr; r++) {
                 const uint8_t *wr = wb + (size_t)r * w->row_bytes;
                 float *yr = y + r0 + r;
-                switch (w->type) {
-                case MOE__GGML_Q8_0:
-                    for (int t = t0; t < t1; t++)
-                        yr[(size_t)t * ldy] = moe__gguf_vec_dot_q8_0_q8_0((size_t)cols, wr, (const uint8_t *)s->q + (size_t)t * qrow);
-                    break;
-                case MOE__GGML_Q4_0:
-                    for (int t = t0; t < t1; t++)
-                        yr[(size_t)t * ldy] = moe__gguf_vec_dot_q4_0_q8_0((size_t)cols, wr, (const uint8_t *)s->q + (size_t)t * qrow);
-                    break;
-                default: break; /* float types: float_tile above */
-                }
+                for (int t = t0; t < t1; t++)
+                    yr[(size_t)t * ldy] = w->type == MOE__GGML_Q8_0
+                                              ? moe__gguf_vec_dot_q8_0_q8_0((size_t)cols, wr, xq + (size_t)t * qrow)
+                                              : moe__gguf_vec_dot_q4_0_q8_0((size_t)cols, wr, xq + (size_t)t * qrow);
             }
+#endif
         }
     }
 }
