@@ -1,0 +1,186 @@
+/* The engine's matmul kernels (src/infer/kernels.c) against double-precision
+ * sums of the integer block codes: Q8_0/Q4_0 weights (edge codes -128, 127,
+ * nibbles 0 and 15) times Q8_0 activations, odd row and block counts; plus
+ * the invariances the engine relies on: a token's result is the same alone
+ * or in a batch, and whatever row range a thread is given. */
+#include "infer/infer.h"
+#include "test.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+static uint64_t g_rng;
+static uint32_t rnd(void) {
+    g_rng = g_rng * 6364136223846793005ull + 1442695040888963407ull;
+    return (uint32_t)(g_rng >> 33);
+}
+
+/* A fp16 scale: 1.0 (exact mode) or one in [2^-7, 2). */
+static uint16_t rnd_scale(int exact) {
+    return moe__gguf_f32_to_fp16(exact ? 1.0f : ldexpf(1.0f + (float)(rnd() % 1000) / 1000.0f, -(int)(rnd() % 8)));
+}
+
+/* Q8_0 or Q4_0 weight rows [R][nb blocks]; the first row of the first block
+ * holds the extreme codes. */
+static size_t make_w(int q4, int R, int nb, int exact, uint8_t **out) {
+    const size_t bs = q4 ? sizeof(moe__gguf_block_q4_0) : sizeof(moe__gguf_block_q8_0), rb = bs * nb;
+    uint8_t *w = malloc(rb * R);
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < nb; b++) {
+            uint8_t *blk = w + r * rb + b * bs;
+            const uint16_t d = rnd_scale(exact);
+            memcpy(blk, &d, 2);
+            for (size_t j = 2; j < bs; j++) blk[j] = (uint8_t)rnd();
+            if (r == 0 && b == 0 && !q4) blk[2] = 0x80, blk[3] = 127, blk[4] = 0x80; /* -128, 127 */
+            if (r == 0 && b == 0 && q4) blk[2] = 0x0f, blk[3] = 0xf0, blk[4] = 0x00, blk[5] = 0xff;
+        }
+    *out = w;
+    return rb;
+}
+
+/* Q8_0 activation rows [T][nb blocks], codes in [-127, 127] as our quantizer
+ * writes them; extremes in row 0. */
+static uint8_t *make_x(int T, int nb, int exact) {
+    const size_t bs = sizeof(moe__gguf_block_q8_0);
+    uint8_t *x = malloc(bs * nb * T);
+    for (int t = 0; t < T; t++)
+        for (int b = 0; b < nb; b++) {
+            uint8_t *blk = x + (t * nb + b) * bs;
+            const uint16_t d = rnd_scale(exact);
+            memcpy(blk, &d, 2);
+            for (int j = 0; j < 32; j++) blk[2 + j] = (uint8_t)(int8_t)((int)(rnd() % 255) - 127);
+            if (t == 0 && b == 0) blk[2] = (uint8_t)(int8_t)-127, blk[3] = 127, blk[4] = (uint8_t)(int8_t)-127;
+        }
+    return x;
+}
+
+static int wcode(int q4, const uint8_t *blk, int j) {
+    if (!q4) return (int8_t)blk[2 + j];
+    return (j < 16 ? blk[2 + j] & 15 : blk[2 + j - 16] >> 4) - 8;
+}
+
+static double fp16(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return moe__gguf_fp16_to_f32(h);
+}
+
+static void check_quant(int q4, int R, int nb, int T, int exact) {
+    uint8_t *w, *x = make_x(T, nb, exact);
+    const size_t rb = make_w(q4, R, nb, exact, &w), wbs = q4 ? 18 : 34, xrb = 34 * (size_t)nb;
+    const moe__wt mw = {.data = w, .type = q4 ? MOE__GGML_Q4_0 : MOE__GGML_Q8_0, .rows = R, .cols = 32 * nb,
+                        .n_mat = 1, .row_bytes = rb, .mat_bytes = rb * R};
+    float *y = malloc(sizeof(float) * T * R), *y1 = malloc(sizeof(float) * R), *yp = malloc(sizeof(float) * T * R);
+    moe__wt_matmul_rows(&mw, 0, NULL, x, T, y, R, 0, R, NULL, 0);
+    for (int t = 0; t < T; t++)
+        for (int r = 0; r < R; r++) {
+            double ref = 0, mag = 0;
+            for (int b = 0; b < nb; b++) {
+                const uint8_t *wb = w + r * rb + b * wbs, *xb = x + t * xrb + b * 34;
+                long dot = 0, adot = 0; /* the kernel's partial sums are bounded by adot's */
+                for (int j = 0; j < 32; j++) {
+                    dot += (long)wcode(q4, wb, j) * (int8_t)xb[2 + j];
+                    adot += labs((long)wcode(q4, wb, j) * (int8_t)xb[2 + j]);
+                }
+                ref += (double)dot * fp16(wb) * fp16(xb);
+                mag += fabs((double)adot * fp16(wb) * fp16(xb));
+            }
+            const double got = y[t * R + r];
+            if (exact) /* integer sums below 2^24: the float result is exact */
+                CHECK_MSG(got == ref, "q4 %d R %d nb %d: y[%d][%d] = %.1f, want %.1f", q4, R, nb, t, r, got, ref);
+            else
+                CHECK_MSG(fabs(got - ref) <= 1e-6 * mag + 1e-30, "q4 %d nb %d: y[%d][%d] = %.9g, want %.9g", q4, nb,
+                          t, r, got, ref);
+        }
+    /* one token at a time, bit-identical to the batch */
+    for (int t = 0; t < T; t++) {
+        moe__wt_matmul_rows(&mw, 0, NULL, x + t * xrb, 1, y1, R, 0, R, NULL, 0);
+        CHECK(memcmp(y1, y + t * R, sizeof(float) * R) == 0);
+    }
+    /* rows split at an odd boundary and in thread chunks, bit-identical */
+    memset(yp, 0, sizeof(float) * T * R);
+    const int cut = R / 2 | 1;
+    moe__wt_matmul_rows(&mw, 0, NULL, x, T, yp, R, 0, cut < R ? cut : R, NULL, 0);
+    if (cut < R) moe__wt_matmul_rows(&mw, 0, NULL, x, T, yp, R, cut, R, NULL, 0);
+    CHECK(memcmp(yp, y, sizeof(float) * T * R) == 0);
+    for (int nth = 2; nth <= 3; nth++) {
+        memset(yp, 0, sizeof(float) * T * R);
+        for (int ith = 0; ith < nth; ith++) {
+            int lo, hi;
+            moe__split(R, 4, ith, nth, &lo, &hi);
+            moe__wt_matmul_rows(&mw, 0, NULL, x, T, yp, R, lo, hi, NULL, 0);
+        }
+        CHECK(memcmp(yp, y, sizeof(float) * T * R) == 0);
+    }
+    free(w), free(x), free(y), free(y1), free(yp);
+}
+
+TEST(infer_kernel_quant_exact_integer_sums) {
+    g_rng = 11;
+    const int rows[] = {1, 4, 7, 13}, nbs[] = {1, 2, 5};
+    for (int q4 = 0; q4 < 2; q4++)
+        for (int i = 0; i < 4; i++)
+            for (int j = 0; j < 3; j++) check_quant(q4, rows[i], nbs[j], 6, 1);
+}
+
+TEST(infer_kernel_quant_scaled_vs_double) {
+    g_rng = 12;
+    const int rows[] = {3, 9}, nbs[] = {1, 3, 8};
+    for (int q4 = 0; q4 < 2; q4++)
+        for (int i = 0; i < 2; i++)
+            for (int j = 0; j < 3; j++) check_quant(q4, rows[i], nbs[j], 5, 0);
+}
+
+/* F32 and F16 rows: against double, and the same batch/partition identities. */
+TEST(infer_kernel_float_types) {
+    g_rng = 13;
+    const int R = 11, cols = 37, T = 6; /* cols: a masked tail */
+    float *wf = malloc(sizeof(float) * R * cols), *x = malloc(sizeof(float) * T * cols);
+    uint16_t *wh = malloc(2 * R * cols);
+    for (int i = 0; i < R * cols; i++) {
+        wh[i] = moe__gguf_f32_to_fp16((float)((int)(rnd() % 2001) - 1000) / 997.0f);
+        wf[i] = moe__gguf_fp16_to_f32(wh[i]);
+    }
+    for (int i = 0; i < T * cols; i++) x[i] = (float)((int)(rnd() % 2001) - 1000) / 311.0f;
+    float *wbuf = malloc(sizeof(float) * 16 * 40), *y = malloc(sizeof(float) * T * R), *y2 = malloc(sizeof(float) * T * R);
+    for (int f16 = 0; f16 < 2; f16++) {
+        const moe__wt mw = {.data = f16 ? (const uint8_t *)wh : (const uint8_t *)wf,
+                            .type = f16 ? MOE__GGML_F16 : MOE__GGML_F32, .rows = R, .cols = cols, .n_mat = 1,
+                            .row_bytes = (size_t)cols * (f16 ? 2 : 4), .mat_bytes = (size_t)R * cols * (f16 ? 2 : 4)};
+        moe__wt_matmul_rows(&mw, 0, x, NULL, T, y, R, 0, R, wbuf, 40);
+        for (int t = 0; t < T; t++)
+            for (int r = 0; r < R; r++) {
+                double ref = 0, mag = 0;
+                for (int c = 0; c < cols; c++) {
+                    ref += (double)wf[r * cols + c] * x[t * cols + c];
+                    mag += fabs((double)wf[r * cols + c] * x[t * cols + c]);
+                }
+                CHECK_MSG(fabs(y[t * R + r] - ref) <= 1e-6 * mag, "f16 %d y[%d][%d] = %.9g want %.9g", f16, t, r,
+                          y[t * R + r], ref);
+            }
+        for (int t = 0; t < T; t++) {
+            moe__wt_matmul_rows(&mw, 0, x + t * cols, NULL, 1, y2, R, 0, R, wbuf, 40);
+            CHECK(memcmp(y2, y + t * R, sizeof(float) * R) == 0);
+        }
+        memset(y2, 0, sizeof(float) * T * R);
+        moe__wt_matmul_rows(&mw, 0, x, NULL, T, y2, R, 0, 5, wbuf, 40);
+        moe__wt_matmul_rows(&mw, 0, x, NULL, T, y2, R, 5, R, wbuf, 40);
+        CHECK(memcmp(y2, y, sizeof(float) * T * R) == 0);
+    }
+    free(wf), free(x), free(wh), free(wbuf), free(y), free(y2);
+}
+
+TEST(infer_kernel_split) {
+    int lo, hi, seen = 0;
+    for (int ith = 0; ith < 3; ith++) { /* 13 rows, 3 threads, align 4: chunks of 8, the rest, none */
+        moe__split(13, 4, ith, 3, &lo, &hi);
+        CHECK_EQ_INT(lo, ith == 0 ? 0 : ith == 1 ? 8 : 13);
+        CHECK_EQ_INT(hi, ith == 0 ? 8 : 13);
+        seen += hi - lo;
+    }
+    CHECK_EQ_INT(seen, 13);
+    moe__split(10, 1, 2, 3, &lo, &hi);
+    CHECK_EQ_INT(lo, 8);
+    CHECK_EQ_INT(hi, 10);
+}
