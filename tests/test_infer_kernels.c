@@ -184,3 +184,28 @@ TEST(infer_kernel_split) {
     CHECK_EQ_INT(lo, 8);
     CHECK_EQ_INT(hi, 10);
 }
+
+/* silu(g) * u against double over the whole useful range, a non-multiple of
+ * 16 elements (the scalar tail), extremes and NaN. */
+TEST(infer_kernel_swiglu) {
+    enum { n = 4003 };
+    float *g = malloc(sizeof(float) * n), *u = malloc(sizeof(float) * n), *g0 = malloc(sizeof(float) * n);
+    for (int i = 0; i < n; i++) {
+        g0[i] = -90.0f + 180.0f * (float)i / (n - 1) + (float)(i % 7) * 1e-3f;
+        u[i] = (float)((int)(i % 13) - 6) / 3.0f;
+    }
+    const float ext[] = {1e30f, -1e30f, 88.5f, -88.5f, 0.0f, -0.0f, 103.0f, -103.0f, 20.0f, -20.0f};
+    for (int i = 0; i < 10; i++) g0[100 + i] = ext[i], u[100 + i] = 1.5f;
+    memcpy(g, g0, sizeof(float) * n);
+    moe__swiglu(g, u, n);
+    for (int i = 0; i < n; i++) {
+        const double x = g0[i], want = x / (1.0 + exp(-x)) * u[i];
+        /* below -88.7, e^-x overflows float and silu is 0, as with expf */
+        CHECK_MSG(fabs(g[i] - want) <= 1e-6 * fabs(want) + 1e-35, "silu(%g) * %g = %.9g, want %.9g", x, u[i], g[i],
+                  want);
+    }
+    g[0] = NAN;
+    moe__swiglu(g, u, 16);
+    CHECK(isnan(g[0]));
+    free(g), free(u), free(g0);
+}

@@ -306,10 +306,6 @@ static void sort_slots(moe_engine *e, int n) {
     }
 }
 
-static void swiglu(float *g, const float *u, size_t n) {
-    for (size_t i = 0; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-}
-
 /* The feed-forward half after the router logits are in e->probs: routed
  * experts (and qwen2moe's shared one) over e->xn / e->qa, added to e->x.
  * Every expert that received tokens runs once over them; the others are
@@ -347,11 +343,11 @@ static void ffn(moe_engine *e, const thr *th, const moe__ilayer *y, int n) {
     span(th, S + (sh ? n : 0), &lo, &hi); /* slot rows, then the shared expert's token rows */
     for (int r = lo; r < hi; r++) {
         if (r < S) {
-            swiglu(e->ge + (size_t)r * F, e->ue + (size_t)r * F, (size_t)F);
+            moe__swiglu(e->ge + (size_t)r * F, e->ue + (size_t)r * F, (size_t)F);
             if (qd) moe__quantize_rows(e->ge, F, r, r + 1, e->qe); /* the gathered inputs are consumed */
         } else {
             const int t = r - S;
-            swiglu(e->gs + (size_t)t * Fs, e->us + (size_t)t * Fs, (size_t)Fs);
+            moe__swiglu(e->gs + (size_t)t * Fs, e->us + (size_t)t * Fs, (size_t)Fs);
             if (moe__wt_quant(&y->down_sh)) moe__quantize_rows(e->gs, Fs, t, t + 1, e->qa); /* xn's are consumed */
         }
     }
