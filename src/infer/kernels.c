@@ -161,8 +161,11 @@ static inline __m512 load_d(int q4, const uint8_t *blk, size_t bs, int two) {
     return _mm512_broadcast_f32x8(_mm256_set_m128(_mm_set1_ps(d1), _mm_set1_ps(d0)));
 }
 
+#ifndef PF_ROWS
+#define PF_ROWS 16 /* rows ahead: 4 left decode waiting on memory (t1 CPU time Q4_0 -28%, Q8_0 -25% vs 4) */
+#endif
 /* y[t][r] = dot(w row r, xq row t), r < R, t < T (both <= 4); nb blocks.
- * npf rows of the next tile exist (0..4): only those are prefetched, so no
+ * Row r + PF_ROWS is prefetched for r < npf (the rows that exist), so no
  * address past the matrix is ever formed. */
 static inline __attribute__((always_inline)) void quant_tile(int q4, const uint8_t *w, size_t wrb, int R,
                                                              const uint8_t *xq, size_t xrb, int T, int nb,
@@ -181,7 +184,7 @@ static inline __attribute__((always_inline)) void quant_tile(int q4, const uint8
             const uint8_t *blk = w + r * wrb + b * wbs;
             wv[r] = load_w(q4, blk, two), dw[r] = load_d(q4, blk, wbs, two);
             /* the next 4-row tile: the loads above stalled on memory at decode */
-            if (r < npf) _mm_prefetch((const char *)(blk + 4 * wrb), _MM_HINT_T0);
+            if (r < npf) _mm_prefetch((const char *)(blk + PF_ROWS * wrb), _MM_HINT_T0);
         }
         for (int t = 0; t < T; t++) {
             const uint8_t *blk = xq + t * xrb + b * xbs;
@@ -206,7 +209,7 @@ static void quant_rows(int q4, const uint8_t *w, size_t wrb, int nr, const uint8
                        int t1, int nb, float *y, int ldy) {
     for (int r = 0; r < nr; r += 4) {
         const int R = nr - r < 4 ? nr - r : 4;
-        const int left = nr - r - 4, npf = left < 0 ? 0 : left < 4 ? left : 4;
+        const int left = nr - r - PF_ROWS, npf = left < 0 ? 0 : left < 4 ? left : 4;
         for (int t = t0; t < t1; t += 4) {
             const int T = t1 - t < 4 ? t1 - t : 4;
             const uint8_t *wr = w + (size_t)r * wrb, *xt = xq + (size_t)t * xrb;
@@ -283,6 +286,13 @@ void moe__wt_matmul_rows(const moe__wt *w, int mat, const float *x, const uint8_
     const int quant = moe__wt_quant(w);
     const size_t qrow = moe__qrow_bytes(cols);
     const uint8_t *base = moe__wt_mat(w, mat);
+#ifdef QUANT_TILES
+    if (quant && N <= TOK_BLOCK) { /* one pass down the rows: the prefetch runs ahead across row blocks */
+        quant_rows(w->type == MOE__GGML_Q4_0, base + (size_t)r_lo * w->row_bytes, w->row_bytes, r_hi - r_lo, xq,
+                   moe__qrow_bytes(cols), 0, N, cols / MOE__GGUF_QK, y + r_lo, ldy);
+        return;
+    }
+#endif
     for (int r0 = r_lo; r0 < r_hi; r0 += ROW_BLOCK) {
         const int nr = r_hi - r0 < ROW_BLOCK ? r_hi - r0 : ROW_BLOCK;
         const uint8_t *wb = base + (size_t)r0 * w->row_bytes;
