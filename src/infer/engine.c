@@ -317,11 +317,11 @@ static void ffn(moe_engine *e, const thr *th, const moe__ilayer *y, int n) {
     const size_t qC = moe__qrow_bytes(C), qF = moe__qrow_bytes(F);
     const int sh = y->gate_inp_sh != NULL;
     int lo, hi;
-    span(th, n, &lo, &hi);
-    route(e, lo, hi);
-#pragma omp barrier
-#pragma omp single
-    sort_slots(e, n);
+#pragma omp single /* microseconds even for a full batch: not worth a barrier */
+    {
+        route(e, 0, n);
+        sort_slots(e, n);
+    }
     span(th, S, &lo, &hi); /* gather each slot's input row */
     for (int r = lo; r < hi; r++) {
         const int t = e->list[r] / K;
@@ -426,8 +426,7 @@ static void forward_layer(moe_engine *e, const thr *th, int l, int n, int pos0) 
 #pragma omp barrier
     matmul(e, th, &y->gate_inp, 0, e->xn, e->qa, n, e->probs, E);
 #pragma omp barrier
-    ffn(e, th, y, n);
-#pragma omp barrier
+    ffn(e, th, y, n); /* ends with each thread on its own tokens, as the next layer starts: no barrier */
 }
 
 /* One batch of n <= n_batch tokens; logits [n][V] (all) or [V] (last). */
@@ -444,6 +443,7 @@ static void forward(moe_engine *e, const int32_t *tok, int n, float *logits, int
         rope_table(e, lo, hi, pos0);
 #pragma omp barrier
         for (int l = 0; l < m->hp.n_layer; l++) forward_layer(e, &th, l, n, pos0);
+#pragma omp barrier
         if (logits) {
             span(&th, rows, &lo, &hi);
             for (int t = lo; t < hi; t++) {
