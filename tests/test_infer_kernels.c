@@ -209,3 +209,30 @@ TEST(infer_kernel_swiglu) {
     CHECK(isnan(g[0]));
     free(g), free(u), free(g0);
 }
+
+/* The engine's activation quantization writes the same bytes as
+ * moe__gguf_quantize_q8_0 (llama.cpp's reference rounding): random
+ * magnitudes, exact .5 ties (a block with max 127 has scale 1), zero blocks,
+ * a subnormal maximum (1/d overflows), and rows with inf/NaN. */
+TEST(infer_kernel_quantize_matches_reference) {
+    g_rng = 14;
+    enum { cols = 96, T = 12 };
+    const size_t qrow = moe__qrow_bytes(cols);
+    float *x = malloc(sizeof(float) * T * cols);
+    uint8_t *a = malloc(qrow * T), *b = malloc(qrow * T);
+    for (int rep = 0; rep < 20; rep++) {
+        for (int i = 0; i < T * cols; i++)
+            x[i] = ldexpf((float)((int)(rnd() % 20001) - 10000) / 10000.0f, (int)(rnd() % 60) - 30);
+        for (int j = 0; j < 32; j++) x[j] = j == 5 ? 127.0f : (float)((int)(rnd() % 253) - 126) + 0.5f; /* ties */
+        for (int j = 32; j < 64; j++) x[j] = 0.0f;
+        for (int j = 64; j < 96; j++) x[j] = j == 64 ? 1e-40f : j % 3 ? 0.0f : -3e-41f; /* subnormal max */
+        for (int j = 0; j < cols; j++) x[cols + j] = (float)j - 40.0f;                 /* row 1: scale 56/127 */
+        x[2 * cols + 7] = INFINITY, x[3 * cols + 40] = NAN, x[4 * cols + 90] = -INFINITY;
+        for (int j = 0; j < cols; j++) x[5 * cols + j] = (j % 2 ? 1e30f : -2e29f); /* the fp16 scale overflows */
+        memset(a, 0x55, qrow * T), memset(b, 0xaa, qrow * T);
+        moe__quantize_rows(x, cols, 0, T, a);
+        for (int t = 0; t < T; t++) moe__gguf_quantize_q8_0(x + t * cols, b + t * qrow, cols);
+        for (int t = 0; t < T; t++) CHECK_MSG(memcmp(a + t * qrow, b + t * qrow, qrow) == 0, "rep %d row %d", rep, t);
+    }
+    free(x), free(a), free(b);
+}

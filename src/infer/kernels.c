@@ -275,9 +275,55 @@ void moe__split(int n, int align, int ith, int nth, int *lo, int *hi) {
 
 size_t moe__qrow_bytes(int cols) { return moe__gguf_row_size(MOE__GGML_Q8_0, (size_t)cols); }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+/* moe__gguf_quantize_q8_0 for a row of finite values, 16 lanes at a time,
+ * with the same codes and scales: d = amax / 127 and x * (1/d) in float as
+ * there, the fp16 scale by the F16C unit (round to nearest even, as
+ * moe__gguf_f32_to_fp16), and roundf's half-away-from-zero rounding as trunc
+ * plus one step away from zero when the (exact) fraction is at least 1/2.
+ * Returns 0 when a value is not finite: the caller then takes the scalar
+ * path, which defines what such rows become. Was 4% of a Q4_0 prompt. */
+static int quantize_row_fast(const float *x, uint8_t *out, int n) {
+    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    for (int b = 0; b < n / 32; b++, x += 32, out += sizeof(moe__gguf_block_q8_0)) {
+        const __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
+        const __m512 a0 = _mm512_and_ps(v0, absmask), a1 = _mm512_and_ps(v1, absmask);
+        const __m512 inf = _mm512_set1_ps(INFINITY);
+        /* !(a < inf) holds for inf and NaN */
+        if (_mm512_cmp_ps_mask(a0, inf, _CMP_NLT_UQ) | _mm512_cmp_ps_mask(a1, inf, _CMP_NLT_UQ)) return 0;
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        const uint16_t dh = (uint16_t)_cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT);
+        memcpy(out, &dh, 2);
+        const __m512 vid = _mm512_set1_ps(id), half = _mm512_set1_ps(0.5f), lim = _mm512_set1_ps(127.0f);
+        __m128i codes[2];
+        for (int h = 0; h < 2; h++) {
+            const __m512 v = _mm512_mul_ps(h ? v1 : v0, vid);
+            const __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+            const __mmask16 up = _mm512_cmp_ps_mask(_mm512_and_ps(_mm512_sub_ps(v, t), absmask), half, _CMP_GE_OQ);
+            /* one step away from zero: +1 with the sign of v */
+            const __m512 step = _mm512_or_ps(_mm512_set1_ps(1.0f), _mm512_andnot_ps(absmask, v));
+            __m512 r = _mm512_mask_add_ps(t, up, t, step);
+            r = _mm512_max_ps(_mm512_min_ps(r, lim), _mm512_sub_ps(_mm512_setzero_ps(), lim));
+            /* 0 * inf (a subnormal scale's 1/d overflows) is NaN: code 0, as the reference */
+            r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), r);
+            codes[h] = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r));
+        }
+        _mm_storeu_si128((__m128i *)(out + 2), codes[0]);
+        _mm_storeu_si128((__m128i *)(out + 18), codes[1]);
+    }
+    return 1;
+}
+#endif
+
 void moe__quantize_rows(const float *x, int cols, int t0, int t1, uint8_t *q) {
     const size_t qrow = moe__qrow_bytes(cols);
-    for (int t = t0; t < t1; t++) moe__gguf_quantize_q8_0(x + (size_t)t * cols, q + (size_t)t * qrow, (size_t)cols);
+    for (int t = t0; t < t1; t++) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+        if (quantize_row_fast(x + (size_t)t * cols, q + (size_t)t * qrow, cols)) continue;
+#endif
+        moe__gguf_quantize_q8_0(x + (size_t)t * cols, q + (size_t)t * qrow, (size_t)cols);
+    }
 }
 
 void moe__wt_matmul_rows(const moe__wt *w, int mat, const float *x, const uint8_t *xq, int N, float *y, int ldy,
