@@ -245,18 +245,18 @@ static void attention(moe_engine *e, const thr *th, int layer, int n, int pos0) 
         const float *qv = e->q + (size_t)t * H * D + (size_t)hh * D;
         float *o = e->att + (size_t)t * H * D + (size_t)hh * D;
         float mx = -INFINITY;
-        for (int j = 0; j <= last; j++) {
-            sc[j] = moe__dot_f32(kc + (size_t)j * GD + (size_t)g * D, qv, D) * scale;
+        int j = 0;
+        for (; j + 4 <= last + 1; j += 4) moe__dot4_f32(kc + (size_t)j * GD + (size_t)g * D, GD, qv, D, sc + j);
+        for (; j <= last; j++) sc[j] = moe__dot_f32(kc + (size_t)j * GD + (size_t)g * D, qv, D);
+        for (j = 0; j <= last; j++) {
+            sc[j] *= scale;
             if (sc[j] > mx) mx = sc[j];
         }
         double sum = 0;
-        for (int j = 0; j <= last; j++) sum += sc[j] = expf(sc[j] - mx);
+        for (j = 0; j <= last; j++) sum += sc[j] = expf(sc[j] - mx);
         const float inv = (float)(1.0 / sum);
-        memset(o, 0, sizeof(float) * D);
-        for (int j = 0; j <= last; j++) {
-            const float pj = sc[j] * inv, *vv = vc + (size_t)j * GD + (size_t)g * D;
-            for (int d = 0; d < D; d++) o[d] += pj * vv[d];
-        }
+        for (j = 0; j <= last; j++) sc[j] *= inv;
+        moe__axpy_rows(sc, vc + (size_t)g * D, (size_t)GD, last + 1, D, o);
     }
 }
 

@@ -100,5 +100,10 @@ void moe__swiglu(float *g, const float *u, size_t n);
 void moe__wt_row(const moe__wt *w, int mat, int r, float *out);
 /* Dot of two float vectors, fixed blocked order. */
 float moe__dot_f32(const float *a, const float *b, int n);
+/* out[k] = moe__dot_f32(a + k * as, b, n) for k < 4, bit for bit, in one pass. */
+void moe__dot4_f32(const float *a, size_t as, const float *b, int n, float *out);
+/* o[d] = sum_j p[j] v[j][d] (rows of stride vs) for d < n, j in order with
+ * one fused multiply-add each: attention's weighted sum of values. */
+void moe__axpy_rows(const float *p, const float *v, size_t vs, int m, int n, float *o);
 
 #endif

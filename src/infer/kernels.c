@@ -71,6 +71,39 @@ static void dot_4x4(const float *w, size_t ws, const float *x, size_t xs, int n,
     }
     for (int t = 0; t < 4; t++) hsum4_store(acc[0][t], acc[1][t], acc[2][t], acc[3][t], y + (size_t)t * ldy);
 }
+void moe__dot4_f32(const float *a, size_t as, const float *b, int n, float *out) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 bv = _mm512_loadu_ps(b + i);
+        for (int k = 0; k < 4; k++) acc[k] = _mm512_fmadd_ps(_mm512_loadu_ps(a + k * as + i), bv, acc[k]);
+    }
+    if (i < n) {
+        const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        const __m512 bv = _mm512_maskz_loadu_ps(m, b + i);
+        for (int k = 0; k < 4; k++) acc[k] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + k * as + i), bv, acc[k]);
+    }
+    hsum4_store(acc[0], acc[1], acc[2], acc[3], out);
+}
+
+void moe__axpy_rows(const float *p, const float *v, size_t vs, int m, int n, float *o) {
+    for (int d0 = 0; d0 < n; d0 += 64) { /* 64 columns in four registers across all m rows */
+        __mmask16 mk[4];
+        __m512 acc[4];
+        for (int k = 0; k < 4; k++) {
+            const int left = n - d0 - 16 * k;
+            mk[k] = left >= 16 ? (__mmask16)0xffff : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+            acc[k] = _mm512_setzero_ps();
+        }
+        for (int j = 0; j < m; j++) {
+            const __m512 pj = _mm512_set1_ps(p[j]);
+            const float *vr = v + (size_t)j * vs + d0;
+            for (int k = 0; k < 4; k++)
+                acc[k] = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(mk[k], vr + 16 * k), acc[k]);
+        }
+        for (int k = 0; k < 4; k++) _mm512_mask_storeu_ps(o + d0 + 16 * k, mk[k], acc[k]);
+    }
+}
 #else
 float moe__dot_f32(const float *a, const float *b, int n) {
     /* 16 independent partial sums so the compiler vectorises the loop; the
@@ -83,6 +116,16 @@ float moe__dot_f32(const float *a, const float *b, int n) {
     for (; i < n; i++) s += a[i] * b[i];
     for (int j = 0; j < 16; j += 2) s += acc[j] + acc[j + 1];
     return s;
+}
+
+void moe__dot4_f32(const float *a, size_t as, const float *b, int n, float *out) {
+    for (int k = 0; k < 4; k++) out[k] = moe__dot_f32(a + k * as, b, n);
+}
+
+void moe__axpy_rows(const float *p, const float *v, size_t vs, int m, int n, float *o) {
+    memset(o, 0, sizeof(float) * n);
+    for (int j = 0; j < m; j++)
+        for (int d = 0; d < n; d++) o[d] += p[j] * v[(size_t)j * vs + d];
 }
 #endif
 
