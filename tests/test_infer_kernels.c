@@ -207,6 +207,13 @@ TEST(infer_kernel_swiglu) {
     g[0] = NAN;
     moe__swiglu(g, u, 16);
     CHECK(isnan(g[0]));
+    /* the softmax's e^(x - max): 2 ulp of float (1.2e-7 each) */
+    memcpy(g, g0, sizeof(float) * n);
+    moe__exp_shift(g, 1001, 3.0f);
+    for (int i = 0; i < 1001; i++) {
+        const double want = exp((double)g0[i] - 3.0);
+        CHECK_MSG(fabs(g[i] - want) <= 2.5e-7 * want + 1e-37, "e^(%g - 3) = %.9g, want %.9g", g0[i], g[i], want);
+    }
     free(g), free(u), free(g0);
 }
 

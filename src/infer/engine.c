@@ -252,8 +252,9 @@ static void attention(moe_engine *e, const thr *th, int layer, int n, int pos0) 
             sc[j] *= scale;
             if (sc[j] > mx) mx = sc[j];
         }
+        moe__exp_shift(sc, last + 1, mx);
         double sum = 0;
-        for (j = 0; j <= last; j++) sum += sc[j] = expf(sc[j] - mx);
+        for (j = 0; j <= last; j++) sum += sc[j];
         const float inv = (float)(1.0 / sum);
         for (j = 0; j <= last; j++) sc[j] *= inv;
         moe__axpy_rows(sc, vc + (size_t)g * D, (size_t)GD, last + 1, D, o);

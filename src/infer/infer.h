@@ -96,6 +96,8 @@ void moe__wt_matmul_rows(const moe__wt *w, int mat, const float *x, const uint8_
 /* g[i] = silu(g[i]) * u[i] = g / (1 + e^-g) * u for i < n (vectorized e^x
  * within 2 ulp of expf on AVX-512, expf elsewhere). */
 void moe__swiglu(float *g, const float *u, size_t n);
+/* x[i] = e^(x[i] - m) for i < n, with the same e^x. */
+void moe__exp_shift(float *x, int n, float m);
 /* Row r of W[mat] to float (embedding lookups). */
 void moe__wt_row(const moe__wt *w, int mat, int r, float *out);
 /* Dot of two float vectors, fixed blocked order. */

@@ -303,6 +303,15 @@ void moe__swiglu(float *g, const float *u, size_t n) {
     for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
+void moe__exp_shift(float *x, int n, float m) {
+    int i = 0;
+#if defined(__AVX512F__)
+    const __m512 mv = _mm512_set1_ps(m);
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), mv)));
+#endif
+    for (; i < n; i++) x[i] = expf(x[i] - m);
+}
+
 void moe__wt_row(const moe__wt *w, int mat, int r, float *out) {
     const uint8_t *p = moe__wt_mat(w, mat) + (size_t)r * w->row_bytes;
     moe__gguf_dequantize(w->type, p, out, (size_t)w->cols); /* types checked at load */
