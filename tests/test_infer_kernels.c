@@ -245,3 +245,34 @@ TEST(infer_kernel_quantize_matches_reference) {
     }
     free(x), free(a), free(b);
 }
+
+/* Attention's helpers: four dots in one pass equal moe__dot_f32 bit for bit;
+ * the weighted row sum against double, for widths with masked tails and more
+ * than one 64-column chunk. */
+TEST(infer_kernel_attention_helpers) {
+    g_rng = 15;
+    const int widths[] = {5, 37, 64, 80, 128};
+    float *a = malloc(sizeof(float) * 40 * 140), *b = malloc(sizeof(float) * 140), *o = malloc(sizeof(float) * 140);
+    float p[40];
+    for (int i = 0; i < 40 * 140; i++) a[i] = (float)((int)(rnd() % 2001) - 1000) / 777.0f;
+    for (int i = 0; i < 140; i++) b[i] = (float)((int)(rnd() % 2001) - 1000) / 555.0f;
+    for (int j = 0; j < 40; j++) p[j] = (float)(rnd() % 1000) / 1000.0f;
+    for (int wi = 0; wi < 5; wi++) {
+        const int n = widths[wi];
+        float d4[4];
+        moe__dot4_f32(a + 3, 140, b, n, d4);
+        for (int k = 0; k < 4; k++) {
+            const float d1 = moe__dot_f32(a + 3 + k * 140, b, n);
+            CHECK_MSG(memcmp(&d1, &d4[k], sizeof d1) == 0, "n %d row %d: %.9g vs %.9g", n, k, d4[k], d1);
+        }
+        for (int i = 0; i < 140; i++) o[i] = -7.0f;
+        moe__axpy_rows(p, a + 1, 140, 40, n, o);
+        for (int d = 0; d < n; d++) {
+            double want = 0, mag = 0;
+            for (int j = 0; j < 40; j++) want += (double)p[j] * a[j * 140 + 1 + d], mag += fabs((double)p[j] * a[j * 140 + 1 + d]);
+            CHECK_MSG(fabs(o[d] - want) <= 1e-6 * mag, "n %d: o[%d] = %.9g, want %.9g", n, d, o[d], want);
+        }
+        CHECK(n == 140 || o[n] == -7.0f); /* nothing written past n */
+    }
+    free(a), free(b), free(o);
+}
