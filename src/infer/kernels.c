@@ -163,10 +163,8 @@ static void float_tile(const float *w, size_t ws, int nr, const float *x, int co
  * operations whatever the tile size, so a token's result does not depend
  * on the batch it came in.
  *
- * Lane layout. Q8_0: [block b | block b+1], 8 lanes each. Q4_0: the nibbles
- * unpack as 128-bit quarters [lo b, lo b+1, hi b, hi b+1] (lo = values
- * 0..15 of a block, hi = 16..31), so the activations are permuted to match
- * and the scales follow the same quarters. */
+ * Lane layout: [block b | block b+1], 8 int32 lanes each, for both types
+ * (Q4_0 nibbles are unpacked into the values' order). */
 static inline float block_scale(const uint8_t *b) {
     uint16_t h;
     memcpy(&h, b, sizeof h);
@@ -184,24 +182,26 @@ static inline __m512i load_w(int q4, const uint8_t *blk, int two) {
     }
     const __m128i a = _mm_loadu_si128((const __m128i *)(blk + 2));
     const __m128i b = two ? _mm_loadu_si128((const __m128i *)(blk + 18 + 2)) : _mm_setzero_si128();
-    const __m256i v = _mm256_set_m128i(b, a), m4 = _mm256_set1_epi8(15);
-    const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    const __m512i v = _mm512_castsi256_si512(_mm256_set_m128i(b, a));
+    /* quarters [qs b, qs b, qs b+1, qs b+1], the odd ones shifted by 4: low nibbles are values 0..15
+     * of a block, high nibbles 16..31, so this is the activations' own order */
+    const __m512i sh = _mm512_set_epi64(0x0004000400040004, 0x0004000400040004, 0, 0, 0x0004000400040004,
+                                        0x0004000400040004, 0, 0);
+    const __m512i z = _mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(1, 1, 0, 0));
+    return _mm512_and_si512(_mm512_srlv_epi16(z, sh), _mm512_set1_epi8(15));
+}
+
+/* Activation blocks b, b+1 (Q8_0, 34 bytes each). */
+static inline __m512i load_x(const uint8_t *blk, int two) {
+    const __m256i lo = _mm256_loadu_si256((const __m256i *)(blk + 2));
+    const __m256i hi = two ? _mm256_loadu_si256((const __m256i *)(blk + 34 + 2)) : _mm256_setzero_si256();
     return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
 }
 
-/* Activation blocks b, b+1 (Q8_0, 34 bytes each) in the weight's layout. */
-static inline __m512i load_x(int q4, const uint8_t *blk, int two) {
-    const __m256i lo = _mm256_loadu_si256((const __m256i *)(blk + 2));
-    const __m256i hi = two ? _mm256_loadu_si256((const __m256i *)(blk + 34 + 2)) : _mm256_setzero_si256();
-    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-    return q4 ? _mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(3, 1, 2, 0)) : v;
-}
-
-/* The two blocks' scales spread over the lanes of their products. */
-static inline __m512 load_d(int q4, const uint8_t *blk, size_t bs, int two) {
+/* The two blocks' scales over the lanes of their products: [d b x 8, d b+1 x 8]. */
+static inline __m512 load_d(const uint8_t *blk, size_t bs, int two) {
     const float d0 = block_scale(blk), d1 = two ? block_scale(blk + bs) : 0.0f;
-    if (!q4) return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(d0)), _mm256_set1_ps(d1), 1);
-    return _mm512_broadcast_f32x8(_mm256_set_m128(_mm_set1_ps(d1), _mm_set1_ps(d0)));
+    return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(d0)), _mm256_set1_ps(d1), 1);
 }
 
 #ifndef PF_ROWS
@@ -225,13 +225,13 @@ static inline __attribute__((always_inline)) void quant_tile(int q4, const uint8
         __m512 dw[4], dx[4];
         for (int r = 0; r < R; r++) {
             const uint8_t *blk = w + r * wrb + b * wbs;
-            wv[r] = load_w(q4, blk, two), dw[r] = load_d(q4, blk, wbs, two);
+            wv[r] = load_w(q4, blk, two), dw[r] = load_d(blk, wbs, two);
             /* the next 4-row tile: the loads above stalled on memory at decode */
             if (r < npf) _mm_prefetch((const char *)(blk + PF_ROWS * wrb), _MM_HINT_T0);
         }
         for (int t = 0; t < T; t++) {
             const uint8_t *blk = xq + t * xrb + b * xbs;
-            xv[t] = load_x(q4, blk, two), dx[t] = load_d(q4, blk, xbs, two);
+            xv[t] = load_x(blk, two), dx[t] = load_d(blk, xbs, two);
             const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, xv[t]);
             corr[t] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(s, q4 ? 3 : 7));
         }
