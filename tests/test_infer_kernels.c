@@ -72,7 +72,8 @@ static void check_quant(int q4, int R, int nb, int T, int exact) {
     const moe__wt mw = {.data = w, .type = q4 ? MOE__GGML_Q4_0 : MOE__GGML_Q8_0, .rows = R, .cols = 32 * nb,
                         .n_mat = 1, .row_bytes = rb, .mat_bytes = rb * R};
     float *y = malloc(sizeof(float) * T * R), *y1 = malloc(sizeof(float) * R), *yp = malloc(sizeof(float) * T * R);
-    moe__wt_matmul_rows(&mw, 0, NULL, x, T, y, R, 0, R, NULL, 0);
+    void *sc = aligned_alloc(64, moe__wt_scratch_bytes(32 * nb));
+    moe__wt_matmul_rows(&mw, 0, NULL, x, T, y, R, 0, R, sc, 32 * nb);
     for (int t = 0; t < T; t++)
         for (int r = 0; r < R; r++) {
             double ref = 0, mag = 0;
@@ -95,25 +96,25 @@ static void check_quant(int q4, int R, int nb, int T, int exact) {
         }
     /* one token at a time, bit-identical to the batch */
     for (int t = 0; t < T; t++) {
-        moe__wt_matmul_rows(&mw, 0, NULL, x + t * xrb, 1, y1, R, 0, R, NULL, 0);
+        moe__wt_matmul_rows(&mw, 0, NULL, x + t * xrb, 1, y1, R, 0, R, sc, 32 * nb);
         CHECK(memcmp(y1, y + t * R, sizeof(float) * R) == 0);
     }
     /* rows split at an odd boundary and in thread chunks, bit-identical */
     memset(yp, 0, sizeof(float) * T * R);
     const int cut = R / 2 | 1;
-    moe__wt_matmul_rows(&mw, 0, NULL, x, T, yp, R, 0, cut < R ? cut : R, NULL, 0);
-    if (cut < R) moe__wt_matmul_rows(&mw, 0, NULL, x, T, yp, R, cut, R, NULL, 0);
+    moe__wt_matmul_rows(&mw, 0, NULL, x, T, yp, R, 0, cut < R ? cut : R, sc, 32 * nb);
+    if (cut < R) moe__wt_matmul_rows(&mw, 0, NULL, x, T, yp, R, cut, R, sc, 32 * nb);
     CHECK(memcmp(yp, y, sizeof(float) * T * R) == 0);
     for (int nth = 2; nth <= 3; nth++) {
         memset(yp, 0, sizeof(float) * T * R);
         for (int ith = 0; ith < nth; ith++) {
             int lo, hi;
             moe__split(R, 4, ith, nth, &lo, &hi);
-            moe__wt_matmul_rows(&mw, 0, NULL, x, T, yp, R, lo, hi, NULL, 0);
+            moe__wt_matmul_rows(&mw, 0, NULL, x, T, yp, R, lo, hi, sc, 32 * nb);
         }
         CHECK(memcmp(yp, y, sizeof(float) * T * R) == 0);
     }
-    free(w), free(x), free(y), free(y1), free(yp);
+    free(w), free(x), free(y), free(y1), free(yp), free(sc);
 }
 
 TEST(infer_kernel_quant_exact_integer_sums) {
@@ -143,7 +144,8 @@ TEST(infer_kernel_float_types) {
         wf[i] = moe__gguf_fp16_to_f32(wh[i]);
     }
     for (int i = 0; i < T * cols; i++) x[i] = (float)((int)(rnd() % 2001) - 1000) / 311.0f;
-    float *wbuf = malloc(sizeof(float) * 16 * 40), *y = malloc(sizeof(float) * T * R), *y2 = malloc(sizeof(float) * T * R);
+    void *wbuf = aligned_alloc(64, moe__wt_scratch_bytes(40));
+    float *y = malloc(sizeof(float) * T * R), *y2 = malloc(sizeof(float) * T * R);
     for (int f16 = 0; f16 < 2; f16++) {
         const moe__wt mw = {.data = f16 ? (const uint8_t *)wh : (const uint8_t *)wf,
                             .type = f16 ? MOE__GGML_F16 : MOE__GGML_F32, .rows = R, .cols = cols, .n_mat = 1,

@@ -24,7 +24,7 @@ struct moe_engine {
     float *xe, *ge, *ue, *outs;              /* by expert: [S][C], [S][F], [S][F], [S][C] */
     float *gs, *us, *shg, *sho;              /* shared expert [B][Fs], [B][Fs], gate [B], out [B][C] */
     float *scores;                           /* [threads][n_ctx] */
-    float *wbuf;                             /* [threads][16][maxc]: widened F16/BF16 rows */
+    uint8_t *wbuf;                           /* [threads][moe__wt_scratch_bytes(maxc)] */
     uint8_t *qa, *qe;                        /* Q8_0 rows: [B][maxc], [S][maxc] (activations, experts) */
     size_t maxc;                             /* widest activation row */
     char errmsg[512];
@@ -71,25 +71,24 @@ static int alloc_all(moe_engine *e) {
         {&e->kcache, kv}, {&e->vcache, kv}, {&e->x, B * C}, {&e->xn, B * C}, {&e->q, B * HD},
         {&e->kx, B * GD}, {&e->vx, B * GD}, {&e->att, B * HD}, {&e->tmp, B * C}, {&e->rstd, B},
         {&e->rope, B * h->n_rot}, {&e->probs, B * E}, {&e->wts, B * E}, {&e->gs, B * Fs}, {&e->us, B * Fs},
-        {&e->shg, B}, {&e->sho, B * C}, {&e->scores, (size_t)e->threads * T},
-        {&e->wbuf, (size_t)e->threads * 16 * maxc}};
+        {&e->shg, B}, {&e->sho, B * C}, {&e->scores, (size_t)e->threads * T}};
     for (size_t i = 0; i < sizeof f / sizeof f[0]; i++)
         if (!(*f[i].p = moe__aligned_alloc((f[i].n ? f[i].n : 1) * sizeof(float)))) return MOE_ENOMEM;
     e->sel = moe__malloc(B * E * sizeof(int));
     e->cnt = moe__malloc(E * sizeof(int));
     e->off = moe__malloc((E + 1) * sizeof(int));
     e->qa = moe__aligned_alloc(B * moe__qrow_bytes((int)((maxc + 31) / 32 * 32)) + 64);
-    if (!e->sel || !e->cnt || !e->off || !e->qa) return MOE_ENOMEM;
+    e->wbuf = moe__aligned_alloc((size_t)e->threads * moe__wt_scratch_bytes((int)maxc));
+    if (!e->sel || !e->cnt || !e->off || !e->qa || !e->wbuf) return MOE_ENOMEM;
     return alloc_slots(e, e->k);
 }
 
 void moe_engine_free(moe_engine *e) {
     if (!e) return;
     float *f[] = {e->kcache, e->vcache, e->x, e->xn, e->q, e->kx, e->vx, e->att, e->tmp, e->rstd, e->rope,
-                  e->probs, e->wts, e->xe, e->ge, e->ue, e->outs, e->gs, e->us, e->shg, e->sho, e->scores,
-                  e->wbuf};
+                  e->probs, e->wts, e->xe, e->ge, e->ue, e->outs, e->gs, e->us, e->shg, e->sho, e->scores};
     for (size_t i = 0; i < sizeof f / sizeof f[0]; i++) moe__afree(f[i]);
-    moe__afree(e->qa), moe__afree(e->qe);
+    moe__afree(e->qa), moe__afree(e->qe), moe__afree(e->wbuf);
     moe__free(e->sel), moe__free(e->cnt), moe__free(e->off), moe__free(e->list), moe__free(e->pos);
     moe__imodel_free(e->m);
     moe__free(e);
@@ -181,7 +180,8 @@ static void matmul(moe_engine *e, const thr *t, const moe__wt *w, int mat, const
                    int n, float *y, int ldy) {
     int lo, hi;
     moe__split(w->rows, 4, t->ith, t->nth, &lo, &hi);
-    moe__wt_matmul_rows(w, mat, x, xq, n, y, ldy, lo, hi, e->wbuf + (size_t)t->ith * 16 * e->maxc, (int)e->maxc);
+    moe__wt_matmul_rows(w, mat, x, xq, n, y, ldy, lo, hi, e->wbuf + (size_t)t->ith * moe__wt_scratch_bytes((int)e->maxc),
+                        (int)e->maxc);
 }
 
 /* The same per-row arithmetic as moe__rmsnorm_forward (model/ops.c). */

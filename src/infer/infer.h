@@ -77,6 +77,9 @@ static inline int moe__wt_quant(const moe__wt *w) {
  * align except the last (empty when ith is past the end). */
 void moe__split(int n, int align, int ith, int nth, int *lo, int *hi);
 
+/* Bytes of the per-thread scratch moe__wt_matmul_rows needs for rows of up
+ * to max_cols values (a multiple of 64; the buffer must be 64-byte aligned). */
+size_t moe__wt_scratch_bytes(int max_cols);
 /* Bytes of one Q8_0 activation row of cols values. */
 size_t moe__qrow_bytes(int cols);
 /* Rows [t0, t1) of x [N][cols] to Q8_0 rows of moe__qrow_bytes(cols) at q. */
@@ -86,13 +89,14 @@ void moe__quantize_rows(const float *x, int cols, int t0, int t1, uint8_t *q);
  * r_lo <= r < r_hi, on the calling thread: threads of one parallel region
  * split the rows among themselves (moe__split with align 4). x [N][cols].
  * Q8_0/Q4_0 weights dot with xq, x quantized by moe__quantize_rows
- * (llama.cpp's scheme; x itself is then unused); F16/BF16 rows are widened
- * to float into wbuf [16][wbuf_ld] (the calling thread's own). Each output
+ * (llama.cpp's scheme; x itself is then unused). scratch is the calling
+ * thread's own, moe__wt_scratch_bytes(max_cols) bytes, 64-byte aligned, with
+ * cols <= max_cols. Each output
  * element is one dot product in a fixed order that depends on neither N nor
  * the row range: a token gets bit-identical results alone or inside a
  * batch, with any thread count. */
 void moe__wt_matmul_rows(const moe__wt *w, int mat, const float *x, const uint8_t *xq, int N, float *y, int ldy,
-                         int r_lo, int r_hi, float *wbuf, int wbuf_ld);
+                         int r_lo, int r_hi, void *scratch, int max_cols);
 /* g[i] = silu(g[i]) * u[i] = g / (1 + e^-g) * u for i < n (vectorized e^x
  * within 2 ulp of expf on AVX-512, expf elsewhere). */
 void moe__swiglu(float *g, const float *u, size_t n);

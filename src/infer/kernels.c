@@ -204,6 +204,13 @@ static inline __m512 load_d(const uint8_t *blk, size_t bs, int two) {
     return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(d0)), _mm256_set1_ps(d1), 1);
 }
 
+/* One pair of activation blocks, ready for the tile (expand_x). */
+typedef struct xpair {
+    __m512i x, corr;
+    __m512 d;
+} xpair;
+_Static_assert(sizeof(xpair) == 192, "moe__wt_scratch_bytes counts 192 bytes per pair");
+
 #if defined(__AVX512VBMI__)
 /* Q4_0 blocks b, b+1 of a weight row (two = 0: b only) with the values and
  * scales of load_w / load_d, from one masked load of the pair's 36 bytes
@@ -234,11 +241,9 @@ static inline void load_q4_pair(const uint8_t *blk, int two, __m512i *v, __m512 
  * Row r + PF_ROWS is prefetched for r < npf (the rows that exist), so no
  * address past the matrix is ever formed. */
 static inline __attribute__((always_inline)) void quant_tile(int q4, const uint8_t *w, size_t wrb, int R,
-                                                             const uint8_t *xq, size_t xrb, int T, int nb,
-                                                             float *y, int ldy, int npf) {
+                                                             const xpair *xp, int np, int T, int nb, float *y,
+                                                             int ldy, int npf) {
     const size_t wbs = q4 ? sizeof(moe__gguf_block_q4_0) : sizeof(moe__gguf_block_q8_0);
-    const size_t xbs = sizeof(moe__gguf_block_q8_0);
-    const __m512i ones = _mm512_set1_epi8(1);
     __m512 acc[4][4];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
@@ -257,10 +262,8 @@ static inline __attribute__((always_inline)) void quant_tile(int q4, const uint8
             if (r < npf) _mm_prefetch((const char *)(blk + PF_ROWS * wrb), _MM_HINT_T0);
         }
         for (int t = 0; t < T; t++) {
-            const uint8_t *blk = xq + t * xrb + b * xbs;
-            xv[t] = load_x(blk, two), dx[t] = load_d(blk, xbs, two);
-            const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, xv[t]);
-            corr[t] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(s, q4 ? 3 : 7));
+            const xpair *x = xp + (size_t)t * np + b / 2;
+            xv[t] = x->x, corr[t] = x->corr, dx[t] = x->d;
         }
         for (int r = 0; r < R; r++)
             for (int t = 0; t < T; t++)
@@ -274,21 +277,43 @@ static inline __attribute__((always_inline)) void quant_tile(int q4, const uint8
             for (int t = 0; t < T; t++) y[(size_t)t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
-/* Rows [0, nr) x tokens [t0, t1) in 4 x 4 tiles, the edges in smaller ones. */
-static void quant_rows(int q4, const uint8_t *w, size_t wrb, int nr, const uint8_t *xq, size_t xrb, int t0,
-                       int t1, int nb, float *y, int ldy) {
+/* Rows [0, nr) x tokens [0, nt) (expanded, np pairs each) in 4 x 4 tiles,
+ * the edges in smaller ones. */
+static void quant_rows(int q4, const uint8_t *w, size_t wrb, int nr, const xpair *xp, int np, int nt, int nb,
+                       float *y, int ldy) {
     for (int r = 0; r < nr; r += 4) {
         const int R = nr - r < 4 ? nr - r : 4;
         const int left = nr - r - PF_ROWS, npf = left < 0 ? 0 : left < 4 ? left : 4;
-        for (int t = t0; t < t1; t += 4) {
-            const int T = t1 - t < 4 ? t1 - t : 4;
-            const uint8_t *wr = w + (size_t)r * wrb, *xt = xq + (size_t)t * xrb;
+        for (int t = 0; t < nt; t += 4) {
+            const int T = nt - t < 4 ? nt - t : 4;
+            const uint8_t *wr = w + (size_t)r * wrb;
+            const xpair *xt = xp + (size_t)t * np;
             float *yt = y + (size_t)t * ldy + r;
-            if (R == 4 && T == 4) quant_tile(q4, wr, wrb, 4, xt, xrb, 4, nb, yt, ldy, npf);
-            else if (R == 4 && T == 1) quant_tile(q4, wr, wrb, 4, xt, xrb, 1, nb, yt, ldy, npf); /* decode */
-            else quant_tile(q4, wr, wrb, R, xt, xrb, T, nb, yt, ldy, npf);
+            if (R == 4 && T == 4) quant_tile(q4, wr, wrb, 4, xt, np, 4, nb, yt, ldy, npf);
+            else if (R == 4 && T == 1) quant_tile(q4, wr, wrb, 4, xt, np, 1, nb, yt, ldy, npf); /* decode */
+            else quant_tile(q4, wr, wrb, R, xt, np, T, nb, yt, ldy, npf);
         }
     }
+}
+
+/* The activation side of the tile for tokens [0, nt) of xq (Q8_0 rows of
+ * xrb bytes): per pair of blocks the codes, the accumulator start
+ * -c * (lane sums of the codes) for the weight type's offset c, and the
+ * scales, computed once per call instead of once per 4-row tile (17% of a
+ * decode token's instructions). */
+static void expand_x(int q4, const uint8_t *xq, size_t xrb, int nt, int nb, xpair *out) {
+    const int np = (nb + 1) / 2;
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int t = 0; t < nt; t++)
+        for (int p = 0; p < np; p++) {
+            const uint8_t *blk = xq + (size_t)t * xrb + (size_t)p * 2 * sizeof(moe__gguf_block_q8_0);
+            const int two = 2 * p + 1 < nb;
+            xpair *o = out + (size_t)t * np + p;
+            o->x = load_x(blk, two);
+            o->d = load_d(blk, sizeof(moe__gguf_block_q8_0), two);
+            const __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, o->x);
+            o->corr = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum, q4 ? 3 : 7));
+        }
 }
 #endif
 
@@ -352,6 +377,12 @@ void moe__split(int n, int align, int ith, int nth, int *lo, int *hi) {
     *hi = b < n ? (int)b : n;
 }
 
+size_t moe__wt_scratch_bytes(int max_cols) {
+    const size_t widen = (size_t)ROW_BLOCK * max_cols * sizeof(float);
+    const size_t pairs = (size_t)TOK_BLOCK * ((max_cols / MOE__GGUF_QK + 1) / 2 + 1) * 192;
+    return ((widen > pairs ? widen : pairs) + 63) / 64 * 64;
+}
+
 size_t moe__qrow_bytes(int cols) { return moe__gguf_row_size(MOE__GGML_Q8_0, (size_t)cols); }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
@@ -406,15 +437,22 @@ void moe__quantize_rows(const float *x, int cols, int t0, int t1, uint8_t *q) {
 }
 
 void moe__wt_matmul_rows(const moe__wt *w, int mat, const float *x, const uint8_t *xq, int N, float *y, int ldy,
-                         int r_lo, int r_hi, float *wbuf, int wbuf_ld) {
+                         int r_lo, int r_hi, void *scratch, int max_cols) {
     const int cols = w->cols;
     const int quant = moe__wt_quant(w);
     const size_t qrow = moe__qrow_bytes(cols);
     const uint8_t *base = moe__wt_mat(w, mat);
 #ifdef QUANT_TILES
-    if (quant && N <= TOK_BLOCK) { /* one pass down the rows: the prefetch runs ahead across row blocks */
-        quant_rows(w->type == MOE__GGML_Q4_0, base + (size_t)r_lo * w->row_bytes, w->row_bytes, r_hi - r_lo, xq,
-                   moe__qrow_bytes(cols), 0, N, cols / MOE__GGUF_QK, y + r_lo, ldy);
+    if (quant) {
+        /* a tile of tokens expanded once, then one pass down the thread's rows (the prefetch runs
+         * ahead across row blocks; the rows' share of a matrix stays in L2 for the next tile) */
+        const int q4 = w->type == MOE__GGML_Q4_0, nb = cols / MOE__GGUF_QK, np = (nb + 1) / 2;
+        for (int t0 = 0; t0 < N; t0 += TOK_BLOCK) {
+            const int nt = N - t0 < TOK_BLOCK ? N - t0 : TOK_BLOCK;
+            expand_x(q4, xq + (size_t)t0 * qrow, qrow, nt, nb, (xpair *)scratch);
+            quant_rows(q4, base + (size_t)r_lo * w->row_bytes, w->row_bytes, r_hi - r_lo, (const xpair *)scratch, np,
+                       nt, nb, y + (size_t)t0 * ldy + r_lo, ldy);
+        }
         return;
     }
 #endif
@@ -425,8 +463,9 @@ void moe__wt_matmul_rows(const moe__wt *w, int mat, const float *x, const uint8_
         size_t wstride = (size_t)cols;
         if (w->type == MOE__GGML_F16 || w->type == MOE__GGML_BF16) { /* widen the block once for all tokens */
             for (int r = 0; r < nr; r++)
-                moe__gguf_dequantize(w->type, wb + (size_t)r * w->row_bytes, wbuf + (size_t)r * wbuf_ld, (size_t)cols);
-            wf = wbuf, wstride = (size_t)wbuf_ld;
+                moe__gguf_dequantize(w->type, wb + (size_t)r * w->row_bytes, (float *)scratch + (size_t)r * max_cols,
+                                     (size_t)cols);
+            wf = (const float *)scratch, wstride = (size_t)max_cols;
         }
         /* token tiles keep the block's rows and a tile of activations in cache */
         for (int t0 = 0; t0 < N; t0 += TOK_BLOCK) {
@@ -435,10 +474,7 @@ void moe__wt_matmul_rows(const moe__wt *w, int mat, const float *x, const uint8_
                 float_tile(wf, wstride, nr, x, cols, t0, t1, y + r0, ldy);
                 continue;
             }
-#ifdef QUANT_TILES
-            quant_rows(w->type == MOE__GGML_Q4_0, wb, w->row_bytes, nr, xq, qrow, t0, t1, cols / MOE__GGUF_QK,
-                       y + r0, ldy);
-#else
+#ifndef QUANT_TILES
             for (int r = 0; r < nr; r++) {
                 const uint8_t *wr = wb + (size_t)r * w->row_bytes;
                 float *yr = y + r0 + r;
