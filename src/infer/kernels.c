@@ -259,7 +259,11 @@ static inline __attribute__((always_inline)) void quant_tile(int q4, const uint8
 #endif
                 wv[r] = load_w(q4, blk, two), dw[r] = load_d(blk, wbs, two);
             /* the next 4-row tile: the loads above stalled on memory at decode */
-            if (r < npf) _mm_prefetch((const char *)(blk + PF_ROWS * wrb), _MM_HINT_T0);
+            if (r < npf) {
+                _mm_prefetch((const char *)(blk + PF_ROWS * wrb), _MM_HINT_T0);
+                /* a Q8_0 pair is 68 bytes: one line per pair would skip a line now and then */
+                if (!q4 && two) _mm_prefetch((const char *)(blk + PF_ROWS * wrb + 64), _MM_HINT_T0);
+            }
         }
         for (int t = 0; t < T; t++) {
             const xpair *x = xp + (size_t)t * np + b / 2;
