@@ -448,14 +448,20 @@ void moe__wt_matmul_rows(const moe__wt *w, int mat, const float *x, const uint8_
     const uint8_t *base = moe__wt_mat(w, mat);
 #ifdef QUANT_TILES
     if (quant) {
-        /* a tile of tokens expanded once, then one pass down the thread's rows (the prefetch runs
-         * ahead across row blocks; the rows' share of a matrix stays in L2 for the next tile) */
+        /* a tile of tokens expanded once, then one pass down the thread's rows (at decode the
+         * prefetch runs ahead across row blocks) */
         const int q4 = w->type == MOE__GGML_Q4_0, nb = cols / MOE__GGUF_QK, np = (nb + 1) / 2;
-        for (int t0 = 0; t0 < N; t0 += TOK_BLOCK) {
-            const int nt = N - t0 < TOK_BLOCK ? N - t0 : TOK_BLOCK;
-            expand_x(q4, xq + (size_t)t0 * qrow, qrow, nt, nb, (xpair *)scratch);
-            quant_rows(q4, base + (size_t)r_lo * w->row_bytes, w->row_bytes, r_hi - r_lo, (const xpair *)scratch, np,
-                       nt, nb, y + (size_t)t0 * ldy + r_lo, ldy);
+        /* several token tiles: rows in chunks of about 256 KB (L2), each re-read per tile */
+        size_t rc = N <= TOK_BLOCK ? (size_t)(r_hi - r_lo) : ((size_t)1 << 18) / w->row_bytes / 4 * 4;
+        if (rc < 4) rc = 4;
+        for (int c0 = r_lo; c0 < r_hi; c0 += (int)rc) {
+            const int nr = (size_t)(r_hi - c0) < rc ? r_hi - c0 : (int)rc;
+            for (int t0 = 0; t0 < N; t0 += TOK_BLOCK) {
+                const int nt = N - t0 < TOK_BLOCK ? N - t0 : TOK_BLOCK;
+                expand_x(q4, xq + (size_t)t0 * qrow, qrow, nt, nb, (xpair *)scratch);
+                quant_rows(q4, base + (size_t)c0 * w->row_bytes, w->row_bytes, nr, (const xpair *)scratch, np, nt, nb,
+                           y + (size_t)t0 * ldy + c0, ldy);
+            }
         }
         return;
     }
