@@ -3,7 +3,6 @@
  * runs every matrix once over all of them; each expert runs once over the
  * tokens routed to it. */
 #include "infer/infer.h"
-#include "model/ops.h"
 
 #include <math.h>
 #include <omp.h>
@@ -14,27 +13,49 @@ struct moe_engine {
     moe__imodel *m;
     moe_engine_params p;
     int threads, n_past, k; /* k: experts per token in use */
-    int kcap;               /* slots per token that outs holds */
+    int kcap;               /* slots per token that the expert buffers hold */
     float *kcache, *vcache; /* [L][n_ctx][G*D] */
-    /* work buffers for B = n_batch tokens */
+    /* work buffers for B = n_batch tokens, S = B * kcap (token, slot) rows */
     float *x, *xn, *q, *kx, *vx, *att, *tmp; /* [B][C] [B][C] [B][H*D] [B][G*D] [B][G*D] [B][H*D] [B][C] */
     float *rstd, *rope;                      /* [B], [B][n_rot] (cos, sin pairs) */
     float *probs, *wts;                      /* [B][E], [B][E] (first k used) */
-    int *sel, *cnt, *list;                   /* [B][E], [E], [E][B] (token * k + slot) */
-    float *xe, *ge, *ue, *de;                /* gathered [B][C], [B][F], [B][F], [B][C] */
-    float *outs;                             /* [B][kcap][C] expert outputs per (token, slot) */
-    float *gs, *us, *shg;                    /* shared expert [B][Fs], [B][Fs], gate [B] */
+    int *sel, *cnt, *off;                    /* [B][E], [E], [E + 1] (first row of each expert) */
+    int *list, *pos;                         /* [S]: token * k + slot by expert; [S] its row in that order */
+    float *xe, *ge, *ue, *outs;              /* by expert: [S][C], [S][F], [S][F], [S][C] */
+    float *gs, *us, *shg, *sho;              /* shared expert [B][Fs], [B][Fs], gate [B], out [B][C] */
     float *scores;                           /* [threads][n_ctx] */
-    float *last;                             /* [V] */
-    moe__kscratch ks;
-    moe__engine_ep *ep;     /* expert parallelism: NULL in one process (engine_ep.c) */
-    int ep_rc;              /* a failed exchange during the last eval */
+    uint8_t *wbuf;                           /* [threads][moe__wt_scratch_bytes(maxc)] */
+    uint8_t *qa, *qe;                        /* Q8_0 rows: [B][maxc], [S][maxc] (activations, experts) */
+    size_t maxc;                             /* widest activation row */
+    moe__engine_ep *ep;                      /* expert parallelism: NULL in one process (engine_ep.c) */
+    int ep_rc;                               /* a failed exchange during the last eval */
     char errmsg[512];
 };
 
 moe_engine_params moe_engine_params_default(void) {
     moe_engine_params p = {.n_ctx = 0, .n_batch = 512, .n_threads = 0, .experts_used = 0, .use_mmap = 1};
     return p;
+}
+
+/* The buffers of S = n_batch * k rows (one per token and slot), replaced
+ * when k grows past kcap; the old ones stay on failure. */
+static int alloc_slots(moe_engine *e, int k) {
+    const moe_engine_hparams *h = &e->m->hp;
+    const size_t S = (size_t)e->p.n_batch * k, C = h->n_embd, F = h->n_ff_exp;
+    float *xe = moe__aligned_alloc(S * C * sizeof(float)), *ge = moe__aligned_alloc(S * F * sizeof(float));
+    float *ue = moe__aligned_alloc(S * F * sizeof(float)), *outs = moe__aligned_alloc(S * C * sizeof(float));
+    int *list = moe__malloc(S * sizeof(int)), *pos = moe__malloc(S * sizeof(int));
+    uint8_t *qe = moe__aligned_alloc(S * moe__qrow_bytes((int)((e->maxc + 31) / 32 * 32)) + 64);
+    if (!xe || !ge || !ue || !outs || !list || !pos || !qe) {
+        moe__afree(xe), moe__afree(ge), moe__afree(ue), moe__afree(outs), moe__afree(qe);
+        moe__free(list), moe__free(pos);
+        return MOE_ENOMEM;
+    }
+    moe__afree(e->xe), moe__afree(e->ge), moe__afree(e->ue), moe__afree(e->outs), moe__afree(e->qe);
+    moe__free(e->list), moe__free(e->pos);
+    e->xe = xe, e->ge = ge, e->ue = ue, e->outs = outs, e->qe = qe, e->list = list, e->pos = pos;
+    e->kcap = k;
+    return 0;
 }
 
 static int alloc_all(moe_engine *e) {
@@ -45,33 +66,32 @@ static int alloc_all(moe_engine *e) {
     size_t maxc = C > HD ? C : HD;
     if (F > maxc) maxc = F;
     if (Fs > maxc) maxc = Fs;
+    e->maxc = maxc;
     size_t kv;
-    if (moe__mul_size(L * T, GD, &kv) || moe__mul_size(B * E, C, &(size_t){0})) return MOE_ELIMIT;
+    if (moe__mul_size(L * T, GD, &kv) || moe__mul_size(B * E, maxc, &(size_t){0})) return MOE_ELIMIT;
     struct { float **p; size_t n; } f[] = {
         {&e->kcache, kv}, {&e->vcache, kv}, {&e->x, B * C}, {&e->xn, B * C}, {&e->q, B * HD},
         {&e->kx, B * GD}, {&e->vx, B * GD}, {&e->att, B * HD}, {&e->tmp, B * C}, {&e->rstd, B},
-        {&e->rope, B * h->n_rot}, {&e->probs, B * E}, {&e->wts, B * E}, {&e->xe, B * C}, {&e->ge, B * F},
-        {&e->ue, B * F}, {&e->de, B * C}, {&e->outs, B * (size_t)e->kcap * C}, {&e->gs, B * Fs}, {&e->us, B * Fs},
-        {&e->shg, B}, {&e->scores, (size_t)e->threads * T}, {&e->last, (size_t)h->n_vocab},
-        {&e->ks.rows, (size_t)e->threads * 16 * maxc}};
+        {&e->rope, B * h->n_rot}, {&e->probs, B * E}, {&e->wts, B * E}, {&e->gs, B * Fs}, {&e->us, B * Fs},
+        {&e->shg, B}, {&e->sho, B * C}, {&e->scores, (size_t)e->threads * T}};
     for (size_t i = 0; i < sizeof f / sizeof f[0]; i++)
         if (!(*f[i].p = moe__aligned_alloc((f[i].n ? f[i].n : 1) * sizeof(float)))) return MOE_ENOMEM;
     e->sel = moe__malloc(B * E * sizeof(int));
     e->cnt = moe__malloc(E * sizeof(int));
-    e->list = moe__malloc(B * E * sizeof(int));
-    e->ks.q = moe__aligned_alloc(B * moe__gguf_row_size(MOE__GGML_Q8_0, (maxc + 31) / 32 * 32) + 64);
-    e->ks.max_cols = (int)maxc, e->ks.threads = e->threads;
-    return e->sel && e->cnt && e->list && e->ks.q ? 0 : MOE_ENOMEM;
+    e->off = moe__malloc((E + 1) * sizeof(int));
+    e->qa = moe__aligned_alloc(B * moe__qrow_bytes((int)((maxc + 31) / 32 * 32)) + 64);
+    e->wbuf = moe__aligned_alloc((size_t)e->threads * moe__wt_scratch_bytes((int)maxc));
+    if (!e->sel || !e->cnt || !e->off || !e->qa || !e->wbuf) return MOE_ENOMEM;
+    return alloc_slots(e, e->k);
 }
 
 void moe_engine_free(moe_engine *e) {
     if (!e) return;
     float *f[] = {e->kcache, e->vcache, e->x, e->xn, e->q, e->kx, e->vx, e->att, e->tmp, e->rstd, e->rope,
-                  e->probs, e->wts, e->xe, e->ge, e->ue, e->de, e->outs, e->gs, e->us, e->shg, e->scores,
-                  e->last, e->ks.rows};
+                  e->probs, e->wts, e->xe, e->ge, e->ue, e->outs, e->gs, e->us, e->shg, e->sho, e->scores};
     for (size_t i = 0; i < sizeof f / sizeof f[0]; i++) moe__afree(f[i]);
-    moe__afree(e->ks.q);
-    moe__free(e->sel), moe__free(e->cnt), moe__free(e->list);
+    moe__afree(e->qa), moe__afree(e->qe), moe__afree(e->wbuf);
+    moe__free(e->sel), moe__free(e->cnt), moe__free(e->off), moe__free(e->list), moe__free(e->pos);
     moe__engine_ep_free(e->ep);
     moe__imodel_free(e->m);
     moe__free(e);
@@ -118,7 +138,6 @@ static int load_local(const char *path, const moe_engine_params *pp, moe_engine 
         return MOE_EINVAL;
     }
     if (p.experts_used) e->k = p.experts_used;
-    e->kcap = e->k;
     if ((rc = alloc_all(e))) {
         moe_engine_free(e);
         return moe__set_err(err, errsz, rc, "%s: cannot allocate the KV cache and buffers (n_ctx %d, n_batch %d)",
@@ -141,15 +160,9 @@ int moe_engine_set_experts_used(moe_engine *e, int k) {
         return moe__set_err(e->errmsg, sizeof e->errmsg, MOE_EINVAL, "experts used %d: the model has %d experts", k,
                             e->m->hp.n_expert);
     k = k ? k : e->m->hp.n_expert_used;
-    if (k > e->kcap) { /* more slots per token than the buffer was sized for */
-        float *o = moe__aligned_alloc(sizeof(float) * (size_t)e->p.n_batch * k * e->m->hp.n_embd);
-        if (!o || (e->ep && moe__engine_ep_reserve(e->ep, (size_t)e->p.n_batch * k))) {
-            moe__afree(o);
-            return moe__set_err(e->errmsg, sizeof e->errmsg, MOE_ENOMEM, "experts used %d: out of memory", k);
-        }
-        moe__afree(e->outs);
-        e->outs = o, e->kcap = k;
-    }
+    if (k > e->kcap && ((e->ep && moe__engine_ep_reserve(e->ep, (size_t)e->p.n_batch * k)) || alloc_slots(e, k)))
+        /* more slots per token than the buffers were sized for */
+        return moe__set_err(e->errmsg, sizeof e->errmsg, MOE_ENOMEM, "experts used %d: out of memory", k);
     e->k = k;
     return 0;
 }
@@ -162,21 +175,57 @@ int moe_engine_truncate(moe_engine *e, int n) {
     return 0;
 }
 
-/* ---- pieces of the forward -------------------------------------------------- */
+/* ---- the forward: one parallel region per batch ------------------------------
+ *
+ * forward() opens a single OpenMP region; every phase below runs on all of
+ * its threads, each taking its own static share (moe__split) of tokens,
+ * (token, head) pairs or output rows, and phases that read what another
+ * thread wrote are separated by a barrier. A fork/join per matrix cost tens
+ * of microseconds each on this workload (eleven per layer per token); a
+ * barrier between spinning threads costs well under one. libgomp lets
+ * waiting threads spin (GOMP_SPINCOUNT, 300,000 iterations by default when
+ * OMP_WAIT_POLICY is unset and there are no more threads than CPUs) before
+ * they sleep, which covers every gap inside a forward.
+ *
+ * Which thread computes an element never changes its value: each output is
+ * one dot product (or one per-row loop) in a fixed order. */
 
-static void add_bias(float *y, const float *b, int n, int d) {
-    if (!b) return;
-    for (int t = 0; t < n; t++)
-        for (int i = 0; i < d; i++) y[(size_t)t * d + i] += b[i];
+typedef struct thr {
+    int ith, nth;
+} thr;
+
+static void span(const thr *t, int n, int *lo, int *hi) { moe__split(n, 1, t->ith, t->nth, lo, hi); }
+
+static void matmul(moe_engine *e, const thr *t, const moe__wt *w, int mat, const float *x, const uint8_t *xq,
+                   int n, float *y, int ldy) {
+    int lo, hi;
+    moe__split(w->rows, 4, t->ith, t->nth, &lo, &hi);
+    moe__wt_matmul_rows(w, mat, x, xq, n, y, ldy, lo, hi, e->wbuf + (size_t)t->ith * moe__wt_scratch_bytes((int)e->maxc),
+                        (int)e->maxc);
+}
+
+/* The same per-row arithmetic as moe__rmsnorm_forward (model/ops.c). */
+static void rmsnorm_row(float *y, const float *x, const float *g, int C, float eps) {
+    double ss = 0.0;
+#pragma omp simd reduction(+ : ss)
+    for (int c = 0; c < C; c++) ss += (double)x[c] * x[c];
+    const float r = (float)(1.0 / sqrt(ss / C + (double)eps));
+#pragma omp simd
+    for (int c = 0; c < C; c++) y[c] = x[c] * r * g[c];
+}
+
+static void add_bias(float *y, const float *b, int d) {
+    if (b)
+        for (int i = 0; i < d; i++) y[i] += b[i];
 }
 
 /* ggml's rope cache: theta starts at the position and is multiplied by
  * base^(-2/n_rot) in float for each pair, as llama.cpp computes it (so long
- * positions round the same way). */
-static void rope_table(moe_engine *e, int n, int pos0) {
+ * positions round the same way). Tokens [t0, t1). */
+static void rope_table(moe_engine *e, int t0, int t1, int pos0) {
     const int nr = e->m->hp.n_rot;
     const float scale = powf(e->m->hp.rope_base, -2.0f / (float)nr);
-    for (int t = 0; t < n; t++) {
+    for (int t = t0; t < t1; t++) {
         float theta = (float)(pos0 + t);
         for (int i = 0; i < nr / 2; i++) {
             e->rope[(size_t)t * nr + 2 * i] = cosf(theta);
@@ -186,55 +235,58 @@ static void rope_table(moe_engine *e, int n, int pos0) {
     }
 }
 
-/* x [n][heads][D]; pair i rotates (2i, 2i+1) or, half-split, (i, i + n_rot/2). */
-static void rope_apply(const moe_engine *e, float *x, int n, int heads) {
+/* One token's heads [heads][D]; pair i rotates (2i, 2i+1) or, half-split,
+ * (i, i + n_rot/2). */
+static void rope_apply(const moe_engine *e, float *x, int t, int heads) {
     const int D = e->m->hp.head_dim, nr = e->m->hp.n_rot, neox = e->m->rope_neox;
-    for (int t = 0; t < n; t++) {
-        const float *cs = e->rope + (size_t)t * nr;
-        for (int hh = 0; hh < heads; hh++) {
-            float *v = x + ((size_t)t * heads + hh) * D;
-            for (int i = 0; i < nr / 2; i++) {
-                const int a = neox ? i : 2 * i, b = neox ? i + nr / 2 : 2 * i + 1;
-                const float x0 = v[a], x1 = v[b], c = cs[2 * i], s = cs[2 * i + 1];
-                v[a] = x0 * c - x1 * s;
-                v[b] = x0 * s + x1 * c;
-            }
+    const float *cs = e->rope + (size_t)t * nr;
+    for (int hh = 0; hh < heads; hh++) {
+        float *v = x + (size_t)hh * D;
+        for (int i = 0; i < nr / 2; i++) {
+            const int a = neox ? i : 2 * i, b = neox ? i + nr / 2 : 2 * i + 1;
+            const float x0 = v[a], x1 = v[b], c = cs[2 * i], s = cs[2 * i + 1];
+            v[a] = x0 * c - x1 * s;
+            v[b] = x0 * s + x1 * c;
         }
     }
 }
 
-static void attention(moe_engine *e, int layer, int n, int pos0) {
+/* The thread's share of the n * H (query, head) pairs. */
+static void attention(moe_engine *e, const thr *th, int layer, int n, int pos0) {
     const moe_engine_hparams *h = &e->m->hp;
     const int H = h->n_head, G = h->n_head_kv, D = h->head_dim, GD = G * D;
     const float *kc = e->kcache + (size_t)layer * e->p.n_ctx * GD, *vc = e->vcache + (size_t)layer * e->p.n_ctx * GD;
     const float scale = 1.0f / sqrtf((float)D);
-#pragma omp parallel for num_threads(e->threads) schedule(static)
-    for (int th = 0; th < n * H; th++) {
-        const int t = th / H, hh = th % H, g = hh / (H / G), last = pos0 + t;
+    float *sc = e->scores + (size_t)th->ith * e->p.n_ctx; /* [n_ctx] */
+    int lo, hi;
+    span(th, n * H, &lo, &hi);
+    for (int p = lo; p < hi; p++) {
+        const int t = p / H, hh = p % H, g = hh / (H / G), last = pos0 + t;
         const float *qv = e->q + (size_t)t * H * D + (size_t)hh * D;
-        float *sc = e->scores + (size_t)omp_get_thread_num() * e->p.n_ctx, *o = e->att + (size_t)t * H * D + (size_t)hh * D;
+        float *o = e->att + (size_t)t * H * D + (size_t)hh * D;
         float mx = -INFINITY;
-        for (int j = 0; j <= last; j++) {
-            sc[j] = moe__dot_f32(kc + (size_t)j * GD + (size_t)g * D, qv, D) * scale;
+        int j = 0;
+        for (; j + 4 <= last + 1; j += 4) moe__dot4_f32(kc + (size_t)j * GD + (size_t)g * D, GD, qv, D, sc + j);
+        for (; j <= last; j++) sc[j] = moe__dot_f32(kc + (size_t)j * GD + (size_t)g * D, qv, D);
+        for (j = 0; j <= last; j++) {
+            sc[j] *= scale;
             if (sc[j] > mx) mx = sc[j];
         }
+        moe__exp_shift(sc, last + 1, mx);
         double sum = 0;
-        for (int j = 0; j <= last; j++) sum += sc[j] = expf(sc[j] - mx);
+        for (j = 0; j <= last; j++) sum += sc[j];
         const float inv = (float)(1.0 / sum);
-        memset(o, 0, sizeof(float) * D);
-        for (int j = 0; j <= last; j++) {
-            const float pj = sc[j] * inv, *vv = vc + (size_t)j * GD + (size_t)g * D;
-            for (int d = 0; d < D; d++) o[d] += pj * vv[d];
-        }
+        for (j = 0; j <= last; j++) sc[j] *= inv;
+        moe__axpy_rows(sc, vc + (size_t)g * D, (size_t)GD, last + 1, D, o);
     }
 }
 
-/* Router: softmax over E, top-k in descending order (lower id first on ties),
- * weights optionally renormalised (llama.cpp clamps the sum at the smallest
- * normal fp16) and scaled. */
-static void route(moe_engine *e, int n) {
+/* Router of tokens [t0, t1): softmax over E, top-k in descending order (lower
+ * id first on ties), weights optionally renormalised (llama.cpp clamps the
+ * sum at the smallest normal fp16) and scaled. */
+static void route(moe_engine *e, int t0, int t1) {
     const int E = e->m->hp.n_expert, K = e->k;
-    for (int t = 0; t < n; t++) {
+    for (int t = t0; t < t1; t++) {
         float *p = e->probs + (size_t)t * E, mx = -INFINITY;
         for (int i = 0; i < E; i++) mx = p[i] > mx ? p[i] : mx;
         double sum = 0;
@@ -261,104 +313,185 @@ static void route(moe_engine *e, int n) {
     }
 }
 
-static void swiglu(float *g, const float *u, size_t n) {
-    for (size_t i = 0; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+/* Counting sort of the n * k (token, slot) pairs by expert, tokens in order
+ * within each: rows off[x] .. off[x+1] of the expert buffers are expert x's. */
+static void sort_slots(moe_engine *e, int n) {
+    const int E = e->m->hp.n_expert, K = e->k;
+    memset(e->cnt, 0, sizeof(int) * E);
+    for (int i = 0; i < n * K; i++) e->cnt[e->sel[(size_t)(i / K) * E + i % K]]++;
+    e->off[0] = 0;
+    for (int x = 0; x < E; x++) e->off[x + 1] = e->off[x] + e->cnt[x], e->cnt[x] = 0;
+    for (int i = 0; i < n * K; i++) {
+        const int x = e->sel[(size_t)(i / K) * E + i % K], r = e->off[x] + e->cnt[x]++;
+        e->list[r] = i, e->pos[i] = r;
+    }
 }
 
-/* The routed experts over e->xn, into e->tmp [n][C]. */
-static void experts(moe_engine *e, const moe__ilayer *y, int n) {
-    const int E = e->m->hp.n_expert, K = e->k, C = e->m->hp.n_embd, F = e->m->hp.n_ff_exp;
-    memset(e->cnt, 0, sizeof(int) * E);
-    for (int t = 0; t < n; t++) /* token order within each expert */
-        for (int s = 0; s < K; s++) {
-            const int x = e->sel[(size_t)t * E + s];
-            e->list[(size_t)x * e->p.n_batch + e->cnt[x]++] = t * K + s;
-        }
+/* The feed-forward half after the router logits are in e->probs: routed
+ * experts (and qwen2moe's shared one) over e->xn / e->qa, added to e->x.
+ * Every expert that received tokens runs once over them; the others are
+ * never read. All experts' row shares run between the same two barriers. */
+static void ffn(moe_engine *e, const thr *th, const moe__ilayer *y, int n) {
+    const moe_engine_hparams *h = &e->m->hp;
+    const int E = h->n_expert, K = e->k, C = h->n_embd, F = h->n_ff_exp, Fs = h->n_ff_shexp, S = n * K;
+    const int qx = moe__wt_quant(&y->gate_exps), qd = moe__wt_quant(&y->down_exps);
+    const size_t qC = moe__qrow_bytes(C), qF = moe__qrow_bytes(F);
+    const int sh = y->gate_inp_sh != NULL;
+    int lo, hi;
+#pragma omp single /* microseconds even for a full batch: not worth a barrier */
+    {
+        route(e, 0, n);
+        sort_slots(e, n);
+    }
+    /* rows [r0, r1) belong to this rank's experts (all of them in one process) */
     int x0 = 0, x1 = E;
-    if (e->ep) moe__engine_ep_range(e->ep, &x0, &x1); /* this rank's experts */
+    if (e->ep) moe__engine_ep_range(e->ep, &x0, &x1);
+    const int r0 = e->off[x0], r1 = e->off[x1];
+    span(th, S, &lo, &hi); /* gather each slot's input row */
+    for (int r = lo; r < hi; r++) {
+        if (r < r0 || r >= r1) continue;
+        const int t = e->list[r] / K;
+        if (qx) memcpy(e->qe + r * qC, e->qa + t * qC, qC);
+        else memcpy(e->xe + (size_t)r * C, e->xn + (size_t)t * C, sizeof(float) * C);
+    }
+#pragma omp barrier
     for (int x = x0; x < x1; x++) {
-        const int m = e->cnt[x];
+        const int o = e->off[x], m = e->off[x + 1] - o;
         if (!m) continue; /* never touched: its pages are never read */
-        const int *lst = e->list + (size_t)x * e->p.n_batch;
-        for (int i = 0; i < m; i++) memcpy(e->xe + (size_t)i * C, e->xn + (size_t)(lst[i] / K) * C, sizeof(float) * C);
-        moe__wt_matmul(&y->gate_exps, x, e->xe, m, e->ge, F, &e->ks, 0);
-        moe__wt_matmul(&y->up_exps, x, e->xe, m, e->ue, F, &e->ks, 1);
-        swiglu(e->ge, e->ue, (size_t)m * F);
-        moe__wt_matmul(&y->down_exps, x, e->ge, m, e->de, C, &e->ks, 0);
-        for (int i = 0; i < m; i++) memcpy(e->outs + (size_t)lst[i] * C, e->de + (size_t)i * C, sizeof(float) * C);
+        matmul(e, th, &y->gate_exps, x, e->xe + (size_t)o * C, e->qe + o * qC, m, e->ge + (size_t)o * F, F);
+        matmul(e, th, &y->up_exps, x, e->xe + (size_t)o * C, e->qe + o * qC, m, e->ue + (size_t)o * F, F);
     }
-    if (e->ep) { /* every rank exchanges, even after a failure, so none waits */
-        const int rc = moe__engine_ep_exchange(e->ep, e->sel, E, n, K, e->outs, e->errmsg, sizeof e->errmsg);
-        if (rc && !e->ep_rc) e->ep_rc = rc;
+    if (sh) {
+        matmul(e, th, &y->gate_sh, 0, e->xn, e->qa, n, e->gs, Fs);
+        matmul(e, th, &y->up_sh, 0, e->xn, e->qa, n, e->us, Fs);
     }
-    for (int t = 0; t < n; t++) { /* weighted sum in top-k order, as llama.cpp adds the slots */
+#pragma omp barrier
+    span(th, S + (sh ? n : 0), &lo, &hi); /* slot rows, then the shared expert's token rows */
+    for (int r = lo; r < hi; r++) {
+        if (r < S) {
+            if (r < r0 || r >= r1) continue; /* another rank's expert */
+            moe__swiglu(e->ge + (size_t)r * F, e->ue + (size_t)r * F, (size_t)F);
+            if (qd) moe__quantize_rows(e->ge, F, r, r + 1, e->qe); /* the gathered inputs are consumed */
+        } else {
+            const int t = r - S;
+            moe__swiglu(e->gs + (size_t)t * Fs, e->us + (size_t)t * Fs, (size_t)Fs);
+            if (moe__wt_quant(&y->down_sh)) moe__quantize_rows(e->gs, Fs, t, t + 1, e->qa); /* xn's are consumed */
+        }
+    }
+#pragma omp barrier
+    for (int x = x0; x < x1; x++) {
+        const int o = e->off[x], m = e->off[x + 1] - o;
+        if (m) matmul(e, th, &y->down_exps, x, e->ge + (size_t)o * F, e->qe + o * qF, m, e->outs + (size_t)o * C, C);
+    }
+    if (sh) matmul(e, th, &y->down_sh, 0, e->gs, e->qa, n, e->sho, C);
+#pragma omp barrier
+    if (e->ep) {
+        /* a collective, so the main thread (MPI_THREAD_FUNNELED); every rank
+         * exchanges, even after a failure, so none waits */
+#pragma omp master
+        {
+            const int rc = moe__engine_ep_exchange(e->ep, e->sel, E, n, K, e->pos, e->outs, e->errmsg, sizeof e->errmsg);
+            if (rc && !e->ep_rc) e->ep_rc = rc;
+        }
+#pragma omp barrier
+    }
+    span(th, n, &lo, &hi);
+    for (int t = lo; t < hi; t++) { /* weighted sum in top-k order, as llama.cpp adds the slots */
         float *o = e->tmp + (size_t)t * C;
         for (int s = 0; s < K; s++) {
-            const float w = e->wts[(size_t)t * E + s], *d = e->outs + ((size_t)t * K + s) * C;
+            const float w = e->wts[(size_t)t * E + s], *d = e->outs + (size_t)e->pos[t * K + s] * C;
             for (int c = 0; c < C; c++) o[c] = s ? o[c] + d[c] * w : d[c] * w;
         }
+        if (sh) { /* qwen2moe: + sigmoid(x . g) * shared_ffn(x) */
+            const float g = moe__dot_f32(e->xn + (size_t)t * C, y->gate_inp_sh, C), sg = 1.0f / (1.0f + expf(-g));
+            const float *d = e->sho + (size_t)t * C;
+            for (int c = 0; c < C; c++) o[c] += d[c] * sg;
+        }
+        float *xr = e->x + (size_t)t * C;
+        for (int c = 0; c < C; c++) xr[c] += o[c];
     }
 }
 
-/* qwen2moe: tmp += sigmoid(x . g) * shared_ffn(x). */
-static void shared_expert(moe_engine *e, const moe__ilayer *y, int n) {
-    const int C = e->m->hp.n_embd, Fs = e->m->hp.n_ff_shexp;
-    moe__wt_matmul(&y->gate_sh, 0, e->xn, n, e->gs, Fs, &e->ks, 0);
-    moe__wt_matmul(&y->up_sh, 0, e->xn, n, e->us, Fs, &e->ks, 1);
-    swiglu(e->gs, e->us, (size_t)n * Fs);
-    moe__wt_matmul(&y->down_sh, 0, e->gs, n, e->de, C, &e->ks, 0);
-    for (int t = 0; t < n; t++) {
-        const float g = moe__dot_f32(e->xn + (size_t)t * C, y->gate_inp_sh, C), sg = 1.0f / (1.0f + expf(-g));
-        float *o = e->tmp + (size_t)t * C;
-        const float *d = e->de + (size_t)t * C;
-        for (int c = 0; c < C; c++) o[c] += d[c] * sg;
-    }
-}
-
-static void forward_layer(moe_engine *e, int l, int n, int pos0) {
+static void forward_layer(moe_engine *e, const thr *th, int l, int n, int pos0) {
     const moe__imodel *m = e->m;
     const moe_engine_hparams *h = &m->hp;
     const moe__ilayer *y = &m->layers[l];
     const int C = h->n_embd, HD = h->n_head * h->head_dim, GD = h->n_head_kv * h->head_dim, E = h->n_expert;
-    moe__rmsnorm_forward(e->xn, e->rstd, e->x, y->attn_norm, n, C, h->rms_eps, n > 1 ? e->threads : 1);
-    moe__wt_matmul(&y->wq, 0, e->xn, n, e->q, HD, &e->ks, 0);
-    moe__wt_matmul(&y->wk, 0, e->xn, n, e->kx, GD, &e->ks, 1);
-    moe__wt_matmul(&y->wv, 0, e->xn, n, e->vx, GD, &e->ks, 1);
-    add_bias(e->q, y->bq, n, HD), add_bias(e->kx, y->bk, n, GD), add_bias(e->vx, y->bv, n, GD);
-    if (y->q_norm) { /* olmoe: RMSNorm over the whole projection, before the heads split */
-        moe__rmsnorm_forward(e->q, e->rstd, e->q, y->q_norm, n, HD, h->rms_eps, n > 1 ? e->threads : 1);
-        moe__rmsnorm_forward(e->kx, e->rstd, e->kx, y->k_norm, n, GD, h->rms_eps, n > 1 ? e->threads : 1);
+    const int qffn = moe__wt_quant(&y->gate_inp) || moe__wt_quant(&y->gate_exps) || moe__wt_quant(&y->gate_sh);
+    int lo, hi;
+    span(th, n, &lo, &hi);
+    for (int t = lo; t < hi; t++) {
+        rmsnorm_row(e->xn + (size_t)t * C, e->x + (size_t)t * C, y->attn_norm, C, h->rms_eps);
+        if (moe__wt_quant(&y->wq) || moe__wt_quant(&y->wk) || moe__wt_quant(&y->wv))
+            moe__quantize_rows(e->xn, C, t, t + 1, e->qa);
     }
-    rope_apply(e, e->q, n, h->n_head);
-    rope_apply(e, e->kx, n, h->n_head_kv);
-    float *kc = e->kcache + ((size_t)l * e->p.n_ctx + pos0) * GD, *vc = e->vcache + ((size_t)l * e->p.n_ctx + pos0) * GD;
-    memcpy(kc, e->kx, sizeof(float) * n * GD);
-    memcpy(vc, e->vx, sizeof(float) * n * GD);
-    attention(e, l, n, pos0);
-    moe__wt_matmul(&y->wo, 0, e->att, n, e->tmp, C, &e->ks, 0);
-    add_bias(e->tmp, y->bo, n, C);
-    for (size_t i = 0; i < (size_t)n * C; i++) e->x[i] += e->tmp[i];
-    moe__rmsnorm_forward(e->xn, e->rstd, e->x, y->ffn_norm, n, C, h->rms_eps, n > 1 ? e->threads : 1);
-    moe__wt_matmul(&y->gate_inp, 0, e->xn, n, e->probs, E, &e->ks, 0);
-    route(e, n);
-    experts(e, y, n);
-    if (y->gate_inp_sh) shared_expert(e, y, n);
-    for (size_t i = 0; i < (size_t)n * C; i++) e->x[i] += e->tmp[i];
+#pragma omp barrier
+    matmul(e, th, &y->wq, 0, e->xn, e->qa, n, e->q, HD);
+    matmul(e, th, &y->wk, 0, e->xn, e->qa, n, e->kx, GD);
+    matmul(e, th, &y->wv, 0, e->xn, e->qa, n, e->vx, GD);
+#pragma omp barrier
+    for (int t = lo; t < hi; t++) {
+        float *q = e->q + (size_t)t * HD, *k = e->kx + (size_t)t * GD, *v = e->vx + (size_t)t * GD;
+        add_bias(q, y->bq, HD), add_bias(k, y->bk, GD), add_bias(v, y->bv, GD);
+        if (y->q_norm) { /* olmoe: RMSNorm over the whole projection, before the heads split */
+            rmsnorm_row(q, q, y->q_norm, HD, h->rms_eps);
+            rmsnorm_row(k, k, y->k_norm, GD, h->rms_eps);
+        }
+        rope_apply(e, q, t, h->n_head);
+        rope_apply(e, k, t, h->n_head_kv);
+        const size_t at = ((size_t)l * e->p.n_ctx + pos0 + t) * GD;
+        memcpy(e->kcache + at, k, sizeof(float) * GD);
+        memcpy(e->vcache + at, v, sizeof(float) * GD);
+    }
+#pragma omp barrier
+    attention(e, th, l, n, pos0);
+#pragma omp barrier
+    if (moe__wt_quant(&y->wo)) {
+        moe__quantize_rows(e->att, HD, lo, hi, e->qa);
+#pragma omp barrier
+    }
+    matmul(e, th, &y->wo, 0, e->att, e->qa, n, e->tmp, C);
+#pragma omp barrier
+    for (int t = lo; t < hi; t++) {
+        float *o = e->tmp + (size_t)t * C, *xr = e->x + (size_t)t * C;
+        add_bias(o, y->bo, C);
+        for (int c = 0; c < C; c++) xr[c] += o[c];
+        rmsnorm_row(e->xn + (size_t)t * C, xr, y->ffn_norm, C, h->rms_eps);
+        if (qffn) /* one quantization serves the router, the experts and the shared expert */
+            moe__quantize_rows(e->xn, C, t, t + 1, e->qa);
+    }
+#pragma omp barrier
+    matmul(e, th, &y->gate_inp, 0, e->xn, e->qa, n, e->probs, E);
+#pragma omp barrier
+    ffn(e, th, y, n); /* ends with each thread on its own tokens, as the next layer starts: no barrier */
 }
 
 /* One batch of n <= n_batch tokens; logits [n][V] (all) or [V] (last). */
 static void forward(moe_engine *e, const int32_t *tok, int n, float *logits, int all) {
     const moe__imodel *m = e->m;
     const int C = m->hp.n_embd, pos0 = e->n_past;
-    for (int t = 0; t < n; t++) moe__wt_row(&m->tok_embd, 0, tok[t], e->x + (size_t)t * C);
-    rope_table(e, n, pos0);
-    for (int l = 0; l < m->hp.n_layer; l++) forward_layer(e, l, n, pos0);
-    e->n_past += n;
-    if (!logits) return;
     const int first = all ? 0 : n - 1, rows = n - first;
-    const float *xs = e->x + (size_t)first * C;
-    moe__rmsnorm_forward(e->xn, e->rstd, xs, m->output_norm, rows, C, m->hp.rms_eps, n > 1 ? e->threads : 1);
-    moe__wt_matmul(&m->output, 0, e->xn, rows, logits, m->hp.n_vocab, &e->ks, 0);
+#pragma omp parallel num_threads(e->threads)
+    {
+        const thr th = {omp_get_thread_num(), omp_get_num_threads()};
+        int lo, hi;
+        span(&th, n, &lo, &hi);
+        for (int t = lo; t < hi; t++) moe__wt_row(&m->tok_embd, 0, tok[t], e->x + (size_t)t * C);
+        rope_table(e, lo, hi, pos0);
+#pragma omp barrier
+        for (int l = 0; l < m->hp.n_layer; l++) forward_layer(e, &th, l, n, pos0);
+#pragma omp barrier
+        if (logits) {
+            span(&th, rows, &lo, &hi);
+            for (int t = lo; t < hi; t++) {
+                rmsnorm_row(e->xn + (size_t)t * C, e->x + (size_t)(first + t) * C, m->output_norm, C, m->hp.rms_eps);
+                if (moe__wt_quant(&m->output)) moe__quantize_rows(e->xn, C, t, t + 1, e->qa);
+            }
+#pragma omp barrier
+            matmul(e, &th, &m->output, 0, e->xn, e->qa, rows, logits, m->hp.n_vocab);
+        }
+    }
+    e->n_past += n;
 }
 
 int moe_engine_eval(moe_engine *e, const int32_t *tokens, int n, float *logits, int all_logits) {

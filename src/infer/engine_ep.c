@@ -100,8 +100,8 @@ void moe__engine_ep_range(const moe__engine_ep *ep, int *first, int *end) {
     *end = ep->end;
 }
 
-int moe__engine_ep_exchange(moe__engine_ep *ep, const int *sel, int stride, int n, int K, float *outs, char *err,
-                            size_t errsz) {
+int moe__engine_ep_exchange(moe__engine_ep *ep, const int *sel, int stride, int n, int K, const int *pos, float *outs,
+                            char *err, size_t errsz) {
     const int P = ep->P, C = ep->C;
     const size_t rb = sizeof(float) * (size_t)C;
     /* the rows each rank computed follow from the routing, which every rank
@@ -129,7 +129,7 @@ int moe__engine_ep_exchange(moe__engine_ep *ep, const int *sel, int stride, int 
     for (int t = 0; t < n; t++)
         for (int s = 0; s < K; s++)
             if (ep->owner[sel[(size_t)t * stride + s]] == ep->rank)
-                memcpy(ep->send + i++ * C, outs + ((size_t)t * K + s) * C, rb);
+                memcpy(ep->send + i++ * C, outs + (size_t)pos[t * K + s] * C, rb);
     if (moe__dist_allgatherv_rows(ep->d, ep->send, ep->recv, ep->rows, rb))
         return moe__set_err(err, errsz, MOE_EIO, "expert parallelism: %s", moe_dist_errmsg(ep->d));
     /* the other ranks' rows back into their (token, slot) places */
@@ -139,7 +139,7 @@ int moe__engine_ep_exchange(moe__engine_ep *ep, const int *sel, int stride, int 
         for (int s = 0; s < K; s++) {
             const int q = ep->owner[sel[(size_t)t * stride + s]];
             const size_t row = (size_t)ep->off[q] + (size_t)ep->cur[q]++;
-            if (q != ep->rank) memcpy(outs + ((size_t)t * K + s) * C, ep->recv + row * C, rb);
+            if (q != ep->rank) memcpy(outs + (size_t)pos[t * K + s] * C, ep->recv + row * C, rb);
         }
     return MOE_OK;
 }

@@ -71,31 +71,48 @@ void moe__imodel_stats(const moe__imodel *m, int k, moe_engine_stats *s);
 
 /* ---- kernels (kernels.c) -------------------------------------------------- */
 
-/* Scratch the matmul needs for N rows of activations of length cols:
- * Q8_0 activations (for Q8_0/Q4_0 weights) and one converted weight row per
- * thread (for F16/BF16). */
-typedef struct moe__kscratch {
-    void *q;       /* >= N * moe__gguf_row_size(Q8_0, cols) bytes */
-    float *rows;   /* [threads][16][max cols]: a block of widened rows */
-    int max_cols, threads;
-    const float *qx; /* the activations q holds (qn rows of qcols), NULL: none */
-    int qn, qcols;
-} moe__kscratch;
+static inline int moe__wt_quant(const moe__wt *w) {
+    return w->type == MOE__GGML_Q8_0 || w->type == MOE__GGML_Q4_0;
+}
 
-/* y[t][r] (row stride ldy) = sum_c W[mat][r][c] x[t][c] for t < N, r < rows.
- * x [N][cols]. Each output element is one dot product in a fixed order that
- * depends on neither N nor the thread count: a token gets bit-identical
- * results alone or inside a batch. Q8_0/Q4_0 weights dot with x quantized to
- * Q8_0 (llama.cpp's scheme); F16/BF16 rows are widened to float.
- * same_x = 1 promises x has not changed since the previous call: if that call
- * quantized the same x (same pointer, N, cols), the quantization is reused
- * (q, k and v share one input, so do an expert's gate and up). */
-void moe__wt_matmul(const moe__wt *w, int mat, const float *x, int N, float *y, int ldy, moe__kscratch *s,
-                    int same_x);
+/* [lo, hi) of n items for thread ith of nth: contiguous chunks, multiples of
+ * align except the last (empty when ith is past the end). */
+void moe__split(int n, int align, int ith, int nth, int *lo, int *hi);
+
+/* Bytes of the per-thread scratch moe__wt_matmul_rows needs for rows of up
+ * to max_cols values (a multiple of 64; the buffer must be 64-byte aligned). */
+size_t moe__wt_scratch_bytes(int max_cols);
+/* Bytes of one Q8_0 activation row of cols values. */
+size_t moe__qrow_bytes(int cols);
+/* Rows [t0, t1) of x [N][cols] to Q8_0 rows of moe__qrow_bytes(cols) at q. */
+void moe__quantize_rows(const float *x, int cols, int t0, int t1, uint8_t *q);
+
+/* y[t][r] (row stride ldy) = sum_c W[mat][r][c] x[t][c] for t < N and
+ * r_lo <= r < r_hi, on the calling thread: threads of one parallel region
+ * split the rows among themselves (moe__split with align 4). x [N][cols].
+ * Q8_0/Q4_0 weights dot with xq, x quantized by moe__quantize_rows
+ * (llama.cpp's scheme; x itself is then unused). scratch is the calling
+ * thread's own, moe__wt_scratch_bytes(max_cols) bytes, 64-byte aligned, with
+ * cols <= max_cols. Each output
+ * element is one dot product in a fixed order that depends on neither N nor
+ * the row range: a token gets bit-identical results alone or inside a
+ * batch, with any thread count. */
+void moe__wt_matmul_rows(const moe__wt *w, int mat, const float *x, const uint8_t *xq, int N, float *y, int ldy,
+                         int r_lo, int r_hi, void *scratch, int max_cols);
+/* g[i] = silu(g[i]) * u[i] = g / (1 + e^-g) * u for i < n (vectorized e^x
+ * within 2 ulp of expf on AVX-512, expf elsewhere). */
+void moe__swiglu(float *g, const float *u, size_t n);
+/* x[i] = e^(x[i] - m) for i < n, with the same e^x. */
+void moe__exp_shift(float *x, int n, float m);
 /* Row r of W[mat] to float (embedding lookups). */
 void moe__wt_row(const moe__wt *w, int mat, int r, float *out);
 /* Dot of two float vectors, fixed blocked order. */
 float moe__dot_f32(const float *a, const float *b, int n);
+/* out[k] = moe__dot_f32(a + k * as, b, n) for k < 4, bit for bit, in one pass. */
+void moe__dot4_f32(const float *a, size_t as, const float *b, int n, float *out);
+/* o[d] = sum_j p[j] v[j][d] (rows of stride vs) for d < n, j in order with
+ * one fused multiply-add each: attention's weighted sum of values. */
+void moe__axpy_rows(const float *p, const float *v, size_t vs, int m, int n, float *o);
 
 /* ---- expert parallelism (engine_ep.c) ------------------------------------- */
 
@@ -111,9 +128,10 @@ int moe__engine_ep_create(int n_expert, int C, size_t rows, moe__engine_ep **out
 int moe__engine_ep_reserve(moe__engine_ep *ep, size_t rows);
 void moe__engine_ep_free(moe__engine_ep *ep);
 void moe__engine_ep_range(const moe__engine_ep *ep, int *first, int *end);
-/* outs [n][K][C]: this rank's experts' slots filled; on return every slot,
- * the same on every rank. sel [n][stride]: the experts of each token. */
-int moe__engine_ep_exchange(moe__engine_ep *ep, const int *sel, int stride, int n, int K, float *outs, char *err,
-                            size_t errsz);
+/* outs [S][C], the slot of (token t, top-k rank s) at row pos[t K + s]:
+ * this rank's experts' slots filled; on return every slot, the same on every
+ * rank. sel [n][stride]: the experts of each token. */
+int moe__engine_ep_exchange(moe__engine_ep *ep, const int *sel, int stride, int n, int K, const int *pos, float *outs,
+                            char *err, size_t errsz);
 
 #endif
