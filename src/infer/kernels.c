@@ -211,28 +211,6 @@ typedef struct xpair {
 } xpair;
 _Static_assert(sizeof(xpair) == 192, "moe__wt_scratch_bytes counts 192 bytes per pair");
 
-#if defined(__AVX512VBMI__)
-/* Q4_0 blocks b, b+1 of a weight row (two = 0: b only) with the values and
- * scales of load_w / load_d, from one masked load of the pair's 36 bytes
- * [d0 qs0[16] d1 qs1[16]] and a byte and a word permute. Masked-off bytes
- * are never read, so the last pair of a matrix stays inside it. Used at
- * decode, where the weight side is most of the tile's work (-6% CPU time
- * per token); in the 4-token tile it measured 10% slower, so that keeps
- * load_w. */
-static inline void load_q4_pair(const uint8_t *blk, int two, __m512i *v, __m512 *d) {
-    const __m512i a = _mm512_maskz_loadu_epi8(two ? (__mmask64)0xfffffffff : (__mmask64)0x3ffff, blk);
-    const __m512i bidx = _mm512_set_epi8(35, 34, 33, 32, 31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 35, 34, 33,
-                                         32, 31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 17, 16, 15, 14, 13, 12,
-                                         11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5,
-                                         4, 3, 2);
-    const __m512i sh = _mm512_set_epi64(0x0004000400040004, 0x0004000400040004, 0, 0, 0x0004000400040004,
-                                        0x0004000400040004, 0, 0);
-    *v = _mm512_and_si512(_mm512_srlv_epi16(_mm512_permutexvar_epi8(bidx, a), sh), _mm512_set1_epi8(15));
-    const __m512i widx = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9, 9, 9, 9, 9, 9, 9, 9, 0,
-                                          0, 0, 0, 0, 0, 0, 0);
-    *d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(widx, a)));
-}
-#endif
 
 #ifndef PF_ROWS
 #define PF_ROWS 16 /* rows ahead: 4 left decode waiting on memory (t1 CPU time Q4_0 -28%, Q8_0 -25% vs 4) */
@@ -253,11 +231,7 @@ static inline __attribute__((always_inline)) void quant_tile(int q4, const uint8
         __m512 dw[4], dx[4];
         for (int r = 0; r < R; r++) {
             const uint8_t *blk = w + r * wrb + b * wbs;
-#if defined(__AVX512VBMI__)
-            if (q4 && T == 1) load_q4_pair(blk, two, &wv[r], &dw[r]);
-            else
-#endif
-                wv[r] = load_w(q4, blk, two), dw[r] = load_d(blk, wbs, two);
+            wv[r] = load_w(q4, blk, two), dw[r] = load_d(blk, wbs, two);
             /* the next 4-row tile: the loads above stalled on memory at decode */
             if (r < npf) {
                 _mm_prefetch((const char *)(blk + PF_ROWS * wrb), _MM_HINT_T0);
@@ -318,6 +292,116 @@ static void expand_x(int q4, const uint8_t *xq, size_t xrb, int nt, int nb, xpai
             const __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, o->x);
             o->corr = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum, q4 ? 3 : 7));
         }
+}
+#endif
+
+#if defined(__AVX512VBMI__)
+#define Q4_GROUPS 1
+/* Q4_0 in groups of four blocks (72 bytes of a weight row): the 64 code bytes
+ * gathered by one two-source byte permute, the four scales by one byte
+ * permute, the low and high nibbles against activations laid out to match
+ * (q4_group), two vpdpbusd per group. Half the permutes per block of the
+ * pair layout, which left Q4_0 decode short of the read bandwidth. The
+ * offset scheme is the pair tiles': raw nibbles (code + 8), the accumulator
+ * starting at -8 x the lane's activation sum, so every lane is exact. */
+typedef struct q4_group {
+    int8_t lo[64];    /* blocks k = 0..3: values 0..15 of block k at 16k */
+    int8_t hi[64];    /* values 16..31 of block k at 16k */
+    int32_t corr[16]; /* lane L: -8 x the sum of the 8 codes lane L multiplies */
+    float d[16];      /* lane L: scale of block L / 4 */
+} q4_group;
+_Static_assert(sizeof(q4_group) == 256, "moe__wt_scratch_bytes: 256 bytes per 4 blocks fit in 2 pairs");
+
+/* Code byte i of a group is byte 18 (i / 16) + 2 + i % 16 of its 72 (the last
+ * block from the second load at +8: 64 + that - 8); scale word L the fp16 at
+ * byte 18 (L / 4). Two loads at +0 and +8 end at the group's last byte. */
+static const uint8_t k_q4_codes[64] = {
+    2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15, 16, 17, 20, 21, 22, 23, 24, 25,
+    26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49,
+    50, 51, 52, 53, 112, 113, 114, 115, 116, 117, 118, 119, 120, 121, 122, 123, 124, 125, 126, 127};
+static const uint8_t k_q4_scales[64] = {0,  1,  0,  1,  0,  1,  0,  1,  18, 19, 18, 19, 18, 19, 18, 19,
+                                        36, 37, 36, 37, 36, 37, 36, 37, 54, 55, 54, 55, 54, 55, 54, 55};
+
+static void expand_q4(const uint8_t *xq, size_t xrb, int nt, int nb, q4_group *out) {
+    const int ng = (nb + 3) / 4;
+    memset(out, 0, sizeof *out * (size_t)nt * ng); /* blocks past the row: zero codes and scales */
+    for (int t = 0; t < nt; t++)
+        for (int b = 0; b < nb; b++) {
+            const moe__gguf_block_q8_0 *blk =
+                (const moe__gguf_block_q8_0 *)(const void *)(xq + (size_t)t * xrb + (size_t)b * sizeof *blk);
+            q4_group *g = out + (size_t)t * ng + b / 4;
+            const int k = b % 4;
+            const float d = block_scale((const uint8_t *)blk);
+            memcpy(g->lo + 16 * k, blk->qs, 16);
+            memcpy(g->hi + 16 * k, blk->qs + 16, 16);
+            for (int j = 0; j < 4; j++) {
+                int sum = 0;
+                for (int i = 0; i < 4; i++) sum += blk->qs[4 * j + i] + blk->qs[16 + 4 * j + i];
+                g->corr[4 * k + j] = -8 * sum, g->d[4 * k + j] = d;
+            }
+        }
+}
+
+/* y[t][r] = W row r . x token t for r < R, t < T (both <= 4); ng groups, the
+ * last with `tail` blocks (0: full) read by masked loads, so nothing past the
+ * matrix is read. npf rows PF_ROWS ahead exist and are prefetched. */
+static inline __attribute__((always_inline)) void q4_tile(const uint8_t *w, size_t wrb, int R, const q4_group *xg,
+                                                          int ng, int T, int tail, float *y, int ldy, int npf) {
+    const __m512i m4 = _mm512_set1_epi8(15), pc = _mm512_loadu_si512(k_q4_codes), ps = _mm512_loadu_si512(k_q4_scales);
+    __m512 acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
+    for (int g = 0; g < ng; g++) {
+        __m512i lo[4], hi[4];
+        __m512 sc[4];
+        for (int r = 0; r < R; r++) {
+            const uint8_t *p = w + r * wrb + (size_t)g * 72;
+            __m512i a, b;
+            if (g + 1 < ng || !tail) {
+                a = _mm512_loadu_si512(p), b = _mm512_loadu_si512(p + 8);
+            } else { /* the row ends inside the group */
+                a = _mm512_maskz_loadu_epi8(_bzhi_u64(~0ull, 18 * tail), p);
+                b = _mm512_maskz_loadu_epi8(_bzhi_u64(~0ull, 18 * tail - 8), p + 8);
+            }
+            const __m512i codes = _mm512_permutex2var_epi8(a, pc, b);
+            sc[r] = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi8(ps, a)));
+            lo[r] = _mm512_and_si512(codes, m4);
+            hi[r] = _mm512_and_si512(_mm512_srli_epi16(codes, 4), m4);
+            if (r < npf) _mm_prefetch((const char *)(p + PF_ROWS * wrb), _MM_HINT_T0);
+        }
+        for (int t = 0; t < T; t++) {
+            const q4_group *x = xg + (size_t)t * ng + g;
+            const __m512i xl = _mm512_load_si512(x->lo), xh = _mm512_load_si512(x->hi);
+            const __m512i corr = _mm512_load_si512(x->corr);
+            const __m512 dx = _mm512_load_ps(x->d);
+            for (int r = 0; r < R; r++) {
+                const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(corr, lo[r], xl), hi[r], xh);
+                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(sc[r], dx), acc[r][t]);
+            }
+        }
+    }
+    if (R == 4)
+        for (int t = 0; t < T; t++) hsum4_store(acc[0][t], acc[1][t], acc[2][t], acc[3][t], y + (size_t)t * ldy);
+    else
+        for (int r = 0; r < R; r++)
+            for (int t = 0; t < T; t++) y[(size_t)t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+static void q4_rows(const uint8_t *w, size_t wrb, int nr, const q4_group *xg, int nt, int nb, float *y, int ldy) {
+    const int ng = (nb + 3) / 4, tail = nb % 4;
+    for (int r = 0; r < nr; r += 4) {
+        const int R = nr - r < 4 ? nr - r : 4;
+        const int left = nr - r - PF_ROWS, npf = left < 0 ? 0 : left < 4 ? left : 4;
+        for (int t = 0; t < nt; t += 4) {
+            const int T = nt - t < 4 ? nt - t : 4;
+            const uint8_t *wr = w + (size_t)r * wrb;
+            const q4_group *xt = xg + (size_t)t * ng;
+            float *yt = y + (size_t)t * ldy + r;
+            if (R == 4 && T == 4) q4_tile(wr, wrb, 4, xt, ng, 4, tail, yt, ldy, npf);
+            else if (R == 4 && T == 1) q4_tile(wr, wrb, 4, xt, ng, 1, tail, yt, ldy, npf); /* decode */
+            else q4_tile(wr, wrb, R, xt, ng, T, tail, yt, ldy, npf);
+        }
+    }
 }
 #endif
 
@@ -458,6 +542,14 @@ void moe__wt_matmul_rows(const moe__wt *w, int mat, const float *x, const uint8_
             const int nr = (size_t)(r_hi - c0) < rc ? r_hi - c0 : (int)rc;
             for (int t0 = 0; t0 < N; t0 += TOK_BLOCK) {
                 const int nt = N - t0 < TOK_BLOCK ? N - t0 : TOK_BLOCK;
+#ifdef Q4_GROUPS
+                if (q4) {
+                    expand_q4(xq + (size_t)t0 * qrow, qrow, nt, nb, (q4_group *)scratch);
+                    q4_rows(base + (size_t)c0 * w->row_bytes, w->row_bytes, nr, (const q4_group *)scratch, nt, nb,
+                            y + (size_t)t0 * ldy + c0, ldy);
+                    continue;
+                }
+#endif
                 expand_x(q4, xq + (size_t)t0 * qrow, qrow, nt, nb, (xpair *)scratch);
                 quant_rows(q4, base + (size_t)c0 * w->row_bytes, w->row_bytes, nr, (const xpair *)scratch, np, nt, nb,
                            y + (size_t)t0 * ldy + c0, ldy);
