@@ -212,6 +212,8 @@ typedef struct xpair {
 _Static_assert(sizeof(xpair) == 192, "moe__wt_scratch_bytes counts 192 bytes per pair");
 
 
+#define Q4_GROUP_BYTES 256 /* sizeof(q4_group) */
+
 #ifndef PF_ROWS
 #define PF_ROWS 16 /* rows ahead: 4 left decode waiting on memory (t1 CPU time Q4_0 -28%, Q8_0 -25% vs 4) */
 #endif
@@ -255,25 +257,6 @@ static inline __attribute__((always_inline)) void quant_tile(int q4, const uint8
             for (int t = 0; t < T; t++) y[(size_t)t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
-/* Rows [0, nr) x tokens [0, nt) (expanded, np pairs each) in 4 x 4 tiles,
- * the edges in smaller ones. */
-static void quant_rows(int q4, const uint8_t *w, size_t wrb, int nr, const xpair *xp, int np, int nt, int nb,
-                       float *y, int ldy) {
-    for (int r = 0; r < nr; r += 4) {
-        const int R = nr - r < 4 ? nr - r : 4;
-        const int left = nr - r - PF_ROWS, npf = left < 0 ? 0 : left < 4 ? left : 4;
-        for (int t = 0; t < nt; t += 4) {
-            const int T = nt - t < 4 ? nt - t : 4;
-            const uint8_t *wr = w + (size_t)r * wrb;
-            const xpair *xt = xp + (size_t)t * np;
-            float *yt = y + (size_t)t * ldy + r;
-            if (R == 4 && T == 4) quant_tile(q4, wr, wrb, 4, xt, np, 4, nb, yt, ldy, npf);
-            else if (R == 4 && T == 1) quant_tile(q4, wr, wrb, 4, xt, np, 1, nb, yt, ldy, npf); /* decode */
-            else quant_tile(q4, wr, wrb, R, xt, np, T, nb, yt, ldy, npf);
-        }
-    }
-}
-
 /* The activation side of the tile for tokens [0, nt) of xq (Q8_0 rows of
  * xrb bytes): per pair of blocks the codes, the accumulator start
  * -c * (lane sums of the codes) for the weight type's offset c, and the
@@ -310,7 +293,7 @@ typedef struct q4_group {
     int32_t corr[16]; /* lane L: -8 x the sum of the 8 codes lane L multiplies */
     float d[16];      /* lane L: scale of block L / 4 */
 } q4_group;
-_Static_assert(sizeof(q4_group) == 256, "moe__wt_scratch_bytes: 256 bytes per 4 blocks fit in 2 pairs");
+_Static_assert(sizeof(q4_group) == Q4_GROUP_BYTES, "moe__wt_scratch_bytes: 256 bytes per 4 blocks fit in 2 pairs");
 
 /* Code byte i of a group is byte 18 (i / 16) + 2 + i % 16 of its 72 (the last
  * block from the second load at +8: 64 + that - 8); scale word L the fp16 at
@@ -322,7 +305,8 @@ static const uint8_t k_q4_codes[64] = {
 static const uint8_t k_q4_scales[64] = {0,  1,  0,  1,  0,  1,  0,  1,  18, 19, 18, 19, 18, 19, 18, 19,
                                         36, 37, 36, 37, 36, 37, 36, 37, 54, 55, 54, 55, 54, 55, 54, 55};
 
-static void expand_q4(const uint8_t *xq, size_t xrb, int nt, int nb, q4_group *out) {
+static void expand_q4(const uint8_t *xq, size_t xrb, int nt, int nb, void *dst) {
+    q4_group *out = dst;
     const int ng = (nb + 3) / 4;
     memset(out, 0, sizeof *out * (size_t)nt * ng); /* blocks past the row: zero codes and scales */
     for (int t = 0; t < nt; t++)
@@ -387,22 +371,6 @@ static inline __attribute__((always_inline)) void q4_tile(const uint8_t *w, size
             for (int t = 0; t < T; t++) y[(size_t)t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
-static void q4_rows(const uint8_t *w, size_t wrb, int nr, const q4_group *xg, int nt, int nb, float *y, int ldy) {
-    const int ng = (nb + 3) / 4, tail = nb % 4;
-    for (int r = 0; r < nr; r += 4) {
-        const int R = nr - r < 4 ? nr - r : 4;
-        const int left = nr - r - PF_ROWS, npf = left < 0 ? 0 : left < 4 ? left : 4;
-        for (int t = 0; t < nt; t += 4) {
-            const int T = nt - t < 4 ? nt - t : 4;
-            const uint8_t *wr = w + (size_t)r * wrb;
-            const q4_group *xt = xg + (size_t)t * ng;
-            float *yt = y + (size_t)t * ldy + r;
-            if (R == 4 && T == 4) q4_tile(wr, wrb, 4, xt, ng, 4, tail, yt, ldy, npf);
-            else if (R == 4 && T == 1) q4_tile(wr, wrb, 4, xt, ng, 1, tail, yt, ldy, npf); /* decode */
-            else q4_tile(wr, wrb, R, xt, ng, T, tail, yt, ldy, npf);
-        }
-    }
-}
 #endif
 
 #if defined(__AVX512F__)
@@ -524,6 +492,40 @@ void moe__quantize_rows(const float *x, int cols, int t0, int t1, uint8_t *q) {
     }
 }
 
+#ifdef QUANT_TILES
+/* Rows [0, nr) x tokens [0, nt) of expanded activations (tok_bytes per
+ * token) in 4 x 4 tiles, the edges in smaller ones: the pair tiles, or with
+ * q4g the Q4_0 four-block groups. */
+static inline __attribute__((always_inline)) void tile(int q4, int q4g, const uint8_t *w, size_t wrb, int R,
+                                                       const uint8_t *xt, size_t tok_bytes, int T, int nb, float *y,
+                                                       int ldy, int npf) {
+#ifdef Q4_GROUPS
+    if (q4g) {
+        q4_tile(w, wrb, R, (const q4_group *)(const void *)xt, (int)(tok_bytes / sizeof(q4_group)), T, nb % 4, y, ldy,
+                npf);
+        return;
+    }
+#endif
+    quant_tile(q4, w, wrb, R, (const xpair *)(const void *)xt, (int)(tok_bytes / sizeof(xpair)), T, nb, y, ldy, npf);
+}
+
+static void quant_rows(int q4, int q4g, const uint8_t *w, size_t wrb, int nr, const uint8_t *x, size_t tok_bytes,
+                       int nt, int nb, float *y, int ldy) {
+    for (int r = 0; r < nr; r += 4) {
+        const int R = nr - r < 4 ? nr - r : 4;
+        const int left = nr - r - PF_ROWS, npf = left < 0 ? 0 : left < 4 ? left : 4;
+        for (int t = 0; t < nt; t += 4) {
+            const int T = nt - t < 4 ? nt - t : 4;
+            const uint8_t *wr = w + (size_t)r * wrb, *xt = x + (size_t)t * tok_bytes;
+            float *yt = y + (size_t)t * ldy + r;
+            if (R == 4 && T == 4) tile(q4, q4g, wr, wrb, 4, xt, tok_bytes, 4, nb, yt, ldy, npf);
+            else if (R == 4 && T == 1) tile(q4, q4g, wr, wrb, 4, xt, tok_bytes, 1, nb, yt, ldy, npf); /* decode */
+            else tile(q4, q4g, wr, wrb, R, xt, tok_bytes, T, nb, yt, ldy, npf);
+        }
+    }
+}
+#endif
+
 void moe__wt_matmul_rows(const moe__wt *w, int mat, const float *x, const uint8_t *xq, int N, float *y, int ldy,
                          int r_lo, int r_hi, void *scratch, int max_cols) {
     const int cols = w->cols;
@@ -535,6 +537,12 @@ void moe__wt_matmul_rows(const moe__wt *w, int mat, const float *x, const uint8_
         /* a tile of tokens expanded once, then one pass down the thread's rows (at decode the
          * prefetch runs ahead across row blocks) */
         const int q4 = w->type == MOE__GGML_Q4_0, nb = cols / MOE__GGUF_QK, np = (nb + 1) / 2;
+#ifdef Q4_GROUPS
+        const int q4g = q4; /* Q4_0 in four-block groups */
+#else
+        const int q4g = 0;
+#endif
+        const size_t tok_bytes = q4g ? (size_t)(nb + 3) / 4 * Q4_GROUP_BYTES : (size_t)np * sizeof(xpair);
         /* several token tiles: rows in chunks of about 256 KB (L2), each re-read per tile */
         size_t rc = N <= TOK_BLOCK ? (size_t)(r_hi - r_lo) : ((size_t)1 << 18) / w->row_bytes / 4 * 4;
         if (rc < 4) rc = 4;
@@ -543,16 +551,12 @@ void moe__wt_matmul_rows(const moe__wt *w, int mat, const float *x, const uint8_
             for (int t0 = 0; t0 < N; t0 += TOK_BLOCK) {
                 const int nt = N - t0 < TOK_BLOCK ? N - t0 : TOK_BLOCK;
 #ifdef Q4_GROUPS
-                if (q4) {
-                    expand_q4(xq + (size_t)t0 * qrow, qrow, nt, nb, (q4_group *)scratch);
-                    q4_rows(base + (size_t)c0 * w->row_bytes, w->row_bytes, nr, (const q4_group *)scratch, nt, nb,
-                            y + (size_t)t0 * ldy + c0, ldy);
-                    continue;
-                }
+                if (q4g) expand_q4(xq + (size_t)t0 * qrow, qrow, nt, nb, scratch);
+                else
 #endif
-                expand_x(q4, xq + (size_t)t0 * qrow, qrow, nt, nb, (xpair *)scratch);
-                quant_rows(q4, base + (size_t)c0 * w->row_bytes, w->row_bytes, nr, (const xpair *)scratch, np, nt, nb,
-                           y + (size_t)t0 * ldy + c0, ldy);
+                    expand_x(q4, xq + (size_t)t0 * qrow, qrow, nt, nb, (xpair *)scratch);
+                quant_rows(q4, q4g, base + (size_t)c0 * w->row_bytes, w->row_bytes, nr, (const uint8_t *)scratch,
+                           tok_bytes, nt, nb, y + (size_t)t0 * ldy + c0, ldy);
             }
         }
         return;
