@@ -117,6 +117,23 @@ static void check_f16_cache(int arch, int kv) {
 }
 
 TEST(infer_f16_cache_matches_reference) {
+    const moe_engine_params d = moe_engine_params_default(); /* llama.cpp's default is the library's */
+    CHECK_EQ_INT(d.kv_f16_k, 1);
+    CHECK_EQ_INT(d.kv_f16_v, 1);
+    tiny_spec s = tiny_default(TINY_LLAMA);
+    tiny_model m;
+    tiny_build(&m, &s, 5);
+    char dir[128], path[256], err[512] = "";
+    moe_engine *e = load_tiny(&m, dir, NULL);
+    moe_engine_free(e);
+    snprintf(path, sizeof path, "%s/tiny.gguf", dir);
+    moe_engine_params p = d;
+    p.kv_f16_v = 2; /* a flag, not a count */
+    e = NULL;
+    CHECK(moe_engine_load(path, &p, &e, err, sizeof err) == MOE_EINVAL && !e);
+    CHECK_MSG(strstr(err, "kv_f16_v 2") != NULL, "message: %s", err);
+    moe_test_rmdir(dir);
+    tiny_free(&m);
     check_f16_cache(TINY_LLAMA, 3);
     check_f16_cache(TINY_QWEN2MOE, 3);
     check_f16_cache(TINY_OLMOE, 3);
