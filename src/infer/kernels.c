@@ -140,20 +140,27 @@ void moe__f32_to_f16_row(const float *x, uint16_t *y, int n) {
     for (; i < n; i++) y[i] = moe__gguf_f32_to_fp16(x[i]); /* the same bits as the F16C unit (tested) */
 }
 #else
-/* element i of a float or fp16 row */
-static inline float ld(const void *p, size_t i, int f16) {
-    return f16 ? moe__gguf_fp16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+/* cnt <= 16 values of a float or fp16 row from i, widened into w: both row
+ * types then run the very same float expressions, so the compiler cannot
+ * contract or vectorize one differently from the other and F16 stays bit
+ * for bit the float kernel on the widened row */
+static inline void widen(const void *p, size_t i, int f16, int cnt, float *w) {
+    for (int j = 0; j < cnt; j++)
+        w[j] = f16 ? moe__gguf_fp16_to_f32(((const uint16_t *)p)[i + j]) : ((const float *)p)[i + j];
 }
 
 static inline float dot_any(const void *a, int f16, const float *b, int n) {
     /* 16 independent partial sums so the compiler vectorises the loop; the
      * order is fixed by n alone. */
-    float acc[16] = {0};
+    float acc[16] = {0}, w[16];
     int i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int j = 0; j < 16; j++) acc[j] += ld(a, (size_t)(i + j), f16) * b[i + j];
+    for (; i + 16 <= n; i += 16) {
+        widen(a, (size_t)i, f16, 16, w);
+        for (int j = 0; j < 16; j++) acc[j] += w[j] * b[i + j];
+    }
     float s = 0;
-    for (; i < n; i++) s += ld(a, (size_t)i, f16) * b[i];
+    widen(a, (size_t)i, f16, n - i, w);
+    for (int j = 0; i + j < n; j++) s += w[j] * b[i + j];
     for (int j = 0; j < 16; j += 2) s += acc[j] + acc[j + 1];
     return s;
 }
@@ -169,8 +176,13 @@ void moe__dot4_f16(const uint16_t *a, size_t as, const float *b, int n, float *o
 
 static inline void axpy_any(const float *p, const void *v, int f16, size_t vs, int m, int n, float *o) {
     memset(o, 0, sizeof(float) * n);
+    float w[16];
     for (int j = 0; j < m; j++)
-        for (int d = 0; d < n; d++) o[d] += p[j] * ld(v, (size_t)j * vs + d, f16);
+        for (int d0 = 0; d0 < n; d0 += 16) {
+            const int cnt = n - d0 < 16 ? n - d0 : 16;
+            widen(v, (size_t)j * vs + (size_t)d0, f16, cnt, w);
+            for (int d = 0; d < cnt; d++) o[d0 + d] += p[j] * w[d];
+        }
 }
 void moe__axpy_rows(const float *p, const float *v, size_t vs, int m, int n, float *o) { axpy_any(p, v, 0, vs, m, n, o); }
 void moe__axpy_rows_f16(const float *p, const uint16_t *v, size_t vs, int m, int n, float *o) {
