@@ -9,6 +9,7 @@
 #include "bench.h"
 
 #include "../cli/args.h"
+#include "../cli/cli.h"
 #include "internal.h"
 #include "moe.h"
 
@@ -41,7 +42,7 @@ static int run_once(moe_engine *e, int n, int batch, uint64_t *rng, int32_t *tok
 }
 
 int moe_bench_engine_main(int argc, char **argv) {
-    const char *path = NULL;
+    const char *path = NULL, *ctk = "f16", *ctv = "f16";
     int pp = 128, tg = 64, reps = 5, threads = 2, k = 0;
     cli_arg args[] = {
         {"--model", "-m", ARG_STR, &path, "GGUF model file (required)"},
@@ -50,6 +51,8 @@ int moe_bench_engine_main(int argc, char **argv) {
         {"--repetitions", "-r", ARG_INT, &reps, "timed repetitions of each test"},
         {"--threads", "-t", ARG_INT, &threads, "threads"},
         {"--experts-used", NULL, ARG_INT, &k, "k, experts per token (0: the file's)"},
+        {"--cache-type-k", "-ctk", ARG_STR, &ctk, "KV cache type of K: f16 (llama.cpp's default) or f32"},
+        {"--cache-type-v", "-ctv", ARG_STR, &ctv, "KV cache type of V: f16 or f32"},
     };
     int rc = cli_parse("moe bench engine -m FILE.gguf [-p 128] [-n 64] [-r 5] [-t 2]", args,
                        sizeof args / sizeof args[0], argc, argv);
@@ -60,6 +63,7 @@ int moe_bench_engine_main(int argc, char **argv) {
     }
     moe_engine_params p = moe_engine_params_default();
     p.n_ctx = (pp > tg ? pp : tg) + 1, p.n_batch = pp > 0 ? pp : 1, p.n_threads = threads, p.experts_used = k;
+    if (cli_kv_types("bench engine", ctk, ctv, &p)) return 2;
     char err[512];
     moe_engine *e;
     if ((rc = moe_engine_load(path, &p, &e, err, sizeof err))) {

@@ -19,6 +19,8 @@ int cli_is_gguf_model(int argc, char **argv); /* -m names a file with GGUF magic
 int moe_cli_gguf_generate(int argc, char **argv);
 int moe_cli_gguf_info(int argc, char **argv); /* moe info -m FILE.gguf */
 int moe_cli_perplexity(int argc, char **argv);
+/* -ctk/-ctv values ("f16", "f32") into p; -1 after printing the error */
+int cli_kv_types(const char *cmd, const char *ctk, const char *ctv, moe_engine_params *p);
 
 /* The Brown corpus tokenized: the tokenizer (trained on the train split
  * unless tokenizer_path names one) and the train/val token streams. */

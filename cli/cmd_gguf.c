@@ -83,10 +83,24 @@ static int parse_ids(const char *s, int32_t **out, size_t *n) {
     return 0;
 }
 
+int cli_kv_types(const char *cmd, const char *ctk, const char *ctv, moe_engine_params *p) {
+    const char *v[2] = {ctk, ctv}, *flag[2] = {"--cache-type-k", "--cache-type-v"};
+    int *dst[2] = {&p->kv_f16_k, &p->kv_f16_v};
+    for (int i = 0; i < 2; i++) {
+        if (strcmp(v[i], "f16") && strcmp(v[i], "f32")) {
+            fprintf(stderr, "moe %s: %s '%s': the KV cache types are f16 and f32\n", cmd, flag[i], v[i]);
+            return -1;
+        }
+        *dst[i] = !strcmp(v[i], "f16");
+    }
+    return 0;
+}
+
 static moe_engine *open_engine(const char *cmd, const char *path, int ctx, int batch, int threads, int k,
-                               int no_mmap) {
+                               int no_mmap, const char *ctk, const char *ctv) {
     moe_engine_params p = moe_engine_params_default();
     p.n_ctx = ctx, p.n_batch = batch, p.n_threads = threads, p.experts_used = k, p.use_mmap = !no_mmap;
+    if (cli_kv_types(cmd, ctk, ctv, &p)) return NULL;
     char err[512];
     moe_engine *e;
     int rc = moe_engine_load(path, &p, &e, err, sizeof err);
@@ -98,16 +112,16 @@ static moe_engine *open_engine(const char *cmd, const char *path, int ctx, int b
     /* under mpirun (expert parallelism) rank 0 reports; every rank reports its errors */
     const int ranks = moe_dist_size(moe_get_dist());
     if (moe_dist_rank(moe_get_dist()) == 0)
-        fprintf(stderr, "moe %s: %s: arch %s, %d layers, C %d, %d experts (k %d), F %d%s, vocab %d, %s experts, ctx %d%s\n",
+        fprintf(stderr, "moe %s: %s: arch %s, %d layers, C %d, %d experts (k %d), F %d%s, vocab %d, %s experts, ctx %d (K %s, V %s)%s\n",
                 cmd, path, h->arch, h->n_layer, h->n_embd, h->n_expert, k ? k : h->n_expert_used, h->n_ff_exp,
                 h->n_ff_shexp ? " + shared" : "", h->n_vocab, h->expert_type == 0 ? "F32" : h->expert_type == 1 ? "F16"
-                : h->expert_type == 30 ? "BF16" : h->expert_type == 8 ? "Q8_0" : "Q4_0", h->n_ctx,
+                : h->expert_type == 30 ? "BF16" : h->expert_type == 8 ? "Q8_0" : "Q4_0", h->n_ctx, ctk, ctv,
                 ranks > 1 ? ", experts spread over the ranks" : "");
     return e;
 }
 
 int moe_cli_gguf_generate(int argc, char **argv) {
-    const char *path = NULL, *prompt = NULL, *ids_arg = NULL;
+    const char *path = NULL, *prompt = NULL, *ids_arg = NULL, *ctk = "f16", *ctv = "f16";
     int n = 64, threads = 0, ctx = 0, k = 0, top_k = 40, no_mmap = 0, batch = 512;
     float temp = 0.8f, top_p = 0.95f;
     uint64_t seed = 42;
@@ -125,6 +139,8 @@ int moe_cli_gguf_generate(int argc, char **argv) {
         {"--batch-size", "-b", ARG_INT, &batch, "prompt tokens per forward pass"},
         {"--experts-used", NULL, ARG_INT, &k, "override k, the experts per token (0: the file's)"},
         {"--no-mmap", NULL, ARG_BOOL, &no_mmap, "read the whole file instead of mapping it"},
+        {"--cache-type-k", "-ctk", ARG_STR, &ctk, "KV cache type of K: f16 (llama.cpp's default) or f32"},
+        {"--cache-type-v", "-ctv", ARG_STR, &ctv, "KV cache type of V: f16 or f32"},
     };
     int rc = cli_parse("moe generate -m FILE.gguf (-p TEXT | --prompt-ids 1,2,3) [-n N] [--temp T] [-t THREADS]",
                        args, sizeof args / sizeof args[0], argc, argv);
@@ -133,6 +149,7 @@ int moe_cli_gguf_generate(int argc, char **argv) {
         fprintf(stderr, "moe generate: -m FILE.gguf and -p TEXT or --prompt-ids are required\n");
         return 2;
     }
+    if (cli_kv_types("generate", ctk, ctv, &(moe_engine_params){0})) return 2;
     int32_t *ids = NULL;
     size_t np = 0;
     moe_vocab *voc = NULL;
@@ -149,7 +166,7 @@ int moe_cli_gguf_generate(int argc, char **argv) {
             return 1;
         }
     }
-    moe_engine *e = open_engine("generate", path, ctx, batch, threads, k, no_mmap);
+    moe_engine *e = open_engine("generate", path, ctx, batch, threads, k, no_mmap, ctk, ctv);
     if (!e) return free(ids), moe_vocab_free(voc), 1;
     const moe_engine_hparams *h = moe_engine_get_hparams(e);
     moe_sampler_params sp = {.temp = temp, .top_k = top_k, .top_p = top_p, .seed = seed};
@@ -201,18 +218,20 @@ int moe_cli_gguf_generate(int argc, char **argv) {
 
 /* moe info -m FILE.gguf: the file's card (total vs active weights). */
 int moe_cli_gguf_info(int argc, char **argv) {
-    const char *path = NULL;
+    const char *path = NULL, *ctk = "f16", *ctv = "f16";
     int json = 0, k = 0, ctx = 0;
     cli_arg args[] = {
         {"--model", "-m", ARG_STR, &path, "GGUF model file"},
         {"--experts-used", NULL, ARG_INT, &k, "k, experts per token (0: the file's)"},
         {"--ctx", NULL, ARG_INT, &ctx, "context for the KV cache figures (0: the file's, at most 4096)"},
         {"--json", NULL, ARG_BOOL, &json, "print one JSON object"},
+        {"--cache-type-k", "-ctk", ARG_STR, &ctk, "KV cache type of K: f16 (llama.cpp's default) or f32"},
+        {"--cache-type-v", "-ctv", ARG_STR, &ctv, "KV cache type of V: f16 or f32"},
     };
     int rc = cli_parse("moe info -m FILE.gguf [--experts-used K] [--json]", args, sizeof args / sizeof args[0], argc,
                        argv);
     if (rc) return rc == 1 ? 0 : 2;
-    moe_engine *e = open_engine("info", path, ctx, 1, 1, k, 0);
+    moe_engine *e = open_engine("info", path, ctx, 1, 1, k, 0, ctk, ctv);
     if (!e) return 1;
     const moe_engine_hparams *h = moe_engine_get_hparams(e);
     moe_engine_stats st;
@@ -272,7 +291,7 @@ static int encode_own(const char *dir, const char *file, int32_t **ids, size_t *
 }
 
 int moe_cli_perplexity(int argc, char **argv) {
-    const char *path = NULL, *file = NULL, *ids_file = NULL;
+    const char *path = NULL, *file = NULL, *ids_file = NULL, *ctk = "f16", *ctv = "f16";
     int ctx = 512, batch = 2048, threads = 0, k = 0, chunks = -1, no_mmap = 0, bos = -1;
     cli_arg args[] = {
         {"--model", "-m", ARG_STR, &path, "GGUF model file or model directory (a `moe train` run: its tokenizer) (required)"},
@@ -285,6 +304,8 @@ int moe_cli_perplexity(int argc, char **argv) {
         {"--threads", "-t", ARG_INT, &threads, "threads (0: all cores)"},
         {"--experts-used", NULL, ARG_INT, &k, "override k, the experts per token (0: the file's)"},
         {"--no-mmap", NULL, ARG_BOOL, &no_mmap, "read the whole file instead of mapping it"},
+        {"--cache-type-k", "-ctk", ARG_STR, &ctk, "KV cache type of K: f16 (llama.cpp's default) or f32"},
+        {"--cache-type-v", "-ctv", ARG_STR, &ctv, "KV cache type of V: f16 or f32"},
     };
     int rc = cli_parse("moe perplexity -m FILE.gguf|DIR -f TEXT [-c N_CTX] [-b BATCH] [-t THREADS]", args,
                        sizeof args / sizeof args[0], argc, argv);
@@ -293,6 +314,7 @@ int moe_cli_perplexity(int argc, char **argv) {
         fprintf(stderr, "moe perplexity: -m FILE.gguf|DIR, -f TEXT (or --ids-file) and -c >= 4 are required\n");
         return 2;
     }
+    if (cli_kv_types("perplexity", ctk, ctv, &(moe_engine_params){0})) return 2; /* before the tokenizing */
     size_t len, n = 0;
     char *text = NULL, err[1024];
     int32_t *ids = NULL;
@@ -328,7 +350,7 @@ int moe_cli_perplexity(int argc, char **argv) {
         return 1;
     }
     if (chunks > 0 && (size_t)chunks * ctx < n) n = (size_t)chunks * ctx;
-    moe_engine *e = open_engine("perplexity", path, ctx, batch < ctx ? batch : ctx, threads, k, no_mmap);
+    moe_engine *e = open_engine("perplexity", path, ctx, batch < ctx ? batch : ctx, threads, k, no_mmap, ctk, ctv);
     if (!e) return free(ids), 1;
     const int root = moe_dist_rank(moe_get_dist()) == 0;
     if (root) fprintf(stderr, "perplexity: calculating perplexity over %zu chunks, n_ctx=%d\n", n / ctx, ctx);

@@ -604,6 +604,7 @@ typedef struct moe_engine_params {
     int n_threads;    /* 0: the library default */
     int experts_used; /* k, experts per token (0: the file's expert_used_count) */
     int use_mmap;     /* 1: map the file (experts never routed to are never read); 0: read it */
+    int kv_f16_k, kv_f16_v; /* 1 (default): K / V cached as fp16, llama.cpp's -ctk/-ctv f16; 0: F32 */
 } moe_engine_params;
 moe_engine_params moe_engine_params_default(void);
 
@@ -644,7 +645,7 @@ int moe_engine_truncate(moe_engine *e, int n);
 typedef struct moe_engine_stats {
     uint64_t n_params, n_params_active;
     uint64_t n_bytes, n_bytes_active;
-    uint64_t kv_bytes_per_pos; /* K and V, all layers (F32 cache) */
+    uint64_t kv_bytes_per_pos; /* K and V, all layers, at the cache types in use */
 } moe_engine_stats;
 void moe_engine_get_stats(const moe_engine *e, moe_engine_stats *out);
 

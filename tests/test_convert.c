@@ -76,7 +76,7 @@ static double gguf_vs_model(moe_model *m, const char *gguf, int rms, uint32_t wa
     char err[512];
     moe_engine *e = NULL;
     moe_engine_params ep = moe_engine_params_default();
-    ep.n_threads = 1, ep.n_ctx = 16;
+    ep.n_threads = 1, ep.n_ctx = 16, ep.kv_f16_k = ep.kv_f16_v = 0; /* F32 cache: compared with the float model */
     int rc = moe_engine_load(gguf, &ep, &e, err, sizeof err);
     CHECK_MSG(rc == 0, "engine load: %s", err);
     if (rc) return 1e30;

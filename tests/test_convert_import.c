@@ -128,7 +128,7 @@ TEST(convert_import_foreign_qwen2moe) {
     moe_model *m = NULL;
     moe_engine *e = NULL;
     moe_engine_params ep = moe_engine_params_default();
-    ep.n_threads = 1, ep.n_ctx = 16;
+    ep.n_threads = 1, ep.n_ctx = 16, ep.kv_f16_k = ep.kv_f16_v = 0; /* F32 cache: compared with the float model */
     CHECK_MSG(moe_model_load(back, 1, T_TOK, 0, 1, &m, err, sizeof err) == 0, "load: %s", err);
     CHECK_EQ_INT(moe_engine_load(gguf, &ep, &e, err, sizeof err), 0);
     if (m && e) {

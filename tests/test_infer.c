@@ -11,6 +11,16 @@
 
 #define T_MAX 12
 
+/* The KV cache type under test: F32 for the comparisons with the double
+ * reference (fp16 K/V rounding, 2^-11 relative, would swamp their 2e-6),
+ * both types for the bit-exactness invariances. */
+static int g_f16; /* bit 0: K in fp16, bit 1: V */
+static moe_engine_params params(void) {
+    moe_engine_params p = moe_engine_params_default();
+    p.kv_f16_k = g_f16 & 1, p.kv_f16_v = g_f16 >> 1;
+    return p;
+}
+
 static const int32_t k_tokens[T_MAX] = {1, 17, 5, 66, 0, 23, 23, 42, 9, 60, 31, 2};
 
 /* Writes the model to a fresh temp dir and loads it; NULL on failure (the
@@ -21,7 +31,8 @@ static moe_engine *load_tiny(const tiny_model *m, char *dir, const moe_engine_pa
     snprintf(path, sizeof path, "%s/tiny.gguf", dir);
     CHECK_EQ_INT(tiny_write(m, path, NULL, 0), 0);
     moe_engine *e = NULL;
-    int rc = moe_engine_load(path, p, &e, err, sizeof err);
+    const moe_engine_params dp = params();
+    int rc = moe_engine_load(path, p ? p : &dp, &e, err, sizeof err);
     CHECK_MSG(rc == 0, "load: %s", err);
     return e;
 }
@@ -71,6 +82,65 @@ TEST(infer_mixtral_f32_matches_reference) {
     check_arch(TINY_LLAMA, 1, MOE__GGML_F32, 2e-6); /* tied: no output.weight */
 }
 
+/* The F16 cache (the default) against the same double reference. K and V
+ * are rounded to fp16 (relative error up to 2^-11 = 4.9e-4 per value) after
+ * RoPE; through the softmax and the remaining layers that leaves logits off
+ * by 1.4e-4 to 2.9e-4 of their range on these files, where the F32 cache is at
+ * 2e-7. The bound sits between: a cache that dropped or misplaced values
+ * would be off by O(1). Each cache type alone must also move the logits:
+ * if both stayed bit-identical to F32, the fp16 path would not be in use. */
+static void check_f16_cache(int arch, int kv) {
+    tiny_spec s = tiny_default(arch);
+    tiny_model m;
+    tiny_build(&m, &s, 1234 + (uint64_t)arch);
+    char dir[128];
+    g_f16 = 0;
+    moe_engine *e32 = load_tiny(&m, dir, NULL);
+    moe_test_rmdir(dir);
+    g_f16 = kv;
+    moe_engine *e = load_tiny(&m, dir, NULL);
+    g_f16 = 0;
+    if (e && e32) {
+        const int V = s.V;
+        float *a = malloc(sizeof(float) * T_MAX * V), *b = malloc(sizeof(float) * T_MAX * V);
+        CHECK_EQ_INT(moe_engine_eval(e, k_tokens, T_MAX, a, 1), 0);
+        CHECK_EQ_INT(moe_engine_eval(e32, k_tokens, T_MAX, b, 1), 0);
+        CHECK_MSG(memcmp(a, b, sizeof(float) * T_MAX * V) != 0, "arch %d kv %d: F16 cache = F32 cache", arch, kv);
+        free(a), free(b);
+        const double rel = compare_all(e, &m, T_MAX, s.K);
+        if (getenv("MOE_TEST_VERBOSE")) fprintf(stderr, "arch %d kv %d: F16 cache rel %.3g\n", arch, kv, rel);
+        CHECK_MSG(rel <= 1e-3, "arch %d kv %d: relative logit error %.3g", arch, kv, rel);
+    }
+    moe_engine_free(e), moe_engine_free(e32);
+    moe_test_rmdir(dir);
+    tiny_free(&m);
+}
+
+TEST(infer_f16_cache_matches_reference) {
+    const moe_engine_params d = moe_engine_params_default(); /* llama.cpp's default is the library's */
+    CHECK_EQ_INT(d.kv_f16_k, 1);
+    CHECK_EQ_INT(d.kv_f16_v, 1);
+    tiny_spec s = tiny_default(TINY_LLAMA);
+    tiny_model m;
+    tiny_build(&m, &s, 5);
+    char dir[128], path[256], err[512] = "";
+    moe_engine *e = load_tiny(&m, dir, NULL);
+    moe_engine_free(e);
+    snprintf(path, sizeof path, "%s/tiny.gguf", dir);
+    moe_engine_params p = d;
+    p.kv_f16_v = 2; /* a flag, not a count */
+    e = NULL;
+    CHECK(moe_engine_load(path, &p, &e, err, sizeof err) == MOE_EINVAL && !e);
+    CHECK_MSG(strstr(err, "kv_f16_v 2") != NULL, "message: %s", err);
+    moe_test_rmdir(dir);
+    tiny_free(&m);
+    check_f16_cache(TINY_LLAMA, 3);
+    check_f16_cache(TINY_QWEN2MOE, 3);
+    check_f16_cache(TINY_OLMOE, 3);
+    check_f16_cache(TINY_LLAMA, 1); /* K only */
+    check_f16_cache(TINY_LLAMA, 2); /* V only */
+}
+
 TEST(infer_qwen2moe_f32_matches_reference) { check_arch(TINY_QWEN2MOE, 0, MOE__GGML_F32, 2e-6); }
 TEST(infer_olmoe_f32_matches_reference) { check_arch(TINY_OLMOE, 0, MOE__GGML_F32, 2e-6); }
 
@@ -97,7 +167,7 @@ static void batch_equals_decode(uint32_t wtype) {
     int32_t toks[40];
     for (int i = 0; i < T; i++) toks[i] = (i * 7 + 3) % V;
     float *a = malloc(sizeof(float) * T * V), *b = malloc(sizeof(float) * T * V), *c = malloc(sizeof(float) * T * V);
-    moe_engine_params p = moe_engine_params_default();
+    moe_engine_params p = params();
     p.n_threads = 3;
     moe_engine *e = load_tiny(&m, dir, &p);
     if (e) {
@@ -127,10 +197,13 @@ static void batch_equals_decode(uint32_t wtype) {
 }
 
 TEST(infer_batch_equals_decode_bitwise) {
-    batch_equals_decode(MOE__GGML_F32);
-    batch_equals_decode(MOE__GGML_F16);
-    batch_equals_decode(MOE__GGML_Q8_0);
-    batch_equals_decode(MOE__GGML_Q4_0);
+    for (g_f16 = 0; g_f16 < 4; g_f16++) { /* F32, mixed both ways, F16 */
+        batch_equals_decode(MOE__GGML_F32);
+        batch_equals_decode(MOE__GGML_F16);
+        batch_equals_decode(MOE__GGML_Q8_0);
+        batch_equals_decode(MOE__GGML_Q4_0);
+    }
+    g_f16 = 0;
 }
 
 TEST(infer_experts_used_override) {
@@ -152,7 +225,7 @@ TEST(infer_experts_used_override) {
         /* the load-time parameter does the same */
         char path[256], err[256];
         snprintf(path, sizeof path, "%s/tiny.gguf", dir);
-        moe_engine_params p = moe_engine_params_default();
+        moe_engine_params p = params();
         p.experts_used = 1;
         CHECK_EQ_INT(moe_engine_load(path, &p, &e, err, sizeof err), 0);
         if (e) {
@@ -323,7 +396,7 @@ TEST(infer_hostile_model_files) {
     s = tiny_default(TINY_LLAMA);
     tiny_build(&m, &s, 4);
     char dir[128];
-    moe_engine_params p = moe_engine_params_default();
+    moe_engine_params p = params();
     p.n_ctx = 8;
     moe_engine *e = load_tiny(&m, dir, &p);
     if (e) {
@@ -354,7 +427,8 @@ static void committed(const char *name, int arch, uint32_t wtype, double tol) {
     if (getenv("MOE_WRITE_TINY")) CHECK_EQ_INT(tiny_write(&m, path, NULL, 0), 0);
     char err[512];
     moe_engine *e = NULL;
-    CHECK_EQ_INT(moe_engine_load(path, NULL, &e, err, sizeof err), 0);
+    const moe_engine_params p = params();
+    CHECK_EQ_INT(moe_engine_load(path, &p, &e, err, sizeof err), 0);
     if (e) {
         const double rel = compare_all(e, &m, T_MAX, s.K);
         CHECK_MSG(rel <= tol, "%s: relative error %.3g", name, rel);
@@ -400,7 +474,7 @@ TEST(infer_hostile_random_corruption) {
         fwrite(buf, 1, len, f);
         fclose(f);
         moe_engine *e = NULL;
-        moe_engine_params p = moe_engine_params_default();
+        moe_engine_params p = params();
         p.n_ctx = 16, p.n_threads = 1;
         if (moe_engine_load(path, &p, &e, err, sizeof err) == 0) {
             loaded++;

@@ -8,7 +8,7 @@
 #include <stdio.h>
 #include <string.h>
 
-static void check_stats(int arch, uint32_t wtype, int tied, int k) {
+static void check_stats(int arch, uint32_t wtype, int tied, int k, int kv) {
     tiny_spec s = tiny_default(arch);
     s.wtype = wtype, s.tied = tied;
     tiny_model m;
@@ -19,6 +19,7 @@ static void check_stats(int arch, uint32_t wtype, int tied, int k) {
     CHECK_EQ_INT(tiny_write(&m, path, NULL, 0), 0);
     moe_engine_params p = moe_engine_params_default();
     p.n_ctx = 16, p.experts_used = k;
+    p.kv_f16_k = kv & 1, p.kv_f16_v = kv >> 1; /* kv: bit 0 K, bit 1 V in fp16 */
     moe_engine *e = NULL;
     CHECK_MSG(moe_engine_load(path, &p, &e, err, sizeof err) == 0, "load: %s", err);
     if (!e) return;
@@ -43,15 +44,16 @@ static void check_stats(int arch, uint32_t wtype, int tied, int k) {
     CHECK_EQ_INT(st.n_bytes, nb);
     CHECK_EQ_INT(st.n_params_active, npa);
     CHECK_EQ_INT(st.n_bytes_active, nba);
-    CHECK_EQ_INT(st.kv_bytes_per_pos, 2ull * s.L * s.G * s.D * sizeof(float));
+    /* per layer and KV head value: 4 bytes each of K and V in F32, 2 in fp16 */
+    CHECK_EQ_INT(st.kv_bytes_per_pos, (uint64_t)s.L * s.G * s.D * ((kv & 1 ? 2 : 4) + (kv & 2 ? 2 : 4)));
     moe_engine_free(e);
     tiny_free(&m);
     moe_test_rmdir(dir);
 }
 
 TEST(infer_stats_count_the_active_weights) {
-    check_stats(TINY_LLAMA, MOE__GGML_F32, 0, 2);
-    check_stats(TINY_LLAMA, MOE__GGML_Q4_0, 1, 1);   /* tied head */
-    check_stats(TINY_QWEN2MOE, MOE__GGML_Q8_0, 0, 3); /* shared expert, biases */
-    check_stats(TINY_OLMOE, MOE__GGML_F16, 0, 2);      /* q/k norms */
+    check_stats(TINY_LLAMA, MOE__GGML_F32, 0, 2, 0);     /* F32 cache */
+    check_stats(TINY_LLAMA, MOE__GGML_Q4_0, 1, 1, 3);    /* tied head; F16 cache */
+    check_stats(TINY_QWEN2MOE, MOE__GGML_Q8_0, 0, 3, 1); /* shared expert, biases; K fp16, V F32 */
+    check_stats(TINY_OLMOE, MOE__GGML_F16, 0, 2, 2);     /* q/k norms; K F32, V fp16 */
 }

@@ -167,7 +167,9 @@ static double hf_vs_gguf(const char *dir, const tiny_model *m, double *ref_rel) 
     snprintf(gguf, sizeof gguf, "%s/tiny.gguf", dir);
     CHECK_EQ_INT(tiny_write(m, gguf, NULL, 0), 0);
     moe_engine_params p = moe_engine_params_default();
-    p.n_threads = 1, p.n_ctx = 16;
+    /* F32 cache: the two rope pairings give K values that differ in the last
+     * float bits, which fp16 rounding can blow up to 2^-11 */
+    p.n_threads = 1, p.n_ctx = 16, p.kv_f16_k = p.kv_f16_v = 0;
     moe_engine *a = NULL, *b = NULL;
     int rc = moe_engine_load(dir, &p, &a, err, sizeof err);
     CHECK_MSG(rc == 0, "hf load: %s", err);
@@ -249,7 +251,7 @@ TEST(infer_hf_loads_our_checkpoints) {
         }
         CHECK_EQ_INT(moe_model_save(m, dir, err, sizeof err), 0);
         moe_engine_params ep = moe_engine_params_default();
-        ep.n_threads = 1, ep.n_ctx = 16;
+        ep.n_threads = 1, ep.n_ctx = 16, ep.kv_f16_k = ep.kv_f16_v = 0; /* the model's float attention */
         moe_engine *e = NULL;
         CHECK_MSG(moe_engine_load(dir, &ep, &e, err, sizeof err) == 0, "load: %s", err);
         if (e) {
@@ -335,7 +337,7 @@ TEST(infer_hf_import_to_checkpoint) {
     moe_model *m = NULL;
     moe_engine *e = NULL;
     moe_engine_params ep = moe_engine_params_default();
-    ep.n_threads = 1, ep.n_ctx = 16;
+    ep.n_threads = 1, ep.n_ctx = 16, ep.kv_f16_k = ep.kv_f16_v = 0; /* the model's float attention */
     CHECK_MSG(moe_model_load(back, 1, T_MAX, 0, 1, &m, err, sizeof err) == 0, "load: %s", err);
     CHECK_EQ_INT(moe_engine_load(dir, &ep, &e, err, sizeof err), 0);
     if (m && e) {

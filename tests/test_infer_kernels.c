@@ -296,3 +296,89 @@ TEST(infer_kernel_attention_helpers) {
     }
     free(a), free(b), free(o);
 }
+
+/* The F16 KV cache's kernels on fp16 rows (rounded by the library's
+ * reference converter) are bit-identical to the float kernels on the same
+ * rows widened, so the F16 cache changes only what is stored; and they agree
+ * with double sums. Widths with masked tails, one and several 64-column
+ * chunks. */
+TEST(infer_kernel_f16_attention_helpers) {
+    g_rng = 16;
+    enum { R = 40, S = 140 };
+    const int widths[] = {5, 16, 37, 64, 80, 128};
+    uint16_t *ah = malloc(2 * R * S);
+    float *a = malloc(sizeof(float) * R * S), *b = malloc(sizeof(float) * S);
+    float *o = malloc(sizeof(float) * S), *o32 = malloc(sizeof(float) * S), p[R];
+    for (int i = 0; i < R * S; i++) {
+        ah[i] = moe__gguf_f32_to_fp16((float)((int)(rnd() % 20001) - 10000) / 777.0f);
+        a[i] = moe__gguf_fp16_to_f32(ah[i]);
+    }
+    for (int i = 0; i < S; i++) b[i] = (float)((int)(rnd() % 2001) - 1000) / 555.0f;
+    for (int j = 0; j < R; j++) p[j] = (float)(rnd() % 1000) / 1000.0f;
+    for (int wi = 0; wi < 6; wi++) {
+        const int n = widths[wi];
+        float d4[4], d4f[4];
+        moe__dot4_f16(ah + 3, S, b, n, d4);
+        moe__dot4_f32(a + 3, S, b, n, d4f);
+        for (int k = 0; k < 4; k++) {
+            const float d1 = moe__dot_f16(ah + 3 + k * S, b, n), d1f = moe__dot_f32(a + 3 + k * S, b, n);
+            CHECK_MSG(memcmp(&d1, &d1f, sizeof d1) == 0, "n %d row %d: dot %.9g vs float %.9g", n, k, d1, d1f);
+            CHECK_MSG(memcmp(&d4[k], &d4f[k], sizeof d1) == 0, "n %d row %d: dot4 %.9g vs float %.9g", n, k, d4[k],
+                      d4f[k]);
+            double want = 0, mag = 0;
+            for (int i = 0; i < n; i++) {
+                want += (double)a[3 + k * S + i] * b[i];
+                mag += fabs((double)a[3 + k * S + i] * b[i]);
+            }
+            CHECK_MSG(fabs(d1 - want) <= 1e-6 * mag, "n %d row %d: dot %.9g, want %.9g", n, k, d1, want);
+        }
+        for (int i = 0; i < S; i++) o[i] = o32[i] = -7.0f;
+        moe__axpy_rows_f16(p, ah + 1, S, R, n, o);
+        moe__axpy_rows(p, a + 1, S, R, n, o32);
+        CHECK_MSG(memcmp(o, o32, sizeof(float) * S) == 0, "n %d: axpy differs from the float kernel", n);
+        for (int d = 0; d < n; d++) {
+            double want = 0, mag = 0;
+            for (int j = 0; j < R; j++) want += (double)p[j] * a[j * S + 1 + d], mag += fabs((double)p[j] * a[j * S + 1 + d]);
+            CHECK_MSG(fabs(o[d] - want) <= 1e-6 * mag, "n %d: o[%d] = %.9g, want %.9g", n, d, o[d], want);
+        }
+        CHECK(n == S || o[n] == -7.0f); /* nothing written past n */
+    }
+    free(ah), free(a), free(b), free(o), free(o32);
+}
+
+/* The cache store rounds as moe__gguf_f32_to_fp16 (round to nearest even),
+ * bit for bit, over every exponent (fp16 subnormals, overflow to inf),
+ * exact ties between two fp16 values (either parity), signs, inf and NaN,
+ * with a row length that leaves a scalar tail. */
+TEST(infer_kernel_f16_store_rounding) {
+    g_rng = 17;
+    enum { n = 4099 };
+    float *x = malloc(sizeof(float) * n);
+    uint16_t *got = malloc(2 * n);
+    for (int i = 0; i < n; i++) {
+        uint32_t u;
+        if (i % 4 == 0) { /* halfway between fp16 h and its successor */
+            const uint16_t h = (uint16_t)(rnd() % 0x7bff);
+            const float lo = moe__gguf_fp16_to_f32(h), hi = moe__gguf_fp16_to_f32((uint16_t)(h + 1));
+            x[i] = (float)(((double)lo + hi) / 2) * (rnd() % 2 ? -1.0f : 1.0f);
+            continue;
+        }
+        /* random bits with exponents from 2^-30 to 2^20 */
+        u = (rnd() & 0x807fffffu) | (uint32_t)(97 + rnd() % 51) << 23;
+        memcpy(&x[i], &u, 4);
+    }
+    const float special[] = {INFINITY, -INFINITY, NAN, 65504.0f, 65519.0f, 65520.0f, -65520.0f, 0.0f, -0.0f,
+                             5.9604645e-8f, 2.9802322e-8f, 2.9802326e-8f, 6.1035156e-5f, 1e-45f};
+    for (int i = 0; i < 14; i++) x[100 + i] = special[i];
+    moe__f32_to_f16_row(x, got, n);
+    for (int i = 0; i < n; i++) {
+        const uint16_t want = moe__gguf_f32_to_fp16(x[i]);
+        CHECK_MSG(got[i] == want, "x[%d] = %.9g: 0x%04x, want 0x%04x", i, x[i], got[i], want);
+    }
+    /* ties round to the even neighbour: 1 + 2^-11 -> 1, 1 + 3 * 2^-11 -> 1 + 2^-9 */
+    const float t[2] = {1.0f + 0x1p-11f, 1.0f + 3 * 0x1p-11f};
+    moe__f32_to_f16_row(t, got, 2);
+    CHECK_EQ_INT(got[0], 0x3c00);
+    CHECK_EQ_INT(got[1], 0x3c02);
+    free(x), free(got);
+}

@@ -19,7 +19,7 @@ static void add_vec(moe_engine_stats *s, const float *v, int n) {
     s->n_bytes += (uint64_t)n * sizeof(float), s->n_bytes_active += (uint64_t)n * sizeof(float);
 }
 
-void moe__imodel_stats(const moe__imodel *m, int k, moe_engine_stats *s) {
+void moe__imodel_stats(const moe__imodel *m, int k, int kv_elem_bytes, moe_engine_stats *s) {
     const moe_engine_hparams *h = &m->hp;
     const int C = h->n_embd, HD = h->n_head * h->head_dim, GD = h->n_head_kv * h->head_dim;
     *s = (moe_engine_stats){0};
@@ -43,5 +43,5 @@ void moe__imodel_stats(const moe__imodel *m, int k, moe_engine_stats *s) {
         s->n_params += V * (uint64_t)C, s->n_bytes += V * m->tok_embd.row_bytes;
         s->n_params_active += (uint64_t)C, s->n_bytes_active += m->tok_embd.row_bytes;
     }
-    s->kv_bytes_per_pos = 2ull * (uint64_t)h->n_layer * (uint64_t)GD * sizeof(float);
+    s->kv_bytes_per_pos = (uint64_t)h->n_layer * (uint64_t)GD * (uint64_t)kv_elem_bytes;
 }

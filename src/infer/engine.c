@@ -14,7 +14,7 @@ struct moe_engine {
     moe_engine_params p;
     int threads, n_past, k; /* k: experts per token in use */
     int kcap;               /* slots per token that the expert buffers hold */
-    float *kcache, *vcache; /* [L][n_ctx][G*D] */
+    void *kcache, *vcache;  /* [L][n_ctx][G*D] of float, or of fp16 (p.kv_f16_k, p.kv_f16_v) */
     /* work buffers for B = n_batch tokens, S = B * kcap (token, slot) rows */
     float *x, *xn, *q, *kx, *vx, *att, *tmp; /* [B][C] [B][C] [B][H*D] [B][G*D] [B][G*D] [B][H*D] [B][C] */
     float *rstd, *rope;                      /* [B], [B][n_rot] (cos, sin pairs) */
@@ -33,7 +33,8 @@ struct moe_engine {
 };
 
 moe_engine_params moe_engine_params_default(void) {
-    moe_engine_params p = {.n_ctx = 0, .n_batch = 512, .n_threads = 0, .experts_used = 0, .use_mmap = 1};
+    moe_engine_params p = {.n_ctx = 0, .n_batch = 512, .n_threads = 0, .experts_used = 0, .use_mmap = 1,
+                            .kv_f16_k = 1, .kv_f16_v = 1};
     return p;
 }
 
@@ -58,6 +59,9 @@ static int alloc_slots(moe_engine *e, int k) {
     return 0;
 }
 
+/* bytes of one cached K or V value */
+static size_t kv_elem(int f16) { return f16 ? sizeof(uint16_t) : sizeof(float); }
+
 static int alloc_all(moe_engine *e) {
     const moe_engine_hparams *h = &e->m->hp;
     const size_t B = (size_t)e->p.n_batch, C = h->n_embd, HD = (size_t)h->n_head * h->head_dim,
@@ -68,9 +72,14 @@ static int alloc_all(moe_engine *e) {
     if (Fs > maxc) maxc = Fs;
     e->maxc = maxc;
     size_t kv;
-    if (moe__mul_size(L * T, GD, &kv) || moe__mul_size(B * E, maxc, &(size_t){0})) return MOE_ELIMIT;
+    if (moe__mul_size(L * T, GD, &kv) || moe__mul_size(kv, sizeof(float), &(size_t){0}) ||
+        moe__mul_size(B * E, maxc, &(size_t){0}))
+        return MOE_ELIMIT;
+    if (!(e->kcache = moe__aligned_alloc((kv ? kv : 1) * kv_elem(e->p.kv_f16_k))) ||
+        !(e->vcache = moe__aligned_alloc((kv ? kv : 1) * kv_elem(e->p.kv_f16_v))))
+        return MOE_ENOMEM;
     struct { float **p; size_t n; } f[] = {
-        {&e->kcache, kv}, {&e->vcache, kv}, {&e->x, B * C}, {&e->xn, B * C}, {&e->q, B * HD},
+        {&e->x, B * C}, {&e->xn, B * C}, {&e->q, B * HD},
         {&e->kx, B * GD}, {&e->vx, B * GD}, {&e->att, B * HD}, {&e->tmp, B * C}, {&e->rstd, B},
         {&e->rope, B * h->n_rot}, {&e->probs, B * E}, {&e->wts, B * E}, {&e->gs, B * Fs}, {&e->us, B * Fs},
         {&e->shg, B}, {&e->sho, B * C}, {&e->scores, (size_t)e->threads * T}};
@@ -87,7 +96,8 @@ static int alloc_all(moe_engine *e) {
 
 void moe_engine_free(moe_engine *e) {
     if (!e) return;
-    float *f[] = {e->kcache, e->vcache, e->x, e->xn, e->q, e->kx, e->vx, e->att, e->tmp, e->rstd, e->rope,
+    moe__afree(e->kcache), moe__afree(e->vcache);
+    float *f[] = {e->x, e->xn, e->q, e->kx, e->vx, e->att, e->tmp, e->rstd, e->rope,
                   e->probs, e->wts, e->xe, e->ge, e->ue, e->outs, e->gs, e->us, e->shg, e->sho, e->scores};
     for (size_t i = 0; i < sizeof f / sizeof f[0]; i++) moe__afree(f[i]);
     moe__afree(e->qa), moe__afree(e->qe), moe__afree(e->wbuf);
@@ -112,9 +122,11 @@ int moe_engine_load(const char *path, const moe_engine_params *pp, moe_engine **
 static int load_local(const char *path, const moe_engine_params *pp, moe_engine **out, char *err, size_t errsz) {
     *out = NULL;
     moe_engine_params p = pp ? *pp : moe_engine_params_default();
-    if (p.n_ctx < 0 || p.n_batch < 0 || p.experts_used < 0 || p.n_batch > (1 << 16) || p.n_ctx > (1 << 24))
-        return moe__set_err(err, errsz, MOE_EINVAL, "bad engine parameters (n_ctx %d, n_batch %d, experts_used %d)",
-                            p.n_ctx, p.n_batch, p.experts_used);
+    if (p.n_ctx < 0 || p.n_batch < 0 || p.experts_used < 0 || p.n_batch > (1 << 16) || p.n_ctx > (1 << 24) ||
+        (p.kv_f16_k & ~1) || (p.kv_f16_v & ~1))
+        return moe__set_err(err, errsz, MOE_EINVAL,
+                            "bad engine parameters (n_ctx %d, n_batch %d, experts_used %d, kv_f16_k %d, kv_f16_v %d)",
+                            p.n_ctx, p.n_batch, p.experts_used, p.kv_f16_k, p.kv_f16_v);
     moe_engine *e = moe__calloc(1, sizeof *e);
     if (!e) return moe__set_err(err, errsz, MOE_ENOMEM, "out of memory");
     int rc = moe__imodel_load(path, p.use_mmap, &e->m, err, errsz);
@@ -255,7 +267,8 @@ static void rope_apply(const moe_engine *e, float *x, int t, int heads) {
 static void attention(moe_engine *e, const thr *th, int layer, int n, int pos0) {
     const moe_engine_hparams *h = &e->m->hp;
     const int H = h->n_head, G = h->n_head_kv, D = h->head_dim, GD = G * D;
-    const float *kc = e->kcache + (size_t)layer * e->p.n_ctx * GD, *vc = e->vcache + (size_t)layer * e->p.n_ctx * GD;
+    const int fk = e->p.kv_f16_k, fv = e->p.kv_f16_v;
+    const size_t l0 = (size_t)layer * e->p.n_ctx * GD; /* the layer's first cached value */
     const float scale = 1.0f / sqrtf((float)D);
     float *sc = e->scores + (size_t)th->ith * e->p.n_ctx; /* [n_ctx] */
     int lo, hi;
@@ -266,8 +279,16 @@ static void attention(moe_engine *e, const thr *th, int layer, int n, int pos0) 
         float *o = e->att + (size_t)t * H * D + (size_t)hh * D;
         float mx = -INFINITY;
         int j = 0;
-        for (; j + 4 <= last + 1; j += 4) moe__dot4_f32(kc + (size_t)j * GD + (size_t)g * D, GD, qv, D, sc + j);
-        for (; j <= last; j++) sc[j] = moe__dot_f32(kc + (size_t)j * GD + (size_t)g * D, qv, D);
+        for (; j + 4 <= last + 1; j += 4) {
+            const size_t at = l0 + (size_t)j * GD + (size_t)g * D;
+            if (fk) moe__dot4_f16((const uint16_t *)e->kcache + at, GD, qv, D, sc + j);
+            else moe__dot4_f32((const float *)e->kcache + at, GD, qv, D, sc + j);
+        }
+        for (; j <= last; j++) {
+            const size_t at = l0 + (size_t)j * GD + (size_t)g * D;
+            sc[j] = fk ? moe__dot_f16((const uint16_t *)e->kcache + at, qv, D)
+                       : moe__dot_f32((const float *)e->kcache + at, qv, D);
+        }
         for (j = 0; j <= last; j++) {
             sc[j] *= scale;
             if (sc[j] > mx) mx = sc[j];
@@ -277,7 +298,8 @@ static void attention(moe_engine *e, const thr *th, int layer, int n, int pos0) 
         for (j = 0; j <= last; j++) sum += sc[j];
         const float inv = (float)(1.0 / sum);
         for (j = 0; j <= last; j++) sc[j] *= inv;
-        moe__axpy_rows(sc, vc + (size_t)g * D, (size_t)GD, last + 1, D, o);
+        if (fv) moe__axpy_rows_f16(sc, (const uint16_t *)e->vcache + l0 + (size_t)g * D, (size_t)GD, last + 1, D, o);
+        else moe__axpy_rows(sc, (const float *)e->vcache + l0 + (size_t)g * D, (size_t)GD, last + 1, D, o);
     }
 }
 
@@ -412,6 +434,13 @@ static void ffn(moe_engine *e, const thr *th, const moe__ilayer *y, int n) {
     }
 }
 
+/* n values at element at of a cache: fp16 rounds to nearest even, as
+ * ggml's F32 -> F16 copy into llama.cpp's cache does */
+static void kv_store(void *cache, int f16, size_t at, const float *x, int n) {
+    if (f16) moe__f32_to_f16_row(x, (uint16_t *)cache + at, n);
+    else memcpy((float *)cache + at, x, sizeof(float) * n);
+}
+
 static void forward_layer(moe_engine *e, const thr *th, int l, int n, int pos0) {
     const moe__imodel *m = e->m;
     const moe_engine_hparams *h = &m->hp;
@@ -440,8 +469,8 @@ static void forward_layer(moe_engine *e, const thr *th, int l, int n, int pos0) 
         rope_apply(e, q, t, h->n_head);
         rope_apply(e, k, t, h->n_head_kv);
         const size_t at = ((size_t)l * e->p.n_ctx + pos0 + t) * GD;
-        memcpy(e->kcache + at, k, sizeof(float) * GD);
-        memcpy(e->vcache + at, v, sizeof(float) * GD);
+        kv_store(e->kcache, e->p.kv_f16_k, at, k, GD);
+        kv_store(e->vcache, e->p.kv_f16_v, at, v, GD);
     }
 #pragma omp barrier
     attention(e, th, l, n, pos0);
@@ -516,4 +545,6 @@ int moe_engine_eval(moe_engine *e, const int32_t *tokens, int n, float *logits, 
     return rc;
 }
 
-void moe_engine_get_stats(const moe_engine *e, moe_engine_stats *out) { moe__imodel_stats(e->m, e->k, out); }
+void moe_engine_get_stats(const moe_engine *e, moe_engine_stats *out) {
+    moe__imodel_stats(e->m, e->k, (int)(kv_elem(e->p.kv_f16_k) + kv_elem(e->p.kv_f16_v)), out);
+}

@@ -66,8 +66,9 @@ int moe__imodel_load(const char *path, int use_mmap, moe__imodel **out, char *er
 int moe__imodel_load_hf(const char *dir, moe__imodel **out, char *err, size_t errsz);
 void moe__hf_files_free(struct moe__hf_files *f); /* NULL is a no-op */
 void moe__imodel_free(moe__imodel *m);
-/* moe_engine_get_stats with k experts per token (card.c) */
-void moe__imodel_stats(const moe__imodel *m, int k, moe_engine_stats *s);
+/* moe_engine_get_stats with k experts per token and a cache of kv_elem_bytes
+ * per K value plus V value (8: F32, 4: F16, 6: mixed) (card.c) */
+void moe__imodel_stats(const moe__imodel *m, int k, int kv_elem_bytes, moe_engine_stats *s);
 
 /* ---- kernels (kernels.c) -------------------------------------------------- */
 
@@ -113,6 +114,14 @@ void moe__dot4_f32(const float *a, size_t as, const float *b, int n, float *out)
 /* o[d] = sum_j p[j] v[j][d] (rows of stride vs) for d < n, j in order with
  * one fused multiply-add each: attention's weighted sum of values. */
 void moe__axpy_rows(const float *p, const float *v, size_t vs, int m, int n, float *o);
+/* The F16 KV cache's variants: rows of fp16 (strides in elements), each
+ * value widened exactly, so the result is bit for bit the float kernel's on
+ * the widened rows. */
+float moe__dot_f16(const uint16_t *a, const float *b, int n);
+void moe__dot4_f16(const uint16_t *a, size_t as, const float *b, int n, float *out);
+void moe__axpy_rows_f16(const float *p, const uint16_t *v, size_t vs, int m, int n, float *o);
+/* y[i] = x[i] rounded to fp16, to nearest even (the bits of moe__gguf_f32_to_fp16). */
+void moe__f32_to_f16_row(const float *x, uint16_t *y, int n);
 
 /* ---- expert parallelism (engine_ep.c) ------------------------------------- */
 

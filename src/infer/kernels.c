@@ -15,19 +15,33 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
+/* 16 lanes of a row that is float or fp16 (the F16 KV cache); fp16 widens
+ * exactly, so an F16 row behaves as the float row of its rounded values. m
+ * masks a partial tail (a copy, not a masked 16-bit load: that would need
+ * AVX-512BW). */
+static inline __attribute__((always_inline)) __m512 load16(const void *p, size_t i, int f16, __mmask16 m) {
+    if (!f16) return _mm512_maskz_loadu_ps(m, (const float *)p + i);
+    if (m == (__mmask16)0xffff) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i)));
+    uint16_t tmp[16] = {0};
+    memcpy(tmp, (const uint16_t *)p + i, 2 * (size_t)__builtin_popcount(m));
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)tmp));
+}
+
 /* One 16-lane accumulator, the tail by a masked load: moe__dot_f32 and the
  * 4x4 tile below run the same per-lane fused multiply-adds and the same final
  * reduction, so a product is bit-identical whichever of them computed it. */
-float moe__dot_f32(const float *a, const float *b, int n) {
+static inline __attribute__((always_inline)) float dot_any(const void *a, int f16, const float *b, int n) {
     __m512 acc = _mm512_setzero_ps();
     int i = 0;
-    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(load16(a, (size_t)i, f16, 0xffff), _mm512_loadu_ps(b + i), acc);
     if (i < n) {
         const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+        acc = _mm512_fmadd_ps(load16(a, (size_t)i, f16, m), _mm512_maskz_loadu_ps(m, b + i), acc);
     }
     return _mm512_reduce_add_ps(acc);
 }
+float moe__dot_f32(const float *a, const float *b, int n) { return dot_any(a, 0, b, n); }
+float moe__dot_f16(const uint16_t *a, const float *b, int n) { return dot_any(a, 1, b, n); }
 
 /* y[0..3] = the horizontal sums of a, b, c, d, each bit-identical to
  * _mm512_reduce_add_ps (GCC pairs lanes i and i+8, then i+4, i+2, i+1; IEEE
@@ -71,22 +85,31 @@ static void dot_4x4(const float *w, size_t ws, const float *x, size_t xs, int n,
     }
     for (int t = 0; t < 4; t++) hsum4_store(acc[0][t], acc[1][t], acc[2][t], acc[3][t], y + (size_t)t * ldy);
 }
-void moe__dot4_f32(const float *a, size_t as, const float *b, int n, float *out) {
+/* a, as: rows of float, or of fp16 when f16 (as counts elements either way) */
+static inline __attribute__((always_inline)) void dot4_any(const void *a, int f16, size_t as, const float *b, int n,
+                                                           float *out) {
+    const size_t es = f16 ? 2 : 4;
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     int i = 0;
     for (; i + 16 <= n; i += 16) {
         const __m512 bv = _mm512_loadu_ps(b + i);
-        for (int k = 0; k < 4; k++) acc[k] = _mm512_fmadd_ps(_mm512_loadu_ps(a + k * as + i), bv, acc[k]);
+        for (int k = 0; k < 4; k++)
+            acc[k] = _mm512_fmadd_ps(load16((const char *)a + k * as * es, (size_t)i, f16, 0xffff), bv, acc[k]);
     }
     if (i < n) {
         const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
         const __m512 bv = _mm512_maskz_loadu_ps(m, b + i);
-        for (int k = 0; k < 4; k++) acc[k] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + k * as + i), bv, acc[k]);
+        for (int k = 0; k < 4; k++)
+            acc[k] = _mm512_fmadd_ps(load16((const char *)a + k * as * es, (size_t)i, f16, m), bv, acc[k]);
     }
     hsum4_store(acc[0], acc[1], acc[2], acc[3], out);
 }
+void moe__dot4_f32(const float *a, size_t as, const float *b, int n, float *out) { dot4_any(a, 0, as, b, n, out); }
+void moe__dot4_f16(const uint16_t *a, size_t as, const float *b, int n, float *out) { dot4_any(a, 1, as, b, n, out); }
 
-void moe__axpy_rows(const float *p, const float *v, size_t vs, int m, int n, float *o) {
+static inline __attribute__((always_inline)) void axpy_any(const float *p, const void *v, int f16, size_t vs, int m,
+                                                           int n, float *o) {
+    const size_t es = f16 ? 2 : 4;
     for (int d0 = 0; d0 < n; d0 += 64) { /* 64 columns in four registers across all m rows */
         __mmask16 mk[4];
         __m512 acc[4];
@@ -97,35 +120,77 @@ void moe__axpy_rows(const float *p, const float *v, size_t vs, int m, int n, flo
         }
         for (int j = 0; j < m; j++) {
             const __m512 pj = _mm512_set1_ps(p[j]);
-            const float *vr = v + (size_t)j * vs + d0;
+            const char *vr = (const char *)v + ((size_t)j * vs + (size_t)d0) * es;
             for (int k = 0; k < 4; k++)
-                acc[k] = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(mk[k], vr + 16 * k), acc[k]);
+                if (mk[k]) acc[k] = _mm512_fmadd_ps(pj, load16(vr, (size_t)(16 * k), f16, mk[k]), acc[k]);
         }
         for (int k = 0; k < 4; k++) _mm512_mask_storeu_ps(o + d0 + 16 * k, mk[k], acc[k]);
     }
 }
-#else
-float moe__dot_f32(const float *a, const float *b, int n) {
-    /* 16 independent partial sums so the compiler vectorises the loop; the
-     * order is fixed by n alone. */
-    float acc[16] = {0};
+void moe__axpy_rows(const float *p, const float *v, size_t vs, int m, int n, float *o) { axpy_any(p, v, 0, vs, m, n, o); }
+void moe__axpy_rows_f16(const float *p, const uint16_t *v, size_t vs, int m, int n, float *o) {
+    axpy_any(p, v, 1, vs, m, n, o);
+}
+
+void moe__f32_to_f16_row(const float *x, uint16_t *y, int n) {
     int i = 0;
     for (; i + 16 <= n; i += 16)
-        for (int j = 0; j < 16; j++) acc[j] += a[i + j] * b[i + j];
+        _mm256_storeu_si256((__m256i *)(y + i),
+                            _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    for (; i < n; i++) y[i] = moe__gguf_f32_to_fp16(x[i]); /* the same bits as the F16C unit (tested) */
+}
+#else
+/* cnt <= 16 values of a float or fp16 row from i, widened into w: both row
+ * types then run the very same float expressions, so the compiler cannot
+ * contract or vectorize one differently from the other and F16 stays bit
+ * for bit the float kernel on the widened row */
+static inline void widen(const void *p, size_t i, int f16, int cnt, float *w) {
+    for (int j = 0; j < cnt; j++)
+        w[j] = f16 ? moe__gguf_fp16_to_f32(((const uint16_t *)p)[i + j]) : ((const float *)p)[i + j];
+}
+
+static inline float dot_any(const void *a, int f16, const float *b, int n) {
+    /* 16 independent partial sums so the compiler vectorises the loop; the
+     * order is fixed by n alone. */
+    float acc[16] = {0}, w[16];
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        widen(a, (size_t)i, f16, 16, w);
+        for (int j = 0; j < 16; j++) acc[j] += w[j] * b[i + j];
+    }
     float s = 0;
-    for (; i < n; i++) s += a[i] * b[i];
+    widen(a, (size_t)i, f16, n - i, w);
+    for (int j = 0; i + j < n; j++) s += w[j] * b[i + j];
     for (int j = 0; j < 16; j += 2) s += acc[j] + acc[j + 1];
     return s;
 }
+float moe__dot_f32(const float *a, const float *b, int n) { return dot_any(a, 0, b, n); }
+float moe__dot_f16(const uint16_t *a, const float *b, int n) { return dot_any(a, 1, b, n); }
 
 void moe__dot4_f32(const float *a, size_t as, const float *b, int n, float *out) {
     for (int k = 0; k < 4; k++) out[k] = moe__dot_f32(a + k * as, b, n);
 }
+void moe__dot4_f16(const uint16_t *a, size_t as, const float *b, int n, float *out) {
+    for (int k = 0; k < 4; k++) out[k] = moe__dot_f16(a + k * as, b, n);
+}
 
-void moe__axpy_rows(const float *p, const float *v, size_t vs, int m, int n, float *o) {
+static inline void axpy_any(const float *p, const void *v, int f16, size_t vs, int m, int n, float *o) {
     memset(o, 0, sizeof(float) * n);
+    float w[16];
     for (int j = 0; j < m; j++)
-        for (int d = 0; d < n; d++) o[d] += p[j] * v[(size_t)j * vs + d];
+        for (int d0 = 0; d0 < n; d0 += 16) {
+            const int cnt = n - d0 < 16 ? n - d0 : 16;
+            widen(v, (size_t)j * vs + (size_t)d0, f16, cnt, w);
+            for (int d = 0; d < cnt; d++) o[d0 + d] += p[j] * w[d];
+        }
+}
+void moe__axpy_rows(const float *p, const float *v, size_t vs, int m, int n, float *o) { axpy_any(p, v, 0, vs, m, n, o); }
+void moe__axpy_rows_f16(const float *p, const uint16_t *v, size_t vs, int m, int n, float *o) {
+    axpy_any(p, v, 1, vs, m, n, o);
+}
+
+void moe__f32_to_f16_row(const float *x, uint16_t *y, int n) {
+    for (int i = 0; i < n; i++) y[i] = moe__gguf_f32_to_fp16(x[i]);
 }
 #endif
 
