@@ -5,6 +5,7 @@
 #include "io/atomic.h"
 
 #include <cjson/cJSON.h>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -52,9 +53,13 @@ int moe_model_n_moe_layers(const moe_model_config *c) {
 static void finish(moe_model_config *c) {
     if (c->num_key_value_heads == 0) c->num_key_value_heads = c->num_attention_heads;
     if (c->head_dim == 0 && c->num_attention_heads > 0) c->head_dim = c->hidden_size / c->num_attention_heads;
-    if (c->dense_intermediate_size == 0)
-        c->dense_intermediate_size =
-            c->num_local_experts > 0 ? c->num_experts_per_tok * c->intermediate_size : c->intermediate_size;
+    if (c->dense_intermediate_size == 0) { /* K F, in 64 bits: the factors are not range-checked yet */
+        const long long kf = (long long)c->num_experts_per_tok * c->intermediate_size;
+        c->dense_intermediate_size = c->num_local_experts <= 0 ? c->intermediate_size
+                                     : kf > INT_MAX              ? INT_MAX
+                                     : kf < INT_MIN              ? INT_MIN
+                                                                 : (int)kf;
+    }
     if (c->shared_expert_intermediate_size == 0) c->shared_expert_intermediate_size = c->intermediate_size;
     /* flags past the last layer carry no meaning: keep them 0 so configs compare */
     for (int l = 0; l < MOE_MAX_LAYERS; l++)
@@ -74,6 +79,10 @@ int moe_model_config_check(const moe_model_config *c, char *err, size_t n) {
     RANGE(head_dim, 2, 1024)
     RANGE(max_position_embeddings, 1, 1 << 20)
     RANGE(num_local_experts, 0, 1 << 16)
+    if (c->num_local_experts > 0) { /* before the dense size derived from them */
+        RANGE(intermediate_size, 1, 1 << 20)
+        RANGE(num_experts_per_tok, 1, c->num_local_experts)
+    }
     RANGE(dense_intermediate_size, 1, 1 << 20)
     RANGE(n_shared_experts, 0, 64)
     RANGE(tie_word_embeddings, 0, 1)
@@ -83,10 +92,6 @@ int moe_model_config_check(const moe_model_config *c, char *err, size_t n) {
     RANGE(seq_aux, 0, 1)
     RANGE(n_group, 0, 1 << 16)
     RANGE(topk_group, 0, 1 << 16)
-    if (c->num_local_experts > 0) {
-        RANGE(intermediate_size, 1, 1 << 20)
-        RANGE(num_experts_per_tok, 1, c->num_local_experts)
-    }
     if (c->n_shared_experts > 0) {
         RANGE(shared_expert_intermediate_size, 1, 1 << 20)
     }
