@@ -161,6 +161,30 @@ static int by_cand(const void *a, const void *b) {
     return (x->slot > y->slot) - (x->slot < y->slot);
 }
 
+/* Every rank's candidates (this rank's own[0..m)) gathered into all[] and
+ * sorted by by_cand; l->ep_thr[e] becomes expert e's cap-th best (slot -1:
+ * fewer than cap candidates, or cap 0). A candidate is taken iff it sorts at
+ * or before its expert's threshold. The gather is the all-to-all time. */
+static int ep_thresholds(moe_layer *l, const struct moe__ep_cand *own, int m, struct moe__ep_cand *all, int cap) {
+    const int E = l->cfg.n_experts, P = l->ep_size;
+    const double t0 = omp_get_wtime();
+    int rc = moe__dist_allgather_int(l->dist, &m, l->ep_before, 1);
+    if (!rc) rc = moe__dist_allgatherv_rows(l->dist, own, all, l->ep_before, sizeof *own);
+    l->ms_a2a += (omp_get_wtime() - t0) * 1e3;
+    if (rc) return dist_err(l, rc);
+    long long tot = 0;
+    for (int q = 0; q < P; q++) tot += l->ep_before[q];
+    qsort(all, (size_t)tot, sizeof *all, by_cand);
+    for (int e = 0; e < E; e++) l->ep_thr[e].slot = -1;
+    for (long long a = 0; a < tot;) { /* expert segments of the sorted list */
+        long long b = a;
+        while (b < tot && all[b].e == all[a].e) b++;
+        if (cap > 0 && b - a >= cap) l->ep_thr[all[a].e] = all[a + cap - 1];
+        a = b;
+    }
+    return MOE_OK;
+}
+
 /* One process keeps, per expert, the first `cap` kept slots in slot order
  * (arrival) or the `cap` best by score (probability). Rank r holds the
  * global tokens after those of ranks < r, so global slot order is rank, then
@@ -200,20 +224,7 @@ int moe__ep_capacity(moe_layer *l, int cap) {
         const int e = l->topk_ids[i];
         own[m++] = (struct moe__ep_cand){l->scores[(size_t)l->slot_tok[i] * E + e], base + i, e};
     }
-    rc = moe__dist_allgather_int(l->dist, &m, l->ep_before, 1);
-    if (!rc) rc = moe__dist_allgatherv_rows(l->dist, own, all, l->ep_before, sizeof *own);
-    l->ms_a2a += (omp_get_wtime() - t0) * 1e3;
-    if (rc) return dist_err(l, rc);
-    long long tot = 0;
-    for (int q = 0; q < P; q++) tot += l->ep_before[q];
-    qsort(all, (size_t)tot, sizeof *all, by_cand);
-    for (int e = 0; e < E; e++) l->ep_thr[e].slot = -1;
-    for (long long a = 0; a < tot;) { /* expert segments of the sorted list */
-        long long b = a;
-        while (b < tot && all[b].e == all[a].e) b++;
-        if (b - a > cap) l->ep_thr[all[a].e] = all[a + cap - 1];
-        a = b;
-    }
+    if ((rc = ep_thresholds(l, own, m, all, cap))) return rc;
     for (int j = 0; j < m; j++) {
         const struct moe__ep_cand *t = &l->ep_thr[own[j].e];
         if (t->slot >= 0 && by_cand(&own[j], t) > 0) l->keep[own[j].slot - base] = 0;
@@ -230,7 +241,7 @@ int moe__ep_capacity(moe_layer *l, int cap) {
  * slots in increasing expert id. */
 int moe__ep_ec_select(moe_layer *l, int n) {
     const moe_layer_config *c = &l->cfg;
-    const int E = c->n_experts, P = l->ep_size;
+    const int E = c->n_experts;
     const int cap = moe__ec_capacity(c, l->n_glob > INT_MAX ? INT_MAX : (int)l->n_glob);
     const int k = cap < n ? cap : n;
     int *chosen = l->order; /* [E][k] this rank's best tokens per expert */
@@ -243,22 +254,9 @@ int moe__ep_ec_select(moe_layer *l, int n) {
             const int t = chosen[(size_t)e * k + j];
             own[m++] = (struct moe__ep_cand){l->scores[(size_t)t * E + e], l->tok_base + t, e};
         }
-    const double t0 = omp_get_wtime();
-    int rc = moe__dist_allgather_int(l->dist, &m, l->ep_before, 1);
-    if (!rc) rc = moe__dist_allgatherv_rows(l->dist, own, all, l->ep_before, sizeof *own);
-    l->ms_a2a += (omp_get_wtime() - t0) * 1e3;
-    if (rc) return dist_err(l, rc);
-    long long tot = 0;
-    for (int q = 0; q < P; q++) tot += l->ep_before[q];
-    qsort(all, (size_t)tot, sizeof *all, by_cand);
     /* every expert has >= cap candidates: sum over ranks of min(cap, n_q) */
-    for (int e = 0; e < E; e++) l->ep_thr[e].slot = -1;
-    for (long long a = 0; a < tot;) {
-        long long b = a;
-        while (b < tot && all[b].e == all[a].e) b++;
-        if (cap > 0 && b - a >= cap) l->ep_thr[all[a].e] = all[a + cap - 1];
-        a = b;
-    }
+    const int rc = ep_thresholds(l, own, m, all, cap);
+    if (rc) return rc;
     /* this rank's taken (token, expert) pairs, laid out by token */
     int *off = l->tok_off;
     memset(off, 0, sizeof(int) * (size_t)(n + 1));
