@@ -11,6 +11,7 @@
 #include "../cli/args.h"
 #include "../cli/cli.h"
 #include "internal.h"
+#include "io/quant.h"
 #include "moe.h"
 
 #include <math.h>
@@ -96,9 +97,7 @@ int moe_bench_engine_main(int argc, char **argv) {
         }
         if (rc) break;
         const double mean = sum / reps, sd = reps > 1 ? sqrt(fmax(0, (sum2 - reps * mean * mean) / (reps - 1))) : 0;
-        printf("| %s %s | %.1f MiB | %.1f M | %d | %s%d | %.2f ± %.2f |", h->arch,
-               h->expert_type == 0 ? "F32" : h->expert_type == 1 ? "F16" : h->expert_type == 30 ? "BF16"
-               : h->expert_type == 8 ? "Q8_0" : "Q4_0",
+        printf("| %s %s | %.1f MiB | %.1f M | %d | %s%d | %.2f ± %.2f |", h->arch, moe__gguf_type_name(h->expert_type),
                st.n_bytes / 1048576.0, st.n_params / 1e6, threads, tests[ti].name, n, mean, sd);
         if (tests[ti].batch == 1) { /* a token at position i reads i + 1 cached positions */
             const double bytes = (double)st.n_bytes_active + st.kv_bytes_per_pos * (n + 1) / 2.0;

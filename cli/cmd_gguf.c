@@ -114,8 +114,7 @@ static moe_engine *open_engine(const char *cmd, const char *path, int ctx, int b
     if (moe_dist_rank(moe_get_dist()) == 0)
         fprintf(stderr, "moe %s: %s: arch %s, %d layers, C %d, %d experts (k %d), F %d%s, vocab %d, %s experts, ctx %d (K %s, V %s)%s\n",
                 cmd, path, h->arch, h->n_layer, h->n_embd, h->n_expert, k ? k : h->n_expert_used, h->n_ff_exp,
-                h->n_ff_shexp ? " + shared" : "", h->n_vocab, h->expert_type == 0 ? "F32" : h->expert_type == 1 ? "F16"
-                : h->expert_type == 30 ? "BF16" : h->expert_type == 8 ? "Q8_0" : "Q4_0", h->n_ctx, ctk, ctv,
+                h->n_ff_shexp ? " + shared" : "", h->n_vocab, moe__gguf_type_name(h->expert_type), h->n_ctx, ctk, ctv,
                 ranks > 1 ? ", experts spread over the ranks" : "");
     return e;
 }
