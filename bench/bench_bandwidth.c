@@ -5,6 +5,7 @@
  * each part first touched by the thread that reads it. */
 #include "bench.h"
 
+#include "../cli/args.h"
 #include "internal.h"
 
 #include <omp.h>
@@ -29,16 +30,14 @@ static float read_all(const float *a, size_t n, int threads) {
 
 int moe_bench_bandwidth_main(int argc, char **argv) {
     int mib = 1024, max_threads = 2, reps = 10;
-    for (int i = 0; i < argc; i++) {
-        if (!strcmp(argv[i], "--mib") && i + 1 < argc) mib = atoi(argv[++i]);
-        else if ((!strcmp(argv[i], "-t") || !strcmp(argv[i], "--threads")) && i + 1 < argc) max_threads = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
-        else {
-            printf("usage: moe bench bandwidth [--mib 1024] [-t 2] [--reps 10]\n"
-                   "  streaming read of a --mib buffer with 1..t threads: GB/s, best of --reps\n");
-            return strcmp(argv[i], "--help") && strcmp(argv[i], "-h") ? 2 : 0;
-        }
-    }
+    cli_arg args[] = {
+        {"--mib", NULL, ARG_INT, &mib, "buffer size in MiB (far larger than the caches)"},
+        {"--threads", "-t", ARG_INT, &max_threads, "measure with 1 .. this many threads"},
+        {"--reps", NULL, ARG_INT, &reps, "passes per thread count (the best one counts)"},
+    };
+    const int rc = cli_parse("moe bench bandwidth [--mib 1024] [-t 2] [--reps 10]", args, sizeof args / sizeof args[0],
+                             argc, argv);
+    if (rc) return rc == 1 ? 0 : 2;
     if (mib < 1 || max_threads < 1 || reps < 1) {
         fprintf(stderr, "moe bench bandwidth: --mib, -t and --reps must be positive\n");
         return 2;
