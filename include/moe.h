@@ -605,6 +605,8 @@ typedef struct moe_engine_params {
     int experts_used; /* k, experts per token (0: the file's expert_used_count) */
     int use_mmap;     /* 1: map the file (experts never routed to are never read); 0: read it */
     int kv_f16_k, kv_f16_v; /* 1 (default): K / V cached as fp16, llama.cpp's -ctk/-ctv f16; 0: F32 */
+    int repack;       /* 1 (default): Q8_0/Q4_0 matrices copied, at their first use, into the kernels'
+                         tile layout (huge pages; the file's pages are then dropped); 0: read in place */
 } moe_engine_params;
 moe_engine_params moe_engine_params_default(void);
 
@@ -646,6 +648,8 @@ typedef struct moe_engine_stats {
     uint64_t n_params, n_params_active;
     uint64_t n_bytes, n_bytes_active;
     uint64_t kv_bytes_per_pos; /* K and V, all layers, at the cache types in use */
+    uint64_t n_bytes_packed;   /* weights copied so far into the kernels' layout (repack): grows as
+                                  experts are first routed to; their file pages are dropped */
 } moe_engine_stats;
 void moe_engine_get_stats(const moe_engine *e, moe_engine_stats *out);
 

@@ -190,6 +190,33 @@ static void batch_equals_decode(uint32_t wtype) {
             CHECK(memcmp(a, c, sizeof(float) * T * V) == 0);
             moe_engine_free(e);
         }
+        /* with and without the packed copy (moe_engine_params.repack), 2
+         * threads, tokens first one by one: the same bits; the packing
+         * engine has copied its quantized matrices by then (tiny rows pad
+         * to whole tiles, so more bytes than the file's), the other none */
+        int quant = 0; /* a packed kernel for the type in this build (kernels.c) */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512DQ__)
+        quant = wtype == MOE__GGML_Q8_0;
+#if defined(__AVX512VBMI__)
+        quant |= wtype == MOE__GGML_Q4_0;
+#endif
+#endif
+        for (int repack = 0; repack < 2; repack++) {
+            p.n_threads = 2, p.n_batch = 16, p.use_mmap = 1, p.repack = repack;
+            CHECK_EQ_INT(moe_engine_load(path, &p, &e, err, sizeof err), 0);
+            if (!e) continue;
+            moe_engine_stats st;
+            moe_engine_get_stats(e, &st);
+            CHECK(st.n_bytes_packed == 0); /* nothing before the first use */
+            for (int t = 0; t < 3; t++) CHECK_EQ_INT(moe_engine_eval(e, toks + t, 1, c + (size_t)t * V, 0), 0);
+            CHECK_EQ_INT(moe_engine_eval(e, toks + 3, T - 3, c + 3 * V, 1), 0);
+            CHECK(memcmp(a, c, sizeof(float) * T * V) == 0);
+            moe_engine_get_stats(e, &st);
+            CHECK_MSG(repack && quant ? st.n_bytes_packed > 0 : st.n_bytes_packed == 0,
+                      "type %u repack %d: %llu bytes packed of %llu", wtype, repack,
+                      (unsigned long long)st.n_bytes_packed, (unsigned long long)st.n_bytes);
+            moe_engine_free(e);
+        }
     }
     free(a), free(b), free(c);
     moe_test_rmdir(dir);

@@ -82,6 +82,51 @@ static double fp16(const uint8_t *p) {
     return moe__gguf_fp16_to_f32(h);
 }
 
+/* which types have a packed kernel in this build (kernels.c) */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512DQ__)
+#define PACKED_Q8 1
+#if defined(__AVX512VBMI__)
+#define PACKED_Q4 1
+#endif
+#endif
+#ifndef PACKED_Q8
+#define PACKED_Q8 0
+#endif
+#ifndef PACKED_Q4
+#define PACKED_Q4 0
+#endif
+
+/* The packed layout (moe__wt_pack_rows): y again, bit for bit, packed and
+ * multiplied in thread chunks of 1..3 threads, batch and one token at a
+ * time; the buffer starts as garbage, so a byte the kernel reads but the
+ * packer did not write shows. */
+static void check_packed(const moe__wt *mw, const uint8_t *x, int T, const float *y, void *sc) {
+    const int R = mw->rows, nb = mw->cols / 32;
+    const size_t pb = moe__wt_packed_bytes(mw), xrb = 34 * (size_t)nb;
+    CHECK_MSG((pb > 0) == (mw->type == MOE__GGML_Q4_0 ? PACKED_Q4 : PACKED_Q8), "type %u: packed bytes %zu", mw->type,
+              pb);
+    if (!pb) return;
+    CHECK_EQ_INT((int)(pb % 64), 0);
+    uint8_t *pk = aligned_alloc(64, pb);
+    float *yp = malloc(sizeof(float) * T * R);
+    for (int nth = 1; nth <= 3; nth++) {
+        memset(pk, 0xa5, pb), memset(yp, 0, sizeof(float) * T * R);
+        for (int ith = 0; ith < nth; ith++) {
+            int lo, hi;
+            moe__split(R, 4, ith, nth, &lo, &hi);
+            moe__wt_pack_rows(mw, 0, pk, lo, hi);
+            moe__wt_matmul_rows(mw, 0, NULL, x, T, yp, R, lo, hi, sc, mw->cols, pk);
+        }
+        CHECK_MSG(memcmp(yp, y, sizeof(float) * T * R) == 0, "type %u R %d nb %d T %d: packed differs", mw->type, R,
+                  nb, T);
+        for (int t = 0; t < T && t < 3; t++) {
+            moe__wt_matmul_rows(mw, 0, NULL, x + t * xrb, 1, yp, R, 0, R, sc, mw->cols, pk);
+            CHECK(memcmp(yp, y + (size_t)t * R, sizeof(float) * R) == 0);
+        }
+    }
+    free(pk), free(yp);
+}
+
 static void check_quant(int q4, int R, int nb, int T, int exact) {
     uint8_t *w, *x = make_x(T, nb, exact);
     const size_t rb = make_w(q4, R, nb, exact, &w), wbs = q4 ? 18 : 34, xrb = 34 * (size_t)nb;
@@ -89,7 +134,7 @@ static void check_quant(int q4, int R, int nb, int T, int exact) {
                         .n_mat = 1, .row_bytes = rb, .mat_bytes = rb * R};
     float *y = malloc(sizeof(float) * T * R), *y1 = malloc(sizeof(float) * R), *yp = malloc(sizeof(float) * T * R);
     void *sc = aligned_alloc(64, moe__wt_scratch_bytes(32 * nb));
-    moe__wt_matmul_rows(&mw, 0, NULL, x, T, y, R, 0, R, sc, 32 * nb);
+    moe__wt_matmul_rows(&mw, 0, NULL, x, T, y, R, 0, R, sc, 32 * nb, NULL);
     for (int t = 0; t < T; t++)
         for (int r = 0; r < R; r++) {
             double ref = 0, mag = 0;
@@ -112,24 +157,25 @@ static void check_quant(int q4, int R, int nb, int T, int exact) {
         }
     /* one token at a time, bit-identical to the batch */
     for (int t = 0; t < T; t++) {
-        moe__wt_matmul_rows(&mw, 0, NULL, x + t * xrb, 1, y1, R, 0, R, sc, 32 * nb);
+        moe__wt_matmul_rows(&mw, 0, NULL, x + t * xrb, 1, y1, R, 0, R, sc, 32 * nb, NULL);
         CHECK(memcmp(y1, y + t * R, sizeof(float) * R) == 0);
     }
     /* rows split at an odd boundary and in thread chunks, bit-identical */
     memset(yp, 0, sizeof(float) * T * R);
     const int cut = R / 2 | 1;
-    moe__wt_matmul_rows(&mw, 0, NULL, x, T, yp, R, 0, cut < R ? cut : R, sc, 32 * nb);
-    if (cut < R) moe__wt_matmul_rows(&mw, 0, NULL, x, T, yp, R, cut, R, sc, 32 * nb);
+    moe__wt_matmul_rows(&mw, 0, NULL, x, T, yp, R, 0, cut < R ? cut : R, sc, 32 * nb, NULL);
+    if (cut < R) moe__wt_matmul_rows(&mw, 0, NULL, x, T, yp, R, cut, R, sc, 32 * nb, NULL);
     CHECK(memcmp(yp, y, sizeof(float) * T * R) == 0);
     for (int nth = 2; nth <= 3; nth++) {
         memset(yp, 0, sizeof(float) * T * R);
         for (int ith = 0; ith < nth; ith++) {
             int lo, hi;
             moe__split(R, 4, ith, nth, &lo, &hi);
-            moe__wt_matmul_rows(&mw, 0, NULL, x, T, yp, R, lo, hi, sc, 32 * nb);
+            moe__wt_matmul_rows(&mw, 0, NULL, x, T, yp, R, lo, hi, sc, 32 * nb, NULL);
         }
         CHECK(memcmp(yp, y, sizeof(float) * T * R) == 0);
     }
+    check_packed(&mw, x, T, y, sc);
     guard_free();
     free(x), free(y), free(y1), free(yp), free(sc);
 }
@@ -151,6 +197,13 @@ TEST(infer_kernel_quant_scaled_vs_double) {
             for (int j = 0; j < 3; j++) check_quant(q4, rows[i], nbs[j], 5, 0);
 }
 
+/* More tokens than a tile of 16 and more rows than one L2 chunk (the
+ * prompt path: rows in chunks of 256 KiB, each re-read per token tile). */
+TEST(infer_kernel_quant_prompt_chunks) {
+    g_rng = 14;
+    for (int q4 = 0; q4 < 2; q4++) check_quant(q4, 1001, 16, 21, 0);
+}
+
 /* F32 and F16 rows: against double, and the same batch/partition identities. */
 TEST(infer_kernel_float_types) {
     g_rng = 13;
@@ -168,7 +221,7 @@ TEST(infer_kernel_float_types) {
         const moe__wt mw = {.data = f16 ? (const uint8_t *)wh : (const uint8_t *)wf,
                             .type = f16 ? MOE__GGML_F16 : MOE__GGML_F32, .rows = R, .cols = cols, .n_mat = 1,
                             .row_bytes = (size_t)cols * (f16 ? 2 : 4), .mat_bytes = (size_t)R * cols * (f16 ? 2 : 4)};
-        moe__wt_matmul_rows(&mw, 0, x, NULL, T, y, R, 0, R, wbuf, 40);
+        moe__wt_matmul_rows(&mw, 0, x, NULL, T, y, R, 0, R, wbuf, 40, NULL);
         for (int t = 0; t < T; t++)
             for (int r = 0; r < R; r++) {
                 double ref = 0, mag = 0;
@@ -180,12 +233,12 @@ TEST(infer_kernel_float_types) {
                           y[t * R + r], ref);
             }
         for (int t = 0; t < T; t++) {
-            moe__wt_matmul_rows(&mw, 0, x + t * cols, NULL, 1, y2, R, 0, R, wbuf, 40);
+            moe__wt_matmul_rows(&mw, 0, x + t * cols, NULL, 1, y2, R, 0, R, wbuf, 40, NULL);
             CHECK(memcmp(y2, y + t * R, sizeof(float) * R) == 0);
         }
         memset(y2, 0, sizeof(float) * T * R);
-        moe__wt_matmul_rows(&mw, 0, x, NULL, T, y2, R, 0, 5, wbuf, 40);
-        moe__wt_matmul_rows(&mw, 0, x, NULL, T, y2, R, 5, R, wbuf, 40);
+        moe__wt_matmul_rows(&mw, 0, x, NULL, T, y2, R, 0, 5, wbuf, 40, NULL);
+        moe__wt_matmul_rows(&mw, 0, x, NULL, T, y2, R, 5, R, wbuf, 40, NULL);
         CHECK(memcmp(y2, y, sizeof(float) * T * R) == 0);
     }
     free(wf), free(x), free(wh), free(wbuf), free(y), free(y2);

@@ -8,6 +8,10 @@
 #include <omp.h>
 #include <stdio.h>
 #include <string.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
 
 struct moe_engine {
     moe__imodel *m;
@@ -25,6 +29,9 @@ struct moe_engine {
     float *gs, *us, *shg, *sho;              /* shared expert [B][Fs], [B][Fs], gate [B], out [B][C] */
     float *scores;                           /* [threads][n_ctx] */
     uint8_t *wbuf;                           /* [threads][moe__wt_scratch_bytes(maxc)] */
+    uint8_t *pk_arena;                       /* packed matrices (pack_setup); NULL: none */
+    size_t pk_arena_bytes;
+    uint8_t *pk_done;                        /* [packed tiles]: 1 once a 4-row tile is packed */
     uint8_t *qa, *qe;                        /* Q8_0 rows: [B][maxc], [S][maxc] (activations, experts) */
     size_t maxc;                             /* widest activation row */
     moe__engine_ep *ep;                      /* expert parallelism: NULL in one process (engine_ep.c) */
@@ -34,7 +41,7 @@ struct moe_engine {
 
 moe_engine_params moe_engine_params_default(void) {
     moe_engine_params p = {.n_ctx = 0, .n_batch = 512, .n_threads = 0, .experts_used = 0, .use_mmap = 1,
-                            .kv_f16_k = 1, .kv_f16_v = 1};
+                            .kv_f16_k = 1, .kv_f16_v = 1, .repack = 1};
     return p;
 }
 
@@ -103,11 +110,70 @@ void moe_engine_free(moe_engine *e) {
     moe__afree(e->qa), moe__afree(e->qe), moe__afree(e->wbuf);
     moe__free(e->sel), moe__free(e->cnt), moe__free(e->off), moe__free(e->list), moe__free(e->pos);
     moe__engine_ep_free(e->ep);
+#if defined(__linux__)
+    if (e->pk_arena) munmap(e->pk_arena, e->pk_arena_bytes);
+#endif
+    moe__free(e->pk_done);
     moe__imodel_free(e->m);
     moe__free(e);
 }
 
 static int load_local(const char *path, const moe_engine_params *pp, moe_engine **out, char *err, size_t errsz);
+
+/* The matrices the forward multiplies by (the embedding is only ever read
+ * by rows); n is the capacity of out. Returns how many. */
+static int matmul_weights(moe__imodel *m, moe__wt **out, int n) {
+    int k = 0;
+    for (int l = 0; l < m->hp.n_layer; l++) {
+        moe__ilayer *y = &m->layers[l];
+        moe__wt *w[] = {&y->wq,        &y->wk,      &y->wv,        &y->wo,      &y->gate_inp, &y->gate_exps,
+                        &y->up_exps,   &y->down_exps, &y->gate_sh, &y->up_sh,   &y->down_sh};
+        for (size_t i = 0; i < sizeof w / sizeof w[0]; i++)
+            if (k < n) out[k++] = w[i];
+    }
+    if (k < n) out[k++] = &m->output;
+    return k;
+}
+
+/* Address space for a packed copy (moe__wt_pack_rows) of every matrix with
+ * a packed kernel. Nothing is copied here: a thread packs the tiles it
+ * multiplies on their first use (matmul), so memory grows with the experts
+ * actually routed to. Huge pages where the system gives them: the packed
+ * stream then needs a TLB entry per 2 MiB instead of per 4 KiB, which under
+ * nested paging cost a page walk every 4 KiB at decode. Without the
+ * reservation (another OS, no address space) the file's layout serves. */
+static void pack_setup(moe_engine *e) {
+#if defined(__linux__)
+    const int n = e->m->hp.n_layer * 11 + 1;
+    moe__wt **ws = moe__malloc(sizeof *ws * (size_t)n);
+    if (!ws) return;
+    const int nw = matmul_weights(e->m, ws, n);
+    size_t bytes = 0, tiles = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        bytes = 0, tiles = 0;
+        for (int i = 0; i < nw; i++) {
+            moe__wt *w = ws[i];
+            const size_t pb = (w->data || w->mats) && w->rows > 0 ? moe__wt_packed_bytes(w) : 0;
+            if (!pb) continue;
+            if (pass) w->pk = e->pk_arena + bytes, w->pk_bytes = pb, w->pk_id = (int)tiles;
+            bytes += pb * (size_t)w->n_mat; /* pb is a multiple of 64 */
+            tiles += ((size_t)w->rows + 3) / 4 * (size_t)w->n_mat;
+        }
+        if (pass || !bytes || tiles > INT32_MAX) break;
+        void *a = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (a == MAP_FAILED) break;
+        if (!(e->pk_done = moe__calloc(tiles, 1))) {
+            munmap(a, bytes);
+            break;
+        }
+#ifdef MADV_HUGEPAGE
+        madvise(a, bytes, MADV_HUGEPAGE); /* a hint: 4 KiB pages work too */
+#endif
+        e->pk_arena = a, e->pk_arena_bytes = bytes;
+    }
+    moe__free(ws);
+#endif
+}
 
 int moe_engine_load(const char *path, const moe_engine_params *pp, moe_engine **out, char *err, size_t errsz) {
     /* under expert parallelism every rank loads; one failing fails them all */
@@ -159,6 +225,7 @@ static int load_local(const char *path, const moe_engine_params *pp, moe_engine 
         moe_engine_free(e);
         return rc;
     }
+    if (p.repack) pack_setup(e);
     *out = e;
     return 0;
 }
@@ -208,12 +275,44 @@ typedef struct thr {
 
 static void span(const thr *t, int n, int *lo, int *hi) { moe__split(n, 1, t->ith, t->nth, lo, hi); }
 
+/* Packs the tiles of rows [lo, hi) of W[mat] not packed yet. Threads split
+ * every matrix's rows in tiles of 4 (moe__split, align 4), so in one phase
+ * no two threads touch a tile, and a packed tile is never written again:
+ * the flags need no synchronization beyond the phases' barriers, whatever
+ * the thread count of each call. Once packed, the rows' whole pages of the
+ * read-only file mapping are dropped from the process (the page cache keeps
+ * them; another reader refaults them): the packed copy replaces them. */
+static void pack_tiles(moe_engine *e, const moe__wt *w, int mat, uint8_t *pk, int lo, int hi) {
+    uint8_t *done = e->pk_done + w->pk_id + (size_t)mat * (((size_t)w->rows + 3) / 4);
+    for (int t = lo / 4, t1 = (hi + 3) / 4; t < t1;) {
+        if (done[t]) {
+            t++;
+            continue;
+        }
+        int u = t;
+        while (u < t1 && !done[u]) done[u++] = 1;
+        const int r0 = 4 * t, r1 = 4 * u < w->rows ? 4 * u : w->rows;
+        moe__wt_pack_rows(w, mat, pk, r0, r1);
+#if defined(__linux__)
+        if (e->m->file_mapped) {
+            const uintptr_t ps = (uintptr_t)sysconf(_SC_PAGESIZE), raw = (uintptr_t)moe__wt_mat(w, mat);
+            const uintptr_t a = (raw + (size_t)r0 * w->row_bytes + ps - 1) / ps * ps;
+            const uintptr_t b = (raw + (size_t)r1 * w->row_bytes) / ps * ps;
+            if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
+        }
+#endif
+        t = u;
+    }
+}
+
 static void matmul(moe_engine *e, const thr *t, const moe__wt *w, int mat, const float *x, const uint8_t *xq,
                    int n, float *y, int ldy) {
     int lo, hi;
     moe__split(w->rows, 4, t->ith, t->nth, &lo, &hi);
+    uint8_t *pk = w->pk ? w->pk + (size_t)mat * w->pk_bytes : NULL;
+    if (pk) pack_tiles(e, w, mat, pk, lo, hi);
     moe__wt_matmul_rows(w, mat, x, xq, n, y, ldy, lo, hi, e->wbuf + (size_t)t->ith * moe__wt_scratch_bytes((int)e->maxc),
-                        (int)e->maxc);
+                        (int)e->maxc, pk);
 }
 
 /* The same per-row arithmetic as moe__rmsnorm_forward (model/ops.c). */
@@ -547,4 +646,15 @@ int moe_engine_eval(moe_engine *e, const int32_t *tokens, int n, float *logits, 
 
 void moe_engine_get_stats(const moe_engine *e, moe_engine_stats *out) {
     moe__imodel_stats(e->m, e->k, (int)(kv_elem(e->p.kv_f16_k) + kv_elem(e->p.kv_f16_v)), out);
+    if (!e->pk_arena) return;
+    const int n = e->m->hp.n_layer * 11 + 1;
+    moe__wt **ws = moe__malloc(sizeof *ws * (size_t)n);
+    if (!ws) return;
+    const int nw = matmul_weights(e->m, ws, n);
+    for (int i = 0; i < nw; i++) {
+        if (!ws[i]->pk) continue;
+        const size_t tiles = ((size_t)ws[i]->rows + 3) / 4, tb = ws[i]->pk_bytes / tiles;
+        for (size_t j = 0; j < tiles * (size_t)ws[i]->n_mat; j++) out->n_bytes_packed += e->pk_done[ws[i]->pk_id + j] * tb;
+    }
+    moe__free(ws);
 }

@@ -2,8 +2,10 @@
  *
  * Split as llama2.c does: an immutable model (hyperparameters and weight views
  * pointing into the read-only GGUF mapping, plus the few 1-D tensors converted
- * to float) and per-engine state (KV cache, work buffers). Weights are never
- * copied, so an expert that is never routed to is never paged in. */
+ * to float) and per-engine state (KV cache, work buffers). Quantized matrices
+ * are repacked for the kernels (moe__wt_pack_rows) lazily, each thread its
+ * rows on their first use, so an expert that is never routed to is never
+ * paged in, nor copied. */
 #ifndef MOE_INFER_H
 #define MOE_INFER_H
 
@@ -27,6 +29,11 @@ typedef struct moe__wt {
     uint32_t type;
     int rows, cols, n_mat;
     size_t row_bytes, mat_bytes;
+    /* the engine's packed copies (moe__wt_packed_bytes each, pk_bytes apart;
+     * NULL: none), made lazily: pk_id numbers the first in the engine's flags */
+    uint8_t *pk;
+    size_t pk_bytes;
+    int pk_id;
 } moe__wt;
 
 static inline const uint8_t *moe__wt_mat(const moe__wt *w, int mat) {
@@ -56,6 +63,7 @@ typedef struct moe__imodel {
     float *owned;             /* the converted 1-D tensors */
     moe__gguf *g;
     void *file_buf;           /* the whole file when not mapped */
+    int file_mapped;          /* the GGUF weights are a read-only file mapping (pages can be dropped) */
     struct moe__hf_files *hf; /* a Hugging Face directory's mapped files (model_hf.c); NULL for GGUF */
 } moe__imodel;
 
@@ -99,7 +107,16 @@ void moe__quantize_rows(const float *x, int cols, int t0, int t1, uint8_t *q);
  * the row range: a token gets bit-identical results alone or inside a
  * batch, with any thread count. */
 void moe__wt_matmul_rows(const moe__wt *w, int mat, const float *x, const uint8_t *xq, int N, float *y, int ldy,
-                         int r_lo, int r_hi, void *scratch, int max_cols);
+                         int r_lo, int r_hi, void *scratch, int max_cols, const uint8_t *pk);
+/* Bytes of W[mat] in the packed tile layout of the quantized kernels
+ * (kernels.c); 0 when this build has no packed kernel for the type. pk of
+ * moe__wt_matmul_rows (NULL: the file's layout) is such a copy of W[mat],
+ * 64-byte aligned, holding at least the tiles of rows [r_lo, r_hi); the
+ * results are bit-identical to the file layout's. */
+size_t moe__wt_packed_bytes(const moe__wt *w);
+/* Packs the tiles of rows [r_lo, r_hi) of W[mat] (r_lo a multiple of 4) into
+ * dst, the packed matrix. */
+void moe__wt_pack_rows(const moe__wt *w, int mat, uint8_t *dst, int r_lo, int r_hi);
 /* g[i] = silu(g[i]) * u[i] = g / (1 + e^-g) * u for i < n (vectorized e^x
  * within 2 ulp of expf on AVX-512, expf elsewhere). */
 void moe__swiglu(float *g, const float *u, size_t n);

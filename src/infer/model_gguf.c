@@ -246,6 +246,7 @@ int moe__imodel_load(const char *path, int use_mmap, moe__imodel **out, char *er
     int rc;
     if (use_mmap) {
         rc = moe__gguf_open(path, &m->g, err, errsz);
+        m->file_mapped = 1;
     } else {
         size_t len;
         char *buf;
