@@ -121,18 +121,21 @@ void moe_engine_free(moe_engine *e) {
 static int load_local(const char *path, const moe_engine_params *pp, moe_engine **out, char *err, size_t errsz);
 
 /* The matrices the forward multiplies by (the embedding is only ever read
- * by rows); n is the capacity of out. Returns how many. */
-static int matmul_weights(moe__imodel *m, moe__wt **out, int n) {
+ * by rows), in an array the caller frees; NULL when out of memory. */
+static moe__wt **matmul_weights(moe__imodel *m, int *n) {
+    enum { PER_LAYER = 11 };
+    moe__wt **out = moe__malloc(sizeof *out * ((size_t)m->hp.n_layer * PER_LAYER + 1));
+    if (!out) return NULL;
     int k = 0;
     for (int l = 0; l < m->hp.n_layer; l++) {
         moe__ilayer *y = &m->layers[l];
-        moe__wt *w[] = {&y->wq,        &y->wk,      &y->wv,        &y->wo,      &y->gate_inp, &y->gate_exps,
-                        &y->up_exps,   &y->down_exps, &y->gate_sh, &y->up_sh,   &y->down_sh};
-        for (size_t i = 0; i < sizeof w / sizeof w[0]; i++)
-            if (k < n) out[k++] = w[i];
+        moe__wt *w[PER_LAYER] = {&y->wq,      &y->wk,        &y->wv,      &y->wo,    &y->gate_inp, &y->gate_exps,
+                                 &y->up_exps, &y->down_exps, &y->gate_sh, &y->up_sh, &y->down_sh};
+        for (int i = 0; i < PER_LAYER; i++) out[k++] = w[i];
     }
-    if (k < n) out[k++] = &m->output;
-    return k;
+    out[k++] = &m->output;
+    *n = k;
+    return out;
 }
 
 /* Address space for a packed copy (moe__wt_pack_rows) of every matrix with
@@ -144,10 +147,9 @@ static int matmul_weights(moe__imodel *m, moe__wt **out, int n) {
  * reservation (another OS, no address space) the file's layout serves. */
 static void pack_setup(moe_engine *e) {
 #if defined(__linux__)
-    const int n = e->m->hp.n_layer * 11 + 1;
-    moe__wt **ws = moe__malloc(sizeof *ws * (size_t)n);
+    int nw;
+    moe__wt **ws = matmul_weights(e->m, &nw);
     if (!ws) return;
-    const int nw = matmul_weights(e->m, ws, n);
     size_t bytes = 0, tiles = 0;
     for (int pass = 0; pass < 2; pass++) {
         bytes = 0, tiles = 0;
@@ -646,11 +648,9 @@ int moe_engine_eval(moe_engine *e, const int32_t *tokens, int n, float *logits, 
 
 void moe_engine_get_stats(const moe_engine *e, moe_engine_stats *out) {
     moe__imodel_stats(e->m, e->k, (int)(kv_elem(e->p.kv_f16_k) + kv_elem(e->p.kv_f16_v)), out);
-    if (!e->pk_arena) return;
-    const int n = e->m->hp.n_layer * 11 + 1;
-    moe__wt **ws = moe__malloc(sizeof *ws * (size_t)n);
+    int nw;
+    moe__wt **ws = e->pk_arena ? matmul_weights(e->m, &nw) : NULL;
     if (!ws) return;
-    const int nw = matmul_weights(e->m, ws, n);
     for (int i = 0; i < nw; i++) {
         if (!ws[i]->pk) continue;
         const size_t tiles = ((size_t)ws[i]->rows + 3) / 4, tb = ws[i]->pk_bytes / tiles;
