@@ -192,11 +192,12 @@ static void batch_equals_decode(uint32_t wtype) {
         }
         /* with and without the packed copy (moe_engine_params.repack), 2
          * threads, tokens first one by one: the same bits; the packing
-         * engine has copied its quantized matrices by then (tiny rows pad
+         * engine has copied its matrices by then (quantized tiny rows pad
          * to whole tiles, so more bytes than the file's), the other none */
-        int quant = 0; /* a packed kernel for the type in this build (kernels.c) */
+        /* a packed copy for the type in this build (kernels.c): float types always (mapped) */
+        int quant = wtype == MOE__GGML_F32 || wtype == MOE__GGML_F16;
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512DQ__)
-        quant = wtype == MOE__GGML_Q8_0;
+        quant |= wtype == MOE__GGML_Q8_0;
 #if defined(__AVX512VBMI__)
         quant |= wtype == MOE__GGML_Q4_0;
 #endif

@@ -240,6 +240,16 @@ TEST(infer_kernel_float_types) {
         moe__wt_matmul_rows(&mw, 0, x, NULL, T, y2, R, 0, 5, wbuf, 40, NULL);
         moe__wt_matmul_rows(&mw, 0, x, NULL, T, y2, R, 5, R, wbuf, 40, NULL);
         CHECK(memcmp(y2, y, sizeof(float) * T * R) == 0);
+        /* the packed copy (the file's layout, in the engine's huge pages): the same bits */
+        const size_t pb = moe__wt_packed_bytes(&mw);
+        CHECK(pb >= (size_t)R * mw.row_bytes);
+        uint8_t *pk = aligned_alloc(64, pb);
+        memset(pk, 0xa5, pb), memset(y2, 0, sizeof(float) * T * R);
+        moe__wt_pack_rows(&mw, 0, pk, 0, 8), moe__wt_pack_rows(&mw, 0, pk, 8, R);
+        moe__wt_matmul_rows(&mw, 0, x, NULL, T, y2, R, 0, 8, wbuf, 40, pk);
+        moe__wt_matmul_rows(&mw, 0, x, NULL, T, y2, R, 8, R, wbuf, 40, pk);
+        CHECK(memcmp(y2, y, sizeof(float) * T * R) == 0);
+        free(pk);
     }
     free(wf), free(x), free(wh), free(wbuf), free(y), free(y2);
 }

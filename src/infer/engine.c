@@ -139,7 +139,7 @@ static moe__wt **matmul_weights(moe__imodel *m, int *n) {
 }
 
 /* Address space for a packed copy (moe__wt_pack_rows) of every matrix with
- * a packed kernel. Nothing is copied here: a thread packs the tiles it
+ * a packed kernel, and of the float ones of a mapped file. Nothing is copied here: a thread packs the tiles it
  * multiplies on their first use (matmul), so memory grows with the experts
  * actually routed to. Huge pages where the system gives them: the packed
  * stream then needs a TLB entry per 2 MiB instead of per 4 KiB, which under
@@ -155,7 +155,9 @@ static void pack_setup(moe_engine *e) {
         bytes = 0, tiles = 0;
         for (int i = 0; i < nw; i++) {
             moe__wt *w = ws[i];
-            const size_t pb = (w->data || w->mats) && w->rows > 0 ? moe__wt_packed_bytes(w) : 0;
+            /* a float copy only pays where the file's pages can be dropped (mapped GGUF) */
+            const int use = (w->data || w->mats) && w->rows > 0 && (moe__wt_quant(w) || e->m->file_mapped);
+            const size_t pb = use ? moe__wt_packed_bytes(w) : 0;
             if (!pb) continue;
             if (pass) w->pk = e->pk_arena + bytes, w->pk_bytes = pb, w->pk_id = (int)tiles;
             bytes += pb * (size_t)w->n_mat; /* pb is a multiple of 64 */

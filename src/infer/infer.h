@@ -108,11 +108,11 @@ void moe__quantize_rows(const float *x, int cols, int t0, int t1, uint8_t *q);
  * batch, with any thread count. */
 void moe__wt_matmul_rows(const moe__wt *w, int mat, const float *x, const uint8_t *xq, int N, float *y, int ldy,
                          int r_lo, int r_hi, void *scratch, int max_cols, const uint8_t *pk);
-/* Bytes of W[mat] in the packed tile layout of the quantized kernels
- * (kernels.c); 0 when this build has no packed kernel for the type. pk of
- * moe__wt_matmul_rows (NULL: the file's layout) is such a copy of W[mat],
- * 64-byte aligned, holding at least the tiles of rows [r_lo, r_hi); the
- * results are bit-identical to the file layout's. */
+/* Bytes of a packed copy of W[mat]: the tile layout of the quantized kernels
+ * (kernels.c), 0 when this build has no packed kernel for the type; float
+ * types keep the file's layout. pk of moe__wt_matmul_rows (NULL: the file
+ * itself) is such a copy, 64-byte aligned, holding at least rows [r_lo,
+ * r_hi) (their tiles); the results are bit-identical to the file's. */
 size_t moe__wt_packed_bytes(const moe__wt *w);
 /* Packs the tiles of rows [r_lo, r_hi) of W[mat] (r_lo a multiple of 4) into
  * dst, the packed matrix. */
