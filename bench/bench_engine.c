@@ -44,7 +44,7 @@ static int run_once(moe_engine *e, int n, int batch, uint64_t *rng, int32_t *tok
 
 int moe_bench_engine_main(int argc, char **argv) {
     const char *path = NULL, *ctk = "f16", *ctv = "f16";
-    int pp = 128, tg = 64, reps = 5, threads = 2, k = 0, no_repack = 0;
+    int pp = 128, tg = 64, reps = 5, threads = 2, k = 0, no_repack = 0, repack_all = 0;
     cli_arg args[] = {
         {"--model", "-m", ARG_STR, &path, "GGUF model file (required)"},
         {"--n-prompt", "-p", ARG_INT, &pp, "prompt tokens, one batch (0: skip)"},
@@ -55,6 +55,7 @@ int moe_bench_engine_main(int argc, char **argv) {
         {"--cache-type-k", "-ctk", ARG_STR, &ctk, "KV cache type of K: f16 (llama.cpp's default) or f32"},
         {"--cache-type-v", "-ctv", ARG_STR, &ctv, "KV cache type of V: f16 or f32"},
         {"--no-repack", "-nr", ARG_BOOL, &no_repack, "run Q8_0/Q4_0 weights in the file's layout (no packed copy)"},
+        {"--repack-all", NULL, ARG_BOOL, &repack_all, "copy float weights into huge pages too (first use copies them all)"},
     };
     int rc = cli_parse("moe bench engine -m FILE.gguf [-p 128] [-n 64] [-r 5] [-t 2]", args,
                        sizeof args / sizeof args[0], argc, argv);
@@ -65,7 +66,7 @@ int moe_bench_engine_main(int argc, char **argv) {
     }
     moe_engine_params p = moe_engine_params_default();
     p.n_ctx = (pp > tg ? pp : tg) + 1, p.n_batch = pp > 0 ? pp : 1, p.n_threads = threads, p.experts_used = k;
-    p.repack = !no_repack;
+    p.repack = cli_repack(no_repack, repack_all);
     if (cli_kv_types("bench engine", ctk, ctv, &p)) return 2;
     char err[512];
     moe_engine *e;

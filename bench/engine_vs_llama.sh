@@ -4,6 +4,7 @@
 # round (the same protocol: pp N as one batch, tg N one token at a time, from
 # an empty cache), then `moe bench bandwidth` gives the read ceiling.
 #   LLAMA_BIN=/path/to/llama.cpp/build/bin bash bench/engine_vs_llama.sh FILE.gguf...
+# MOE_ARGS adds flags to `moe bench engine` (e.g. MOE_ARGS=--repack-all).
 # llama.cpp is built outside the repository and never committed. Run on an
 # idle machine: two threads that spin at barriers measure the scheduler when
 # anything else runs. Prints markdown rows: file, test, llama.cpp t/s, ours, ratio.
@@ -28,7 +29,8 @@ for round in $(seq "$ROUNDS"); do
                 NR == 1 { gsub(/"/, ""); for (i = 1; i <= NF; i++) c[$i] = i; next }
                 { t = h[c["n_prompt"]] > 0 ? "pp" h[c["n_prompt"]] : "tg" h[c["n_gen"]];
                   print b, t, h[c["avg_ts"]] }' >> "$tmp/llama"
-        $MOE bench engine -m "$f" -p "$PP" -n "$TG" -t "$THREADS" -r "$REPS" |
+        # shellcheck disable=SC2086 # MOE_ARGS: several flags
+        $MOE bench engine ${MOE_ARGS:-} -m "$f" -p "$PP" -n "$TG" -t "$THREADS" -r "$REPS" |
             awk -F'|' -v b="$b" '/pp[0-9]|tg[0-9]/ { gsub(/ /, "", $6); split($7, a, " "); gsub(/ /, "", $9);
                 print b, $6, a[1], $9 }' >> "$tmp/moe"
     done

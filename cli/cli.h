@@ -21,6 +21,8 @@ int moe_cli_gguf_info(int argc, char **argv); /* moe info -m FILE.gguf */
 int moe_cli_perplexity(int argc, char **argv);
 /* -ctk/-ctv values ("f16", "f32") into p; -1 after printing the error */
 int cli_kv_types(const char *cmd, const char *ctk, const char *ctv, moe_engine_params *p);
+/* moe_engine_params.repack from the flags -nr (0) and --repack-all (2); neither: 1. */
+int cli_repack(int no_repack, int repack_all);
 
 /* The Brown corpus tokenized: the tokenizer (trained on the train split
  * unless tokenizer_path names one) and the train/val token streams. */

@@ -96,11 +96,14 @@ int cli_kv_types(const char *cmd, const char *ctk, const char *ctv, moe_engine_p
     return 0;
 }
 
+/* moe_engine_params.repack from -nr / --repack-all */
+int cli_repack(int no_repack, int repack_all) { return no_repack ? 0 : repack_all ? 2 : 1; }
+
 static moe_engine *open_engine(const char *cmd, const char *path, int ctx, int batch, int threads, int k,
-                               int no_mmap, int no_repack, const char *ctk, const char *ctv) {
+                               int no_mmap, int repack, const char *ctk, const char *ctv) {
     moe_engine_params p = moe_engine_params_default();
     p.n_ctx = ctx, p.n_batch = batch, p.n_threads = threads, p.experts_used = k, p.use_mmap = !no_mmap;
-    p.repack = !no_repack;
+    p.repack = repack;
     if (cli_kv_types(cmd, ctk, ctv, &p)) return NULL;
     char err[512];
     moe_engine *e;
@@ -122,7 +125,7 @@ static moe_engine *open_engine(const char *cmd, const char *path, int ctx, int b
 
 int moe_cli_gguf_generate(int argc, char **argv) {
     const char *path = NULL, *prompt = NULL, *ids_arg = NULL, *ctk = "f16", *ctv = "f16";
-    int n = 64, threads = 0, ctx = 0, k = 0, top_k = 40, no_mmap = 0, no_repack = 0, batch = 512;
+    int n = 64, threads = 0, ctx = 0, k = 0, top_k = 40, no_mmap = 0, no_repack = 0, repack_all = 0, batch = 512;
     float temp = 0.8f, top_p = 0.95f;
     uint64_t seed = 42;
     cli_arg args[] = {
@@ -140,6 +143,7 @@ int moe_cli_gguf_generate(int argc, char **argv) {
         {"--experts-used", NULL, ARG_INT, &k, "override k, the experts per token (0: the file's)"},
         {"--no-mmap", NULL, ARG_BOOL, &no_mmap, "read the whole file instead of mapping it"},
         {"--no-repack", "-nr", ARG_BOOL, &no_repack, "run Q8_0/Q4_0 weights in the file's layout (no packed copy)"},
+        {"--repack-all", NULL, ARG_BOOL, &repack_all, "copy float weights into huge pages too (first use copies them all)"},
         {"--cache-type-k", "-ctk", ARG_STR, &ctk, "KV cache type of K: f16 (llama.cpp's default) or f32"},
         {"--cache-type-v", "-ctv", ARG_STR, &ctv, "KV cache type of V: f16 or f32"},
     };
@@ -167,7 +171,7 @@ int moe_cli_gguf_generate(int argc, char **argv) {
             return 1;
         }
     }
-    moe_engine *e = open_engine("generate", path, ctx, batch, threads, k, no_mmap, no_repack, ctk, ctv);
+    moe_engine *e = open_engine("generate", path, ctx, batch, threads, k, no_mmap, cli_repack(no_repack, repack_all), ctk, ctv);
     if (!e) return free(ids), moe_vocab_free(voc), 1;
     const moe_engine_hparams *h = moe_engine_get_hparams(e);
     moe_sampler_params sp = {.temp = temp, .top_k = top_k, .top_p = top_p, .seed = seed};
@@ -295,7 +299,7 @@ static int encode_own(const char *dir, const char *file, int32_t **ids, size_t *
 
 int moe_cli_perplexity(int argc, char **argv) {
     const char *path = NULL, *file = NULL, *ids_file = NULL, *ctk = "f16", *ctv = "f16";
-    int ctx = 512, batch = 2048, threads = 0, k = 0, chunks = -1, no_mmap = 0, no_repack = 0, bos = -1;
+    int ctx = 512, batch = 2048, threads = 0, k = 0, chunks = -1, no_mmap = 0, no_repack = 0, repack_all = 0, bos = -1;
     cli_arg args[] = {
         {"--model", "-m", ARG_STR, &path, "GGUF model file or model directory (a `moe train` run: its tokenizer) (required)"},
         {"--file", "-f", ARG_STR, &file, "text file to score (tokenized with the model's tokenizer)"},
@@ -308,6 +312,7 @@ int moe_cli_perplexity(int argc, char **argv) {
         {"--experts-used", NULL, ARG_INT, &k, "override k, the experts per token (0: the file's)"},
         {"--no-mmap", NULL, ARG_BOOL, &no_mmap, "read the whole file instead of mapping it"},
         {"--no-repack", "-nr", ARG_BOOL, &no_repack, "run Q8_0/Q4_0 weights in the file's layout (no packed copy)"},
+        {"--repack-all", NULL, ARG_BOOL, &repack_all, "copy float weights into huge pages too (first use copies them all)"},
         {"--cache-type-k", "-ctk", ARG_STR, &ctk, "KV cache type of K: f16 (llama.cpp's default) or f32"},
         {"--cache-type-v", "-ctv", ARG_STR, &ctv, "KV cache type of V: f16 or f32"},
     };
@@ -354,7 +359,7 @@ int moe_cli_perplexity(int argc, char **argv) {
         return 1;
     }
     if (chunks > 0 && (size_t)chunks * ctx < n) n = (size_t)chunks * ctx;
-    moe_engine *e = open_engine("perplexity", path, ctx, batch < ctx ? batch : ctx, threads, k, no_mmap, no_repack, ctk, ctv);
+    moe_engine *e = open_engine("perplexity", path, ctx, batch < ctx ? batch : ctx, threads, k, no_mmap, cli_repack(no_repack, repack_all), ctk, ctv);
     if (!e) return free(ids), 1;
     const int root = moe_dist_rank(moe_get_dist()) == 0;
     if (root) fprintf(stderr, "perplexity: calculating perplexity over %zu chunks, n_ctx=%d\n", n / ctx, ctx);

@@ -605,9 +605,10 @@ typedef struct moe_engine_params {
     int experts_used; /* k, experts per token (0: the file's expert_used_count) */
     int use_mmap;     /* 1: map the file (experts never routed to are never read); 0: read it */
     int kv_f16_k, kv_f16_v; /* 1 (default): K / V cached as fp16, llama.cpp's -ctk/-ctv f16; 0: F32 */
-    int repack;       /* 1 (default): matrices copied at their first use into huge pages, Q8_0/Q4_0
-                         in the kernels' tile layout, float ones (mapped files only) as they are;
-                         the file's pages are then dropped. 0: read in place */
+    int repack;       /* 1 (default): Q8_0/Q4_0 matrices copied at their first use into the kernels'
+                         tile layout, in huge pages (the file's pages are then dropped); 2: float
+                         matrices of a mapped file too, as they are (faster decode, but the first
+                         use copies the whole model); 0: everything read in place */
 } moe_engine_params;
 moe_engine_params moe_engine_params_default(void);
 

@@ -132,6 +132,9 @@ TEST(infer_f16_cache_matches_reference) {
     e = NULL;
     CHECK(moe_engine_load(path, &p, &e, err, sizeof err) == MOE_EINVAL && !e);
     CHECK_MSG(strstr(err, "kv_f16_v 2") != NULL, "message: %s", err);
+    p = d, p.repack = 3; /* 0, 1 or 2 */
+    CHECK(moe_engine_load(path, &p, &e, err, sizeof err) == MOE_EINVAL && !e);
+    CHECK_MSG(strstr(err, "repack 3") != NULL, "message: %s", err);
     moe_test_rmdir(dir);
     tiny_free(&m);
     check_f16_cache(TINY_LLAMA, 3);
@@ -190,19 +193,20 @@ static void batch_equals_decode(uint32_t wtype) {
             CHECK(memcmp(a, c, sizeof(float) * T * V) == 0);
             moe_engine_free(e);
         }
-        /* with and without the packed copy (moe_engine_params.repack), 2
+        /* with and without the packed copies (moe_engine_params.repack 0, 1, 2), 2
          * threads, tokens first one by one: the same bits; the packing
          * engine has copied its matrices by then (quantized tiny rows pad
          * to whole tiles, so more bytes than the file's), the other none */
-        /* a packed copy for the type in this build (kernels.c): float types always (mapped) */
-        int quant = wtype == MOE__GGML_F32 || wtype == MOE__GGML_F16;
+        /* a packed copy for the type in this build (kernels.c); float types: repack 2, mapped */
+        const int is_float = wtype == MOE__GGML_F32 || wtype == MOE__GGML_F16;
+        int quant = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512DQ__)
-        quant |= wtype == MOE__GGML_Q8_0;
+        quant = wtype == MOE__GGML_Q8_0;
 #if defined(__AVX512VBMI__)
         quant |= wtype == MOE__GGML_Q4_0;
 #endif
 #endif
-        for (int repack = 0; repack < 2; repack++) {
+        for (int repack = 0; repack <= 2; repack++) {
             p.n_threads = 2, p.n_batch = 16, p.use_mmap = 1, p.repack = repack;
             CHECK_EQ_INT(moe_engine_load(path, &p, &e, err, sizeof err), 0);
             if (!e) continue;
@@ -213,7 +217,8 @@ static void batch_equals_decode(uint32_t wtype) {
             CHECK_EQ_INT(moe_engine_eval(e, toks + 3, T - 3, c + 3 * V, 1), 0);
             CHECK(memcmp(a, c, sizeof(float) * T * V) == 0);
             moe_engine_get_stats(e, &st);
-            CHECK_MSG(repack && quant ? st.n_bytes_packed > 0 : st.n_bytes_packed == 0,
+            const int packs = repack && (quant || (repack == 2 && is_float));
+            CHECK_MSG(packs ? st.n_bytes_packed > 0 : st.n_bytes_packed == 0,
                       "type %u repack %d: %llu bytes packed of %llu", wtype, repack,
                       (unsigned long long)st.n_bytes_packed, (unsigned long long)st.n_bytes);
             moe_engine_free(e);

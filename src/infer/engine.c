@@ -139,7 +139,7 @@ static moe__wt **matmul_weights(moe__imodel *m, int *n) {
 }
 
 /* Address space for a packed copy (moe__wt_pack_rows) of every matrix with
- * a packed kernel, and of the float ones of a mapped file. Nothing is copied here: a thread packs the tiles it
+ * a packed kernel, and with repack 2 of the float ones of a mapped file. Nothing is copied here: a thread packs the tiles it
  * multiplies on their first use (matmul), so memory grows with the experts
  * actually routed to. Huge pages where the system gives them: the packed
  * stream then needs a TLB entry per 2 MiB instead of per 4 KiB, which under
@@ -155,8 +155,9 @@ static void pack_setup(moe_engine *e) {
         bytes = 0, tiles = 0;
         for (int i = 0; i < nw; i++) {
             moe__wt *w = ws[i];
-            /* a float copy only pays where the file's pages can be dropped (mapped GGUF) */
-            const int use = (w->data || w->mats) && w->rows > 0 && (moe__wt_quant(w) || e->m->file_mapped);
+            /* a float copy (repack 2) only where the file's pages can be dropped (mapped GGUF) */
+            const int use = (w->data || w->mats) && w->rows > 0 &&
+                            (moe__wt_quant(w) || (e->p.repack == 2 && e->m->file_mapped));
             const size_t pb = use ? moe__wt_packed_bytes(w) : 0;
             if (!pb) continue;
             if (pass) w->pk = e->pk_arena + bytes, w->pk_bytes = pb, w->pk_id = (int)tiles;
@@ -193,10 +194,11 @@ static int load_local(const char *path, const moe_engine_params *pp, moe_engine 
     *out = NULL;
     moe_engine_params p = pp ? *pp : moe_engine_params_default();
     if (p.n_ctx < 0 || p.n_batch < 0 || p.experts_used < 0 || p.n_batch > (1 << 16) || p.n_ctx > (1 << 24) ||
-        (p.kv_f16_k & ~1) || (p.kv_f16_v & ~1))
+        (p.kv_f16_k & ~1) || (p.kv_f16_v & ~1) || p.repack < 0 || p.repack > 2)
         return moe__set_err(err, errsz, MOE_EINVAL,
-                            "bad engine parameters (n_ctx %d, n_batch %d, experts_used %d, kv_f16_k %d, kv_f16_v %d)",
-                            p.n_ctx, p.n_batch, p.experts_used, p.kv_f16_k, p.kv_f16_v);
+                            "bad engine parameters (n_ctx %d, n_batch %d, experts_used %d, kv_f16_k %d, kv_f16_v %d, "
+                            "repack %d)",
+                            p.n_ctx, p.n_batch, p.experts_used, p.kv_f16_k, p.kv_f16_v, p.repack);
     moe_engine *e = moe__calloc(1, sizeof *e);
     if (!e) return moe__set_err(err, errsz, MOE_ENOMEM, "out of memory");
     int rc = moe__imodel_load(path, p.use_mmap, &e->m, err, errsz);
