@@ -581,10 +581,10 @@ static void pk_rows(int q4, const uint8_t *tile, size_t tb, int nr, const uint8_
 }
 #endif
 
-/* Float matrices keep the file's layout in their copy, which only moves
- * them into the engine's huge pages: on the 489M F32 file that alone made
- * decode 21% and prompts 20% faster (`moe bench engine` with and without
- * -nr, same window). */
+/* Float matrices keep the file's layout in their copy (the engine makes
+ * one with repack 2), which only moves them into huge pages: on the 489M
+ * F32 file decode 11-21% and prompts 16-20% faster (same binary, same
+ * window). */
 size_t moe__wt_packed_bytes(const moe__wt *w) {
     if (!moe__wt_quant(w)) return ((size_t)w->rows * w->row_bytes + 63) / 64 * 64;
 #ifdef QUANT_TILES
