@@ -290,6 +290,7 @@ static void span(const thr *t, int n, int *lo, int *hi) { moe__split(n, 1, t->it
  * them; another reader refaults them): the packed copy replaces them. */
 static void pack_tiles(moe_engine *e, const moe__wt *w, int mat, uint8_t *pk, int lo, int hi) {
     uint8_t *done = e->pk_done + w->pk_id + (size_t)mat * (((size_t)w->rows + 3) / 4);
+    if (lo >= hi || !memchr(done + lo / 4, 0, (size_t)((hi + 3) / 4 - lo / 4))) return; /* every call after the first */
     for (int t = lo / 4, t1 = (hi + 3) / 4; t < t1;) {
         if (done[t]) {
             t++;
