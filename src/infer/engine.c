@@ -139,9 +139,9 @@ static moe__wt **matmul_weights(moe__imodel *m, int *n) {
 }
 
 /* Address space for a packed copy (moe__wt_pack_rows) of every matrix with
- * a packed kernel, and with repack 2 of the float ones of a mapped file. Nothing is copied here: a thread packs the tiles it
- * multiplies on their first use (matmul), so memory grows with the experts
- * actually routed to. Huge pages where the system gives them: the packed
+ * a packed kernel, and with repack 2 of the float ones of a mapped file.
+ * Nothing is copied here: a thread packs the tiles it multiplies on their
+ * first use (matmul), so memory grows with the experts actually routed to. Huge pages where the system gives them: the packed
  * stream then needs a TLB entry per 2 MiB instead of per 4 KiB, which under
  * nested paging cost a page walk every 4 KiB at decode. Without the
  * reservation (another OS, no address space) the file's layout serves. */

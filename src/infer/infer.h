@@ -3,9 +3,9 @@
  * Split as llama2.c does: an immutable model (hyperparameters and weight views
  * pointing into the read-only GGUF mapping, plus the few 1-D tensors converted
  * to float) and per-engine state (KV cache, work buffers). Quantized matrices
- * are repacked for the kernels (moe__wt_pack_rows) lazily, each thread its
- * rows on their first use, so an expert that is never routed to is never
- * paged in, nor copied. */
+ * (and with repack 2 the float ones) are copied for the kernels
+ * (moe__wt_pack_rows) lazily, each thread its rows on their first use, so an
+ * expert that is never routed to is never paged in, nor copied. */
 #ifndef MOE_INFER_H
 #define MOE_INFER_H
 
