@@ -29,7 +29,8 @@ MOE_FUZZ_TARGET(train_state) {
         moe_fuzz_trap("an accepted state does not parse back");
     if (s2.step != s.step || s2.tokens != s.tokens || s2.skipped_steps != s.skipped_steps ||
         s2.loss_spikes != s.loss_spikes || !s.command != !s2.command ||
-        (s.command && strcmp(s.command, s2.command)) || !same_curve(&s.train, &s2.train) ||
+        (s.command && strcmp(s.command, s2.command)) || !s.data != !s2.data || (s.data && strcmp(s.data, s2.data)) ||
+        !same_curve(&s.train, &s2.train) ||
         !same_curve(&s.val, &s2.val))
         moe_fuzz_trap("train_state round trip changed a value");
     char *js2 = moe__train_state_json(&s2);

@@ -76,8 +76,11 @@ uint64_t moe_alloc_count(void);
 /* Default number of threads for new objects (0 = OpenMP's default). All
  * parallelism is OpenMP; BLAS is driven single-threaded inside it, so results
  * are bit-identical for any thread count. */
-void moe_set_num_threads(int n);
+void moe_set_num_threads(int n); /* capped at moe_max_threads() */
 int moe_get_num_threads(void);
+/* The most threads an object may use: 4 per online CPU. Constructors given
+ * more return MOE_EINVAL. */
+int moe_max_threads(void);
 
 /* The OpenBLAS kernel in use (e.g. "Haswell", "SkylakeX"). */
 const char *moe_blas_info(void);

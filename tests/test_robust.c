@@ -6,6 +6,8 @@
 #include "test.h"
 
 #include "layer/layer_impl.h"
+#include "io/atomic.h"
+#include "io/safetensors.h"
 #include "robust_fixture.h"
 #include "train/numerics.h"
 
@@ -123,13 +125,48 @@ TEST(robust_skip_policy_counts_skips_and_resume_stays_exact) {
     moe_test_rmdir(dir);
 }
 
+/* model.safetensors of m's parameters as they are (NaN too), through the
+ * safetensors writer: a file the checked saver would refuse to write. */
+static int write_model_unchecked(const moe_model *m, const char *dir) {
+    char path[128], err[256];
+    const int n = moe_model_n_tensors(m);
+    moe__st_out *t = calloc((size_t)n, sizeof *t);
+    if (!t) return -1;
+    for (int i = 0; i < n; i++) {
+        const moe_param_info *pi = moe_model_tensor(m, i);
+        t[i].name = pi->name, t[i].dtype = MOE__DT_F32, t[i].ndim = pi->ndim;
+        for (int d = 0; d < pi->ndim; d++) t[i].shape[d] = pi->shape[d];
+        t[i].data = moe_model_params((moe_model *)m) + pi->offset;
+    }
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    const int rc = moe__st_write(path, t, n, NULL, err, sizeof err);
+    free(t);
+    return rc;
+}
+
 TEST(robust_load_refuses_nan_weights_naming_the_tensor) {
     char dir[64], err[512];
     if (!moe_test_tmpdir(dir, "robust")) return;
     rb_fix f;
     CHECK(rb_fix_create(&f, MOE_NAN_ERROR, 0) == 0);
+    CHECK(moe_model_save(f.m, dir, err, sizeof err) == 0); /* finite: saved */
+    char path[128];
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    char *before;
+    size_t nb;
+    CHECK(moe__read_file(path, 1u << 26, &before, &nb, err, sizeof err) == 0);
     poison(f.m, NAN);
-    CHECK(moe_model_save(f.m, dir, err, sizeof err) == 0);
+    /* the saver refuses to write it, naming the tensor, and the saved model stays */
+    CHECK_EQ_INT(moe_model_save(f.m, dir, err, sizeof err), MOE_ENONFINITE);
+    CHECK_MSG(strstr(err, "not saved") && strstr(err, "layer 1 experts.2.w2"), "%s", err);
+    char *after;
+    size_t na;
+    CHECK(moe__read_file(path, 1u << 26, &after, &na, err, sizeof err) == 0);
+    CHECK(na == nb && !memcmp(before, after, nb));
+    moe__free(before), moe__free(after);
+    CHECK(!rb_has_leftovers(dir));
+    /* a file written by something else: the loader refuses it */
+    CHECK(write_model_unchecked(f.m, dir) == 0);
     moe_model *m = NULL;
     const int rc = moe_model_load(dir, 2, 16, 0, 1, &m, err, sizeof err);
     CHECK_EQ_INT(rc, MOE_ENONFINITE);

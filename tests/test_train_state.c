@@ -10,7 +10,7 @@
 
 static const char *GOOD =
     "{\"step\": 20, \"tokens\": 2560, \"skipped_steps\": 1, \"loss_spikes\": 3, \"extra\": {\"ignored\": [1]},"
-    " \"command\": \"moe train --steps 20\", \"train\": [[1, 5.5], [2, -0.0], [3, 1e-310]], \"val\": []}";
+    " \"command\": \"moe train --steps 20\", \"data\": \"/srv/brown\", \"train\": [[1, 5.5], [2, -0.0], [3, 1e-310]], \"val\": []}";
 
 TEST(train_state_parses_exact_values_and_round_trips) {
     moe__train_state s, s2;
@@ -22,6 +22,7 @@ TEST(train_state_parses_exact_values_and_round_trips) {
     CHECK_EQ_INT(s.skipped_steps, 1);
     CHECK_EQ_INT(s.loss_spikes, 3);
     CHECK(s.command && !strcmp(s.command, "moe train --steps 20"));
+    CHECK(s.data && !strcmp(s.data, "/srv/brown"));
     CHECK_EQ_INT(s.train.n, 3);
     CHECK_EQ_INT(s.val.n, 0);
     if (s.train.n == 3) {
@@ -36,6 +37,7 @@ TEST(train_state_parses_exact_values_and_round_trips) {
     if (!rc) {
         CHECK(s2.step == 20 && s2.tokens == 2560 && s2.skipped_steps == 1 && s2.loss_spikes == 3);
         CHECK(s2.command && !strcmp(s2.command, s.command));
+        CHECK(s2.data && !strcmp(s2.data, s.data));
         CHECK(s2.train.n == 3 && !memcmp(s2.train.val, s.train.val, 3 * sizeof(double)));
         moe__train_state_free(&s2);
     }
@@ -66,6 +68,8 @@ TEST(train_state_rejections_name_the_file_and_key) {
         {"{\"step\": 1, \"tokens\": 0, \"train\": [], \"val\": {}}", "\"val\" must be an array", MOE_EFORMAT},
         {"{\"step\": 1, \"tokens\": 0, \"command\": [], \"train\": [], \"val\": []}", "\"command\" must be a string",
          MOE_EFORMAT},
+        {"{\"step\": 1, \"tokens\": 0, \"data\": 7, \"train\": [], \"val\": []}", "\"data\" must be a string",
+         MOE_EFORMAT},
         {"[]", "top level must be a JSON object", MOE_EFORMAT},
         {"{\"step\": 1,", "not valid JSON", MOE_EFORMAT},
     };
@@ -75,7 +79,7 @@ TEST(train_state_rejections_name_the_file_and_key) {
         int rc = moe__train_state_parse(cases[i].text, strlen(cases[i].text), "ts.json", &s, err, sizeof err);
         CHECK_MSG(rc == cases[i].rc, "case %zu: rc %d (%s)", i, rc, err);
         CHECK_MSG(!strncmp(err, "ts.json: ", 9) && strstr(err, cases[i].want), "case %zu: %s", i, err);
-        CHECK(s.command == NULL && s.train.step == NULL && s.val.step == NULL); /* nothing left to free */
+        CHECK(s.command == NULL && s.data == NULL && s.train.step == NULL && s.val.step == NULL); /* nothing left to free */
     }
     /* the size cap is checked before any parsing */
     moe__train_state s;

@@ -44,6 +44,8 @@ int moe__set_err(char *buf, size_t size, int err, const char *fmt, ...)
 
 /* Resolved thread count: n > 0 as is, else the library default. */
 int moe__threads(int n);
+/* MOE_EINVAL naming what when n is not 0..moe_max_threads() */
+int moe__check_threads(int n, const char *what, char *err, size_t errsz);
 /* Makes BLAS single-threaded (the library parallelises with OpenMP around it). */
 void moe__blas_single_thread(void);
 

@@ -5,14 +5,42 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <unistd.h>
 
 static int g_threads; /* 0: OpenMP default */
 
-void moe_set_num_threads(int n) { g_threads = n > 0 ? n : 0; }
+/* 4 threads per online CPU: past that a team only adds contention, and a
+ * team of 100000 makes libgomp fail to create its threads (it crashed
+ * rather than return an error). */
+int moe_max_threads(void) {
+    const long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 4 : n > 1024 ? 4096 : 4 * (int)n;
+}
 
-int moe_get_num_threads(void) { return g_threads > 0 ? g_threads : omp_get_max_threads(); }
+void moe_set_num_threads(int n) {
+    const int most = moe_max_threads();
+    g_threads = n > most ? most : n > 0 ? n : 0;
+}
 
-int moe__threads(int n) { return n > 0 ? n : moe_get_num_threads(); }
+int moe_get_num_threads(void) {
+    const int n = g_threads > 0 ? g_threads : omp_get_max_threads(), most = moe_max_threads();
+    return n > most ? most : n;
+}
+
+/* The constructors refuse counts above the cap (moe__check_threads); this
+ * clamp is the last line for any path that did not. */
+int moe__threads(int n) {
+    const int most = moe_max_threads();
+    return n > most ? most : n > 0 ? n : moe_get_num_threads();
+}
+
+int moe__check_threads(int n, const char *what, char *err, size_t errsz) {
+    const int most = moe_max_threads();
+    if (n < 0 || n > most)
+        return moe__set_err(err, errsz, MOE_EINVAL, "%s: %d threads; the range is 0 (the default) to %d (4 per CPU "
+                            "of this machine)", what, n, most);
+    return MOE_OK;
+}
 
 /* OpenBLAS (pthread build) would start its own threads inside our OpenMP
  * regions and oversubscribe the cores; we hand it one thread and split the

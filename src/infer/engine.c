@@ -193,6 +193,8 @@ int moe_engine_load(const char *path, const moe_engine_params *pp, moe_engine **
 static int load_local(const char *path, const moe_engine_params *pp, moe_engine **out, char *err, size_t errsz) {
     *out = NULL;
     moe_engine_params p = pp ? *pp : moe_engine_params_default();
+    int trc = moe__check_threads(p.n_threads, "engine", err, errsz);
+    if (trc) return trc;
     if (p.n_ctx < 0 || p.n_batch < 0 || p.experts_used < 0 || p.n_batch > (1 << 16) || p.n_ctx > (1 << 24) ||
         (p.kv_f16_k & ~1) || (p.kv_f16_v & ~1) || p.repack < 0 || p.repack > 2)
         return moe__set_err(err, errsz, MOE_EINVAL,

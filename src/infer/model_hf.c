@@ -7,6 +7,7 @@
  * here runs with rope_neox = 1 and no permutation. */
 #include "infer/infer.h"
 #include "io/atomic.h"
+#include "io/ckpt.h"
 #include "io/safetensors.h"
 
 #include <cjson/cJSON.h>
@@ -38,6 +39,7 @@ typedef struct hf_binder {
     moe__hf_files *f;
     hf_type type;
     const char *dir;
+    int vocab_size; /* config.json's, 0 when it has none */
     size_t n_owned, cap_owned;
     char *err;
     size_t errsz;
@@ -113,10 +115,11 @@ static int check_unsupported(hf_binder *b, const cJSON *j, int n_layer) {
 
 static int read_config(hf_binder *b) {
     char path[4096];
-    snprintf(path, sizeof path, "%s/config.json", b->dir);
     char *text;
     size_t len;
-    int rc = moe__read_file(path, MAX_CONFIG, &text, &len, b->err, b->errsz);
+    /* a `moe train` checkpoint cut short reads as the committed one */
+    int rc = moe__ckpt_path(b->dir, "config.json", path, sizeof path, b->err, b->errsz);
+    if (!rc) rc = moe__read_file(path, MAX_CONFIG, &text, &len, b->err, b->errsz);
     if (rc) return rc;
     cJSON *j = cJSON_ParseWithLength(text, len);
     moe__free(text);
@@ -164,6 +167,7 @@ static int read_config(hf_binder *b) {
         (rc = get_int(b, j, "n_shared_experts", 0, 0, 64, &n_shared)) ||
         (rc = get_bool(b, j, "shared_expert_gate", 0, &gated)) ||
         (rc = get_int(b, j, "shared_expert_intermediate_size", 0, 0, big, &fs)) ||
+        (rc = get_int(b, j, "vocab_size", 0, 0, INT32_MAX / 2, &b->vocab_size)) ||
         (rc = check_unsupported(b, j, h->n_layer))) {
         cJSON_Delete(j);
         return rc;
@@ -200,8 +204,8 @@ static int open_files(hf_binder *b) {
     int rc = moe__read_file(path, (size_t)64 << 20, &text, &len, NULL, 0);
     if (rc) { /* no index: one file */
         if (!(f->st = moe__calloc(1, sizeof *f->st))) return moe__set_err(b->err, b->errsz, MOE_ENOMEM, "out of memory");
-        snprintf(path, sizeof path, "%s/model.safetensors", b->dir);
-        rc = moe__st_open(path, &f->st[0], b->err, b->errsz);
+        rc = moe__ckpt_path(b->dir, "model.safetensors", path, sizeof path, b->err, b->errsz);
+        if (!rc) rc = moe__st_open(path, &f->st[0], b->err, b->errsz);
         if (!rc) f->n = 1;
         return rc;
     }
@@ -252,6 +256,30 @@ static uint32_t ggml_of(moe__dtype d) {
     return d == MOE__DT_F32 ? MOE__GGML_F32 : d == MOE__DT_F16 ? MOE__GGML_F16 : d == MOE__DT_BF16 ? MOE__GGML_BF16 : UINT32_MAX;
 }
 
+/* The first element of t that is NaN or Inf (all exponent bits set), or
+ * SIZE_MAX. One streaming pass per tensor at load, as moe_model_load does:
+ * a model holding NaN computes nothing but NaN, so it is refused by name
+ * rather than scored as "PPL = nan". */
+static size_t first_nonfinite(const moe__st_tensor *t) {
+    const size_t n = t->numel;
+    if (t->dtype == MOE__DT_F32) {
+        const uint32_t *p = t->data;
+        uint32_t any = 0;
+        for (size_t i = 0; i < n; i++) any |= (p[i] & 0x7f800000u) == 0x7f800000u;
+        if (!any) return SIZE_MAX;
+        for (size_t i = 0; i < n; i++)
+            if ((p[i] & 0x7f800000u) == 0x7f800000u) return i;
+    } else {
+        const uint16_t *p = t->data, mask = t->dtype == MOE__DT_F16 ? 0x7c00 : 0x7f80;
+        uint16_t any = 0;
+        for (size_t i = 0; i < n; i++) any |= (p[i] & mask) == mask;
+        if (!any) return SIZE_MAX;
+        for (size_t i = 0; i < n; i++)
+            if ((p[i] & mask) == mask) return i;
+    }
+    return SIZE_MAX;
+}
+
 /* name with shape [rows][cols] (rows 0: a vector of cols; [1][cols] is
  * accepted for a vector too). NULL when absent and optional. */
 static int find_checked(hf_binder *b, const char *name, int rows, int cols, int required, const moe__st_tensor **out) {
@@ -272,6 +300,10 @@ static int find_checked(hf_binder *b, const char *name, int rows, int cols, int 
     if ((uintptr_t)t->data % moe__dtype_size(t->dtype))
         return moe__set_err(b->err, b->errsz, MOE_EUNSUPPORTED, "%s: tensor \"%s\" is not aligned to its element size",
                             b->dir, name);
+    const size_t at = first_nonfinite(t);
+    if (at != SIZE_MAX)
+        return moe__set_err(b->err, b->errsz, MOE_ENONFINITE, "%s: tensor \"%s\" [%zu][%zu] is NaN or Inf", b->dir, name,
+                            rows ? at / (size_t)cols : 0, rows ? at % (size_t)cols : at);
     return 0;
 }
 
@@ -336,6 +368,10 @@ static int bind_all(hf_binder *b) {
         return moe__set_err(b->err, b->errsz, MOE_EFORMAT, "%s: model.embed_tokens.weight is not [V][C]", b->dir);
     h->n_vocab = (int)te->shape[0];
     const int V = h->n_vocab;
+    if (b->vocab_size && b->vocab_size != V)
+        return moe__set_err(b->err, b->errsz, MOE_ESHAPE,
+                            "%s: config.json says vocab_size %d, model.embed_tokens.weight has %d rows", b->dir,
+                            b->vocab_size, V);
     b->cap_owned = (size_t)C + (size_t)L * (3 * (size_t)C + 2 * (size_t)HD + 4 * (size_t)GD);
     b->f->cap_ptrs = (size_t)L * 3 * (size_t)E;
     if (!(m->owned = moe__malloc(b->cap_owned * sizeof(float))) ||

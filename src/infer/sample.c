@@ -20,7 +20,10 @@ moe_sampler_params moe_sampler_params_default(void) {
 
 int moe_sampler_create(const moe_sampler_params *p, int n_vocab, moe_sampler **out) {
     *out = NULL;
-    if (!p || n_vocab <= 0 || p->top_k < 0 || !(p->top_p >= 0) || isnan(p->temp)) return MOE_EINVAL;
+    /* top_p is a probability mass; a negative temperature would invert the
+     * distribution (each comparison is false for NaN) */
+    if (!p || n_vocab <= 0 || p->top_k < 0 || !(p->top_p >= 0 && p->top_p <= 1) || !(p->temp >= 0 && p->temp <= 1e30f))
+        return MOE_EINVAL;
     moe_sampler *s = moe__calloc(1, sizeof *s);
     if (!s) return MOE_ENOMEM;
     s->p = *p, s->V = n_vocab;

@@ -48,9 +48,21 @@ int moe__model_stage_tensors(const moe_model *m, moe__ckpt *c, const char *name,
     const size_t FC = (size_t)F * C;
     const size_t per_base = (size_t)m->n_tensors + (size_t)(P - 1) * 3 * El * MOE_MAX_LAYERS;
     char path[4200] = "";
-    int rc = root && !moe__ckpt_stage(c, name, path, sizeof path)
-                 ? moe__set_err(err, errsz, MOE_EINVAL, "checkpoint: cannot stage %s", name)
-                 : MOE_OK;
+    /* A diverged run must not replace a good checkpoint with one that no
+     * loader accepts: each rank checks its own share before anything is
+     * staged, and a refusal leaves the previous checkpoint the current one. */
+    int rc = MOE_OK;
+    for (int b = 0; b < nb && !rc; b++) {
+        size_t at;
+        const int bad = moe__find_nonfinite(m, bases[b], 0, &at);
+        if (bad < 0) continue;
+        char what[320];
+        moe__describe_value(m, bad, at, bases[b][m->tensors[bad].offset + at], what, sizeof what);
+        rc = moe__set_err(err, errsz, MOE_ENONFINITE, "%s not saved: non-finite %s%s in %s", name,
+                          prefixes[b][0] ? "optimizer moment " : "weight", prefixes[b], what);
+    }
+    if (!rc && root && !moe__ckpt_stage(c, name, path, sizeof path))
+        rc = moe__set_err(err, errsz, MOE_EINVAL, "checkpoint: cannot stage %s", name);
     moe__st_out *t = moe__calloc(per_base * (size_t)nb, sizeof *t);
     char *names = moe__calloc(per_base * (size_t)nb, 112);
     /* every rank's expert blocks on rank 0: [nb][layer][P][span] */

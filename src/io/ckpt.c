@@ -214,20 +214,46 @@ static int digits(const char *s, const char **end) {
     return p > s;
 }
 
-/* Staged files of an uncommitted checkpoint and temporaries of interrupted
- * atomic writes (io/atomic.c): NAME.new and NAME.tmp.PID.SEQ. */
-static int is_leftover(const char *s) {
-    const size_t n = strlen(s);
-    if (n > 4 && !strcmp(s + n - 4, ".new")) return 1;
+/* The files of a run directory that checkpoints and moe train write: only
+ * their staged copies and temporaries are ever removed by recovery, together
+ * with those of any name the manifest lists. A user's notes.new or
+ * report.tmp.1.2 in the same directory is never touched. */
+static const char *const OWN_NAMES[] = {MOE__CKPT_MANIFEST, MOE__CKPT_COMMIT, "config.json", "model.safetensors",
+                                        "optimizer.safetensors", "train_state.json", "tokenizer.json", "loss.svg"};
+
+/* s without the suffix of an atomic write's temporary (".tmp.PID.SEQ") in
+ * base (n bytes); 0 when s has no such suffix. */
+static int strip_tmp(const char *s, char *base, size_t n) {
     const char *t = NULL, *e;
     for (const char *p = strstr(s, ".tmp."); p; p = strstr(p + 1, ".tmp.")) t = p;
-    return t && t > s && digits(t + 5, &e) && *e == '.' && digits(e + 1, &e) && !*e;
+    if (!t || t == s || !digits(t + 5, &e) || *e != '.' || !digits(e + 1, &e) || *e) return 0;
+    return snprintf(base, n, "%.*s", (int)(t - s), s) < (int)n;
+}
+
+static int is_own_name(const char *s, const manifest *m) {
+    for (size_t i = 0; i < sizeof OWN_NAMES / sizeof OWN_NAMES[0]; i++)
+        if (!strcmp(s, OWN_NAMES[i])) return 1;
+    for (int i = 0; m && i < m->n; i++)
+        if (!strcmp(s, m->e[i].name)) return 1;
+    return 0;
+}
+
+/* Leftovers of our own writes: NAME.new (a staged file of an uncommitted
+ * checkpoint), NAME.tmp.PID.SEQ and NAME.new.tmp.PID.SEQ (temporaries of
+ * killed atomic writes, io/atomic.c), NAME one of ours. */
+static int is_leftover(const char *s, const manifest *m) {
+    char base[NAME_MAX_LEN + 32];
+    if (!strip_tmp(s, base, sizeof base) && snprintf(base, sizeof base, "%s", s) >= (int)sizeof base) return 0;
+    const size_t n = strlen(base);
+    if (n > 4 && !strcmp(base + n - 4, ".new")) base[n - 4] = '\0';
+    else if (!strcmp(base, s)) return 0; /* neither staged nor a temporary: a real file */
+    return is_own_name(base, m);
 }
 
 int moe__ckpt_recover(const char *dir, char *err, size_t errsz) {
     manifest m;
     int committed, rc = current_manifest(dir, &m, &committed, err, errsz);
-    if (rc == MOE_ENOTFOUND) rc = MOE_OK;
+    if (rc == MOE_ENOTFOUND) rc = MOE_OK, m.n = 0;
     if (rc) return rc;
     char from[4200], to[4200];
     if (committed) { /* roll forward: the commit record says the new files are complete */
@@ -246,7 +272,7 @@ int moe__ckpt_recover(const char *dir, char *err, size_t errsz) {
     DIR *d = opendir(dir);
     if (!d) return errno == ENOENT ? MOE_OK : moe__set_err(err, errsz, MOE_EIO, "%s: cannot list: %s", dir, strerror(errno));
     for (struct dirent *e; (e = readdir(d));)
-        if (is_leftover(e->d_name) && !join(from, sizeof from, dir, e->d_name, "")) unlink(from);
+        if (is_leftover(e->d_name, &m) && !join(from, sizeof from, dir, e->d_name, "")) unlink(from);
     closedir(d);
     return MOE_OK;
 }

@@ -72,11 +72,6 @@ int moe__model_stage_tensors(const moe_model *m, moe__ckpt *c, const char *name,
  * trainer (those and optimizer.safetensors) into c. */
 int moe__model_stage(const moe_model *m, moe__ckpt *c, char *err, size_t errsz);
 int moe__trainer_stage(moe_trainer *t, moe__ckpt *c, char *err, size_t errsz);
-/* moe_trainer_save, plus one more file (extra_name, nparts parts; written by
- * rank 0) in the same checkpoint: moe train's history. */
-int moe__trainer_save_with(moe_trainer *t, const char *dir, const char *extra_name, const moe__iov *parts,
-                           int nparts, char *err, size_t errsz);
-
 /* Tests only: when >= 0, the commit stops (returning MOE_EIO, "simulated
  * crash") after that many of its durable operations, leaving the directory
  * as a kill at that point would. */

@@ -116,8 +116,9 @@ static int check_config(const moe_layer_config *c, char *err, size_t n) {
     if (!isfinite(c->aux_coef) || c->aux_coef < 0.0f || !isfinite(c->z_coef) || c->z_coef < 0.0f)
         return moe__set_err(err, n, MOE_EINVAL, "aux_coef = %g, z_coef = %g: must be finite and >= 0",
                             (double)c->aux_coef, (double)c->z_coef);
-    if (c->n_threads < 0)
-        return moe__set_err(err, n, MOE_EINVAL, "n_threads = %d: must be >= 0", c->n_threads);
+    if (c->n_threads < 0 || c->n_threads > moe_max_threads())
+        return moe__set_err(err, n, MOE_EINVAL, "n_threads = %d: must be 0 (the default) to %d (4 per CPU)",
+                            c->n_threads, moe_max_threads());
     if (!isfinite(c->capacity_factor) || c->capacity_factor < 0 || c->capacity_factor > 1e6)
         return moe__set_err(err, n, MOE_EINVAL, "capacity_factor = %g: must be 0 (dropless) or a positive number",
                             (double)c->capacity_factor);

@@ -164,6 +164,7 @@ void moe_model_free(moe_model *m) {
 moe_model *moe_model_create(const moe_model_config *cfg, int max_batch, int max_seq, int want_grads,
                             int n_threads, int *err, char *errbuf, size_t errsz) {
     int rc = cfg ? moe_model_config_check(cfg, errbuf, errsz) : moe__set_err(errbuf, errsz, MOE_EINVAL, "config is NULL");
+    if (!rc) rc = moe__check_threads(n_threads, "model", errbuf, errsz);
     if (!rc && (max_batch < 1 || max_seq < 1 || max_seq > cfg->max_position_embeddings ||
                 (long long)max_batch * max_seq > (1LL << 24)))
         rc = moe__set_err(errbuf, errsz, MOE_EINVAL,

@@ -35,6 +35,7 @@ void moe__train_curve_free(moe__train_curve *c) {
 void moe__train_state_free(moe__train_state *s) {
     if (!s) return;
     moe__free(s->command);
+    moe__free(s->data);
     moe__train_curve_free(&s->train), moe__train_curve_free(&s->val);
     memset(s, 0, sizeof *s);
 }
@@ -82,9 +83,21 @@ static int get_curve(const ctx *x, const cJSON *arr, const char *key, moe__train
     return MOE_OK;
 }
 
-enum { K_STEP, K_TOKENS, K_TRAIN, K_VAL, K_SKIPPED, K_SPIKES, K_COMMAND, N_KEYS, N_REQUIRED = K_SKIPPED };
+enum { K_STEP, K_TOKENS, K_TRAIN, K_VAL, K_SKIPPED, K_SPIKES, K_COMMAND, K_DATA, N_KEYS, N_REQUIRED = K_SKIPPED };
 static const char *const KEYS[N_KEYS] = {"step", "tokens", "train", "val", "skipped_steps", "loss_spikes",
-                                         "command"};
+                                         "command", "data"};
+
+/* An optional string of at most MAX_COMMAND bytes, copied to *out. */
+static int get_string(const ctx *x, const cJSON *v, const char *key, char **out) {
+    if (!v) return MOE_OK;
+    const char *str = cJSON_GetStringValue(v);
+    if (!str) return moe__set_err(x->err, x->errsz, MOE_EFORMAT, "%s: \"%s\" must be a string", x->name, key);
+    if (strlen(str) > MOE__TRAIN_STATE_MAX_COMMAND)
+        return moe__set_err(x->err, x->errsz, MOE_ELIMIT, "%s: \"%s\" is longer than %d bytes", x->name, key,
+                            MOE__TRAIN_STATE_MAX_COMMAND);
+    if (!(*out = moe__strdup(str))) return moe__set_err(x->err, x->errsz, MOE_ENOMEM, "%s: out of memory", x->name);
+    return MOE_OK;
+}
 
 static int parse_root(const ctx *x, const cJSON *root, moe__train_state *s) {
     if (!cJSON_IsObject(root))
@@ -113,14 +126,8 @@ static int parse_root(const ctx *x, const cJSON *root, moe__train_state *s) {
         if ((rc = get_count(x, v[K_SKIPPED + k], KEYS[K_SKIPPED + k], MOE__TRAIN_STATE_MAX_STEP, &d))) return rc;
         *counts[k] = (int)d;
     }
-    if (v[K_COMMAND]) {
-        const char *cmd = cJSON_GetStringValue(v[K_COMMAND]);
-        if (!cmd) return moe__set_err(x->err, x->errsz, MOE_EFORMAT, "%s: \"command\" must be a string", x->name);
-        if (strlen(cmd) > MOE__TRAIN_STATE_MAX_COMMAND)
-            return moe__set_err(x->err, x->errsz, MOE_ELIMIT, "%s: \"command\" is longer than %d bytes", x->name,
-                                MOE__TRAIN_STATE_MAX_COMMAND);
-        if (!(s->command = moe__strdup(cmd))) return moe__set_err(x->err, x->errsz, MOE_ENOMEM, "%s: out of memory", x->name);
-    }
+    if ((rc = get_string(x, v[K_COMMAND], KEYS[K_COMMAND], &s->command))) return rc;
+    if ((rc = get_string(x, v[K_DATA], KEYS[K_DATA], &s->data))) return rc;
     if ((rc = get_curve(x, v[K_TRAIN], KEYS[K_TRAIN], &s->train))) return rc;
     return get_curve(x, v[K_VAL], KEYS[K_VAL], &s->val);
 }
@@ -191,6 +198,7 @@ char *moe__train_state_json(const moe__train_state *s) {
     moe__json_add(&ok, o, KEYS[K_SKIPPED], cJSON_CreateNumber(s->skipped_steps));
     moe__json_add(&ok, o, KEYS[K_SPIKES], cJSON_CreateNumber(s->loss_spikes));
     if (s->command) moe__json_add(&ok, o, KEYS[K_COMMAND], cJSON_CreateString(s->command));
+    if (s->data) moe__json_add(&ok, o, KEYS[K_DATA], cJSON_CreateString(s->data));
     moe__json_add(&ok, o, KEYS[K_TRAIN], curve_json(&s->train, &ok));
     moe__json_add(&ok, o, KEYS[K_VAL], curve_json(&s->val, &ok));
     char *text = ok ? cJSON_Print(o) : NULL; /* through the hooks: moe__free */

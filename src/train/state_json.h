@@ -1,5 +1,5 @@
 /* train_state.json: the run record `moe train` keeps next to each checkpoint
- * (step, tokens, numerics counters, the command line, the loss curves), read
+ * (step, tokens, numerics counters, the command line, the corpus, the loss curves), read
  * back by --resume to continue the curves. The file comes from disk, so it is
  * parsed as hostile input: every key's type and range is checked, required
  * keys must be present and appear once, sizes are capped. */
@@ -26,6 +26,7 @@ typedef struct moe__train_state {
     double tokens;                  /* integral, 0 .. MAX_TOKENS */
     int skipped_steps, loss_spikes; /* 0 .. MAX_STEP; absent in older files: 0 */
     char *command;                  /* NULL when absent; owned after parse */
+    char *data;                     /* the run's corpus directory (absolute); NULL when absent */
     moe__train_curve train, val;
 } moe__train_state;
 
@@ -36,7 +37,7 @@ void moe__train_curve_free(moe__train_curve *c);
 /* Parses text[0..n) (not NUL-terminated) into *s, which is zeroed first and
  * on failure holds nothing to free. name labels the messages (the file).
  * Required: "step", "tokens", "train", "val"; optional: "skipped_steps",
- * "loss_spikes", "command" (null counts as absent); other keys are ignored;
+ * "loss_spikes", "command", "data" (null counts as absent); other keys are ignored;
  * a known key twice is an error. A curve is an array of [step, loss] pairs,
  * the step an integer in range, the loss finite. */
 int moe__train_state_parse(const char *text, size_t n, const char *name, moe__train_state *s, char *err,

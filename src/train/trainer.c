@@ -38,6 +38,25 @@ static double now_s(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+/* Settings AdamW cannot run sensibly with: a negative rate ascends the
+ * loss, a floor above the peak inverts the cosine, a negative decay or clip
+ * has no meaning (every value is finite here: NaN fails each comparison). */
+static int check_opt(const moe_adamw_config *o, char *err, size_t errsz) {
+    const char *why = NULL;
+    if (!(o->lr > 0 && isfinite(o->lr))) why = "lr must be finite and above 0";
+    else if (!(o->min_lr >= 0 && o->min_lr <= o->lr)) why = "min_lr must be in [0, lr]";
+    else if (!(o->beta1 >= 0 && o->beta1 < 1 && o->beta2 >= 0 && o->beta2 < 1)) why = "beta1 and beta2 must be in [0, 1)";
+    else if (!(o->eps > 0 && isfinite(o->eps))) why = "eps must be finite and above 0";
+    else if (!(o->weight_decay >= 0 && isfinite(o->weight_decay))) why = "weight_decay must be finite, 0 or more";
+    else if (!(o->grad_clip >= 0 && isfinite(o->grad_clip))) why = "grad_clip must be finite, 0 (off) or more";
+    else if (o->warmup_steps < 0 || o->max_steps < 0) why = "warmup_steps and max_steps must be 0 or more";
+    if (!why) return MOE_OK;
+    return moe__set_err(err, errsz, MOE_EINVAL, "trainer: %s (lr %g, min_lr %g, beta1 %g, beta2 %g, eps %g, "
+                        "weight_decay %g, grad_clip %g, warmup_steps %d, max_steps %d)", why, (double)o->lr,
+                        (double)o->min_lr, (double)o->beta1, (double)o->beta2, (double)o->eps, (double)o->weight_decay,
+                        (double)o->grad_clip, o->warmup_steps, o->max_steps);
+}
+
 moe_trainer *moe_trainer_create(moe_model *m, const moe_train_config *tc, const int32_t *train, size_t n_train,
                                 const int32_t *val, size_t n_val, int *err, char *errbuf, size_t errsz) {
     int rc = MOE_OK;
@@ -46,6 +65,8 @@ moe_trainer *moe_trainer_create(moe_model *m, const moe_train_config *tc, const 
     else if (tc->batch < 1 || tc->batch > m->max_B || tc->seq < 2 || tc->seq > m->max_T || tc->grad_accum < 1)
         rc = moe__set_err(errbuf, errsz, MOE_EINVAL, "trainer: batch %d x seq %d (accum %d) does not fit the model (%d x %d)",
                           tc->batch, tc->seq, tc->grad_accum, m->max_B, m->max_T);
+    else if ((rc = check_opt(&tc->opt, errbuf, errsz)) || (rc = moe__check_threads(tc->n_threads, "trainer", errbuf, errsz)))
+        ;
     else if (n_train < (size_t)tc->seq + 2 || (val && n_val < (size_t)tc->seq + 2))
         rc = moe__set_err(errbuf, errsz, MOE_EINVAL, "trainer: %zu training / %zu validation tokens: fewer than seq + 2",
                           n_train, n_val);
@@ -130,26 +151,34 @@ static void discard_bias_loads(moe_model *m) {
 /* The step found NaN/Inf (what: the symptom). Names the first bad weight, or
  * else the bad gradient closest to the loss, then fails or skips by policy.
  * Parameters and optimizer state are untouched either way. */
+/* Where a non-finite symptom comes from, appended to where (n bytes): the
+ * first bad weight, else (with gradients) the bad gradient closest to the
+ * loss, else the largest weight (an overflow of finite values). */
+static void describe_cause(const moe_model *m, int have_grads, char *where, size_t n) {
+    size_t at;
+    int i = moe__find_nonfinite(m, m->params, 0, &at);
+    where[0] = '\0';
+    if (i >= 0) {
+        snprintf(where, n, ": non-finite weight in ");
+        moe__describe_value(m, i, at, m->params[m->tensors[i].offset + at], where + strlen(where), n - strlen(where));
+    } else if (have_grads && (i = moe__find_nonfinite(m, m->grads, 1, &at)) >= 0) {
+        snprintf(where, n, ": first non-finite gradient (from the loss back) in ");
+        moe__describe_value(m, i, at, m->grads[m->tensors[i].offset + at], where + strlen(where), n - strlen(where));
+    } else if ((i = moe__find_largest(m, m->params, &at)) >= 0) { /* an overflow: point at the biggest weight */
+        snprintf(where, n, " (no weight is NaN/Inf; the largest is ");
+        moe__describe_value(m, i, at, m->params[m->tensors[i].offset + at], where + strlen(where),
+                            n - strlen(where) - 1);
+        strcat(where, ")");
+    }
+}
+
+/* The step found NaN/Inf (what: the symptom). Names the cause, then fails or
+ * skips by policy. Parameters and optimizer state are untouched either way. */
 static int nonfinite_step(moe_trainer *t, const char *what, int have_grads, moe_train_step_info *info) {
     moe_model *m = t->m;
     const int step = moe_adamw_get_step(t->opt);
-    char where[384] = "";
-    size_t at;
-    int i = moe__find_nonfinite(m, m->params, 0, &at);
-    if (i >= 0) {
-        strcpy(where, ": non-finite weight in ");
-        moe__describe_value(m, i, at, m->params[m->tensors[i].offset + at], where + strlen(where),
-                            sizeof where - strlen(where));
-    } else if (have_grads && (i = moe__find_nonfinite(m, m->grads, 1, &at)) >= 0) {
-        strcpy(where, ": first non-finite gradient (from the loss back) in ");
-        moe__describe_value(m, i, at, m->grads[m->tensors[i].offset + at], where + strlen(where),
-                            sizeof where - strlen(where));
-    } else if ((i = moe__find_largest(m, m->params, &at)) >= 0) { /* an overflow: point at the biggest weight */
-        strcpy(where, " (no weight is NaN/Inf; the largest is ");
-        moe__describe_value(m, i, at, m->params[m->tensors[i].offset + at], where + strlen(where),
-                            sizeof where - strlen(where) - 1);
-        strcat(where, ")");
-    }
+    char where[384];
+    describe_cause(m, have_grads, where, sizeof where);
     moe__set_err(t->err, sizeof t->err, MOE_ENONFINITE, "step %d: %s%s", step, what, where);
     if (t->tc.nan_policy != MOE_NAN_SKIP) return MOE_ENONFINITE;
     discard_bias_loads(m);
@@ -291,8 +320,10 @@ int moe_trainer_eval(moe_trainer *t, float *val_loss) {
         float ce;
         int rc = moe_model_forward(t->m, t->tok, t->tgt, B, T, NULL);
         if (rc) {
+            char where[384] = "";
+            if (rc == MOE_ENONFINITE) describe_cause(t->m, 0, where, sizeof where);
             moe_model_set_training(t->m, 1);
-            return moe__set_err(t->err, sizeof t->err, rc, "eval: %s", t->m->err);
+            return moe__set_err(t->err, sizeof t->err, rc, "eval: %.200s%s", t->m->err, where);
         }
         moe_model_last_losses(t->m, &ce, NULL);
         sum += ce;
@@ -323,18 +354,11 @@ int moe__trainer_stage(moe_trainer *t, moe__ckpt *c, char *err, size_t errsz) {
     return moe__model_stage_tensors(t->m, c, "optimizer.safetensors", bases, prefixes, 2, meta, err, errsz);
 }
 
-int moe__trainer_save_with(moe_trainer *t, const char *dir, const char *extra_name, const moe__iov *parts,
-                           int nparts, char *err, size_t errsz) {
+int moe_trainer_save(moe_trainer *t, const char *dir, char *err, size_t errsz) {
     moe__ckpt *c;
     int rc = moe__model_ckpt_begin(t->m, dir, moe_adamw_get_step(t->opt), &c, err, errsz);
     if (rc) return rc;
-    rc = moe__trainer_stage(t, c, err, errsz);
-    if (!rc && extra_name && c) rc = moe__ckpt_write(c, extra_name, parts, nparts, err, errsz); /* rank 0 */
-    return moe__model_ckpt_end(t->m, c, rc, err, errsz);
-}
-
-int moe_trainer_save(moe_trainer *t, const char *dir, char *err, size_t errsz) {
-    return moe__trainer_save_with(t, dir, NULL, NULL, 0, err, errsz);
+    return moe__model_ckpt_end(t->m, c, moe__trainer_stage(t, c, err, errsz), err, errsz);
 }
 
 /* Everything optimizer.safetensors restores besides the moments, parsed
