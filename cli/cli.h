@@ -16,6 +16,13 @@ int moe_cli_experiment(int argc, char **argv);
 int moe_cli_convert(int argc, char **argv); /* cmd_convert.c */
 /* GGUF models (cmd_gguf.c): moe generate -m FILE.gguf, moe perplexity. */
 int cli_is_gguf_model(int argc, char **argv); /* -m names a file with GGUF magic */
+/* 1 after printing "moe CMD: PATH: No such file or directory" when -m names
+ * nothing (before the commands guess a directory and look for its files) */
+int cli_model_missing(const char *cmd, int argc, char **argv);
+/* Prints why text could not be tokenized under v (rc from the encoder, 0
+ * when it gave no tokens), naming the file and its tokenizer model. */
+struct moe_vocab;
+void cli_encode_failed(const char *cmd, const char *path, const struct moe_vocab *v, int rc);
 int moe_cli_gguf_generate(int argc, char **argv);
 int moe_cli_gguf_info(int argc, char **argv); /* moe info -m FILE.gguf */
 int moe_cli_perplexity(int argc, char **argv);

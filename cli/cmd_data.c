@@ -45,7 +45,7 @@ static int cmd_train(int argc, char **argv) {
     int vocab = 4096;
     cli_arg args[] = {
         {"--data", NULL, ARG_STR, &data, "directory of the Brown corpus files (make data)"},
-        {"--vocab", NULL, ARG_INT, &vocab, "vocabulary size: 256 bytes + merges + <|endoftext|>"},
+        {"--vocab", NULL, ARG_INT, &vocab, "vocabulary size: 256 bytes + merges + <|endoftext|>", RANGE(257, MOE_TOKENIZER_MAX_VOCAB)},
         {"--out", "-o", ARG_STR, &out, "tokenizer.json to write (required)"},
     };
     int p = cli_parse("moe tokenizer train --data DIR [--vocab N] --out FILE", args,

@@ -10,6 +10,7 @@
 #include "tokenizer/vocab.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <stdio.h>
 #include <sys/stat.h>
 #include <stdlib.h>
@@ -24,6 +25,29 @@ int cli_is_gguf_model(int argc, char **argv) {
     const int ok = f && fread(magic, 1, 4, f) == 4 && !memcmp(magic, "GGUF", 4);
     if (f) fclose(f);
     return ok;
+}
+
+int cli_model_missing(const char *cmd, int argc, char **argv) {
+    const char *path = NULL;
+    for (int i = 0; i + 1 < argc; i++)
+        if (!strcmp(argv[i], "-m") || !strcmp(argv[i], "--model")) path = argv[i + 1];
+    struct stat st;
+    if (!path || stat(path, &st) == 0) return 0;
+    fprintf(stderr, "moe %s: %s: %s\n", cmd, path, strerror(errno));
+    return 1;
+}
+
+void cli_encode_failed(const char *cmd, const char *path, const moe_vocab *v, int rc) {
+    if (rc == MOE_EINVAL) /* the one code the encoder returns for its input (vocab.h) */
+        fprintf(stderr, "moe %s: %s: cannot tokenize the text under tokenizer.ggml.model \"%s\" (pre \"%s\"): it needs "
+                        "a byte token the vocabulary lacks, or is not valid UTF-8; is the file's tokenizer model the right "
+                        "one?\n", cmd, path, moe_vocab_model(v), moe_vocab_pre(v));
+    else if (rc)
+        fprintf(stderr, "moe %s: %s: cannot tokenize: %s\n", cmd, path, moe_strerror(rc));
+    else
+        fprintf(stderr, "moe %s: %s: the text gives no tokens under tokenizer.ggml.model \"%s\" (the vocabulary has "
+                        "none of its bytes; is the file's tokenizer model the right one?)\n", cmd, path,
+                moe_vocab_model(v));
 }
 
 #define MAX_TEXT ((size_t)1 << 31)
@@ -115,6 +139,10 @@ static moe_engine *open_engine(const char *cmd, const char *path, int ctx, int b
     const moe_engine_hparams *h = moe_engine_get_hparams(e);
     /* under mpirun (expert parallelism) rank 0 reports; every rank reports its errors */
     const int ranks = moe_dist_size(moe_get_dist());
+    if (h->n_ctx_train > 0 && h->n_ctx > h->n_ctx_train && moe_dist_rank(moe_get_dist()) == 0)
+        fprintf(stderr, "moe %s: warning: -c %d is more than the %d positions the model was trained on: past them the "
+                        "output degrades, and each token attends to the whole context (prompt time grows with its "
+                        "square)\n", cmd, h->n_ctx, h->n_ctx_train);
     if (moe_dist_rank(moe_get_dist()) == 0)
         fprintf(stderr, "moe %s: %s: arch %s, %d layers, C %d, %d experts (k %d), F %d%s, vocab %d, %s experts, ctx %d (K %s, V %s)%s\n",
                 cmd, path, h->arch, h->n_layer, h->n_embd, h->n_expert, k ? k : h->n_expert_used, h->n_ff_exp,
@@ -132,15 +160,15 @@ int moe_cli_gguf_generate(int argc, char **argv) {
         {"--model", "-m", ARG_STR, &path, "GGUF model file (required)"},
         {"--prompt", "-p", ARG_STR, &prompt, "prompt text (tokenized with the model's tokenizer, BOS added)"},
         {"--prompt-ids", NULL, ARG_STR, &ids_arg, "prompt as token ids \"1,2,3\" (debugging)"},
-        {"--n-predict", "-n", ARG_INT, &n, "tokens to generate"},
-        {"--temp", NULL, ARG_FLOAT, &temp, "temperature (0: greedy, deterministic)"},
-        {"--top-k", NULL, ARG_INT, &top_k, "keep the k most likely tokens (0: all)"},
-        {"--top-p", NULL, ARG_FLOAT, &top_p, "nucleus sampling mass (1: off)"},
+        {"--n-predict", "-n", ARG_INT, &n, "tokens to generate (-1: until end of text or a full context)", AT_LEAST(-1)},
+        {"--temp", NULL, ARG_FLOAT, &temp, "temperature (0: greedy, deterministic)", AT_LEAST(0)},
+        {"--top-k", NULL, ARG_INT, &top_k, "keep the k most likely tokens (0: all)", AT_LEAST(0)},
+        {"--top-p", NULL, ARG_FLOAT, &top_p, "nucleus sampling mass (1: off)", RANGE(0, 1)},
         {"--seed", "-s", ARG_U64, &seed, "sampling seed"},
-        {"--threads", "-t", ARG_INT, &threads, "threads (0: all cores)"},
-        {"--ctx-size", "-c", ARG_INT, &ctx, "context (KV cache) size (0: the model's, at most 4096)"},
-        {"--batch-size", "-b", ARG_INT, &batch, "prompt tokens per forward pass"},
-        {"--experts-used", NULL, ARG_INT, &k, "override k, the experts per token (0: the file's)"},
+        {"--threads", "-t", ARG_INT, &threads, "threads (0: all cores; at most 4 per CPU)", RANGE(0, cli_max_threads())},
+        {"--ctx-size", "-c", ARG_INT, &ctx, "context (KV cache) size (0: the model's, at most 4096)", RANGE(0, 1 << 24)},
+        {"--batch-size", "-b", ARG_INT, &batch, "prompt tokens per forward pass", RANGE(1, 1 << 16)},
+        {"--experts-used", NULL, ARG_INT, &k, "override k, the experts per token (0: the file's)", AT_LEAST(0)},
         {"--no-mmap", NULL, ARG_BOOL, &no_mmap, "read the whole file instead of mapping it"},
         {"--no-repack", "-nr", ARG_BOOL, &no_repack, "run Q8_0/Q4_0 weights in the file's layout (no packed copy)"},
         {"--repack-all", NULL, ARG_BOOL, &repack_all, "copy float weights into huge pages too (first use copies them all)"},
@@ -150,10 +178,11 @@ int moe_cli_gguf_generate(int argc, char **argv) {
     int rc = cli_parse("moe generate -m FILE.gguf (-p TEXT | --prompt-ids 1,2,3) [-n N] [--temp T] [-t THREADS]",
                        args, sizeof args / sizeof args[0], argc, argv);
     if (rc) return rc == 1 ? 0 : 2;
-    if (!path || (!prompt && !ids_arg) || n < 0) {
+    if (!path || (!prompt && !ids_arg)) {
         fprintf(stderr, "moe generate: -m FILE.gguf and -p TEXT or --prompt-ids are required\n");
         return 2;
     }
+    if (n < 0) n = INT_MAX; /* llama.cpp's -n -1: until end of text or the context is full */
     if (cli_kv_types("generate", ctk, ctv, &(moe_engine_params){0})) return 2;
     int32_t *ids = NULL;
     size_t np = 0;
@@ -165,7 +194,7 @@ int moe_cli_gguf_generate(int argc, char **argv) {
     if (!ids_arg) {
         if (!(voc = load_vocab("generate", path))) return 1;
         if ((rc = encode(voc, prompt, strlen(prompt), &ids, &np)) || !np) {
-            fprintf(stderr, "moe generate: cannot tokenize the prompt: %s\n", rc ? moe_strerror(rc) : "no tokens");
+            cli_encode_failed("generate", path, voc, rc);
             moe_vocab_free(voc);
             free(ids);
             return 1;
@@ -229,8 +258,8 @@ int moe_cli_gguf_info(int argc, char **argv) {
     int json = 0, k = 0, ctx = 0;
     cli_arg args[] = {
         {"--model", "-m", ARG_STR, &path, "GGUF model file"},
-        {"--experts-used", NULL, ARG_INT, &k, "k, experts per token (0: the file's)"},
-        {"--ctx", NULL, ARG_INT, &ctx, "context for the KV cache figures (0: the file's, at most 4096)"},
+        {"--experts-used", NULL, ARG_INT, &k, "k, experts per token (0: the file's)", AT_LEAST(0)},
+        {"--ctx", NULL, ARG_INT, &ctx, "context for the KV cache figures (0: the file's, at most 4096)", RANGE(0, 1 << 24)},
         {"--json", NULL, ARG_BOOL, &json, "print one JSON object"},
         {"--cache-type-k", "-ctk", ARG_STR, &ctk, "KV cache type of K: f16 (llama.cpp's default) or f32"},
         {"--cache-type-v", "-ctv", ARG_STR, &ctv, "KV cache type of V: f16 or f32"},
@@ -298,18 +327,19 @@ static int encode_own(const char *dir, const char *file, int32_t **ids, size_t *
 }
 
 int moe_cli_perplexity(int argc, char **argv) {
+    if (cli_model_missing("perplexity", argc, argv)) return 1;
     const char *path = NULL, *file = NULL, *ids_file = NULL, *ctk = "f16", *ctv = "f16";
     int ctx = 512, batch = 2048, threads = 0, k = 0, chunks = -1, no_mmap = 0, no_repack = 0, repack_all = 0, bos = -1;
     cli_arg args[] = {
         {"--model", "-m", ARG_STR, &path, "GGUF model file or model directory (a `moe train` run: its tokenizer) (required)"},
         {"--file", "-f", ARG_STR, &file, "text file to score (tokenized with the model's tokenizer)"},
         {"--ids-file", NULL, ARG_STR, &ids_file, "pre-tokenized input: comma-separated ids (debugging)"},
-        {"--bos", NULL, ARG_INT, &bos, "with --ids-file: BOS id put at each chunk start (-1: none)"},
-        {"--ctx-size", "-c", ARG_INT, &ctx, "tokens per chunk (the second half is scored)"},
-        {"--batch-size", "-b", ARG_INT, &batch, "tokens per forward pass (capped at the chunk)"},
-        {"--chunks", NULL, ARG_INT, &chunks, "score at most this many chunks (-1: all)"},
-        {"--threads", "-t", ARG_INT, &threads, "threads (0: all cores)"},
-        {"--experts-used", NULL, ARG_INT, &k, "override k, the experts per token (0: the file's)"},
+        {"--bos", NULL, ARG_INT, &bos, "with --ids-file: BOS id put at each chunk start (-1: none)", AT_LEAST(-1)},
+        {"--ctx-size", "-c", ARG_INT, &ctx, "tokens per chunk (the second half is scored)", RANGE(4, 1 << 24)},
+        {"--batch-size", "-b", ARG_INT, &batch, "tokens per forward pass (capped at the chunk)", RANGE(1, 1 << 16)},
+        {"--chunks", NULL, ARG_INT, &chunks, "score at most this many chunks (-1: all)", AT_LEAST(-1)},
+        {"--threads", "-t", ARG_INT, &threads, "threads (0: all cores; at most 4 per CPU)", RANGE(0, cli_max_threads())},
+        {"--experts-used", NULL, ARG_INT, &k, "override k, the experts per token (0: the file's)", AT_LEAST(0)},
         {"--no-mmap", NULL, ARG_BOOL, &no_mmap, "read the whole file instead of mapping it"},
         {"--no-repack", "-nr", ARG_BOOL, &no_repack, "run Q8_0/Q4_0 weights in the file's layout (no packed copy)"},
         {"--repack-all", NULL, ARG_BOOL, &repack_all, "copy float weights into huge pages too (first use copies them all)"},
@@ -344,7 +374,7 @@ int moe_cli_perplexity(int argc, char **argv) {
         if ((rc = moe__read_file(file, MAX_TEXT, &text, &len, err, sizeof err))) {
             fprintf(stderr, "moe perplexity: %s\n", err);
         } else if ((rc = encode(voc, text, len, &ids, &n))) {
-            fprintf(stderr, "moe perplexity: %s: cannot tokenize: %s\n", file, moe_strerror(rc));
+            cli_encode_failed("perplexity", path, voc, rc);
         }
         bos = moe_vocab_add_bos(voc) ? moe_vocab_bos(voc) : -1;
         moe__free(text);

@@ -23,16 +23,17 @@ static moe_model *load_model(const char *dir, int batch, int seq, int threads) {
 }
 
 int moe_cli_eval(int argc, char **argv) {
+    if (cli_model_missing("eval", argc, argv)) return 1;
     const char *dir = NULL, *data = "data/brown";
     int threads = 2, batch = 8, seq = 0, batches = 0, k = 0, json = 0;
     cli_arg args[] = {
         {"--model", "-m", ARG_STR, &dir, "model directory (required)"},
         {"--data", NULL, ARG_STR, &data, "Brown corpus directory"},
-        {"--threads", "-t", ARG_INT, &threads, "threads"},
-        {"--batch", NULL, ARG_INT, &batch, "sequences per batch"},
-        {"--seq", NULL, ARG_INT, &seq, "tokens per sequence (0: the context length)"},
-        {"--batches", NULL, ARG_INT, &batches, "batches to evaluate (0: the whole validation split)"},
-        {"--experts-used", NULL, ARG_INT, &k, "override k, the experts per token (0: as trained)"},
+        {"--threads", "-t", ARG_INT, &threads, "threads (at most 4 per CPU)", RANGE(1, cli_max_threads())},
+        {"--batch", NULL, ARG_INT, &batch, "sequences per batch", RANGE(1, 1 << 16)},
+        {"--seq", NULL, ARG_INT, &seq, "tokens per sequence (unset: the context length)", AT_LEAST(2)},
+        {"--batches", NULL, ARG_INT, &batches, "batches to evaluate (unset: the whole validation split)", AT_LEAST(1)},
+        {"--experts-used", NULL, ARG_INT, &k, "override k, the experts per token (0: as trained)", AT_LEAST(0)},
         {"--json", NULL, ARG_BOOL, &json, "print one JSON object"},
     };
     int rc = cli_parse("moe eval -m DIR [--experts-used K] [--json]", args, sizeof args / sizeof args[0], argc, argv);
@@ -51,7 +52,14 @@ int moe_cli_eval(int argc, char **argv) {
         return 1;
     }
     const moe_model_config *c = moe_model_get_config(m);
-    if (seq <= 0 || seq > c->max_position_embeddings) seq = c->max_position_embeddings;
+    if (seq > c->max_position_embeddings) {
+        fprintf(stderr, "moe eval: --seq %d is longer than the model's context (max_position_embeddings %d)\n", seq,
+                c->max_position_embeddings);
+        moe_model_free(m);
+        cli_data_free(&d);
+        return 2;
+    }
+    if (seq <= 0) seq = c->max_position_embeddings;
     if (k && moe_model_set_experts_used(m, k)) {
         fprintf(stderr, "moe eval: %s\n", moe_model_errmsg(m));
         return 2;
@@ -90,6 +98,7 @@ int moe_cli_eval(int argc, char **argv) {
 }
 
 int moe_cli_info(int argc, char **argv) {
+    if (cli_model_missing("info", argc, argv)) return 1;
     if (cli_is_gguf_model(argc, argv)) return moe_cli_gguf_info(argc, argv);
     const char *dir = NULL, *preset = NULL, *config = NULL;
     int json = 0, ctx = 0, print_config = 0;
@@ -98,7 +107,7 @@ int moe_cli_info(int argc, char **argv) {
         {"--print-config", NULL, ARG_BOOL, &print_config, "print the config.json instead of the card"},
         {"--preset", NULL, ARG_STR, &preset, "or a preset (tiny, tiny-dense, small, small-dense, small-mixtral)"},
         {"--config", NULL, ARG_STR, &config, "or a config.json"},
-        {"--ctx", NULL, ARG_INT, &ctx, "context for the FLOPs per token (0: the model's)"},
+        {"--ctx", NULL, ARG_INT, &ctx, "context for the FLOPs per token (0: the model's)", RANGE(0, 1 << 24)},
         {"--json", NULL, ARG_BOOL, &json, "print one JSON object"},
     };
     int rc = cli_parse("moe info -m DIR [--json]", args, sizeof args / sizeof args[0], argc, argv);
@@ -144,6 +153,7 @@ static void log_routing(moe__sb *b, const moe_model *m, const moe_tokenizer *tok
 }
 
 int moe_cli_generate(int argc, char **argv) {
+    if (cli_model_missing("generate", argc, argv)) return 1;
     if (cli_is_gguf_model(argc, argv)) return moe_cli_gguf_generate(argc, argv);
     const char *dir = NULL, *prompt = "", *routing_log = NULL;
     int n = 64, threads = 2, top_k = 0, k = 0;
@@ -152,13 +162,13 @@ int moe_cli_generate(int argc, char **argv) {
     cli_arg args[] = {
         {"--model", "-m", ARG_STR, &dir, "model directory (required)"},
         {"--prompt", "-p", ARG_STR, &prompt, "prompt text"},
-        {"--n-predict", "-n", ARG_INT, &n, "tokens to generate"},
-        {"--temp", NULL, ARG_FLOAT, &temp, "temperature (0: greedy, deterministic)"},
-        {"--top-k", NULL, ARG_INT, &top_k, "keep the k most likely tokens (0: all)"},
-        {"--top-p", NULL, ARG_FLOAT, &top_p, "nucleus sampling mass"},
+        {"--n-predict", "-n", ARG_INT, &n, "tokens to generate (-1: until end of text or a full context)", AT_LEAST(-1)},
+        {"--temp", NULL, ARG_FLOAT, &temp, "temperature (0: greedy, deterministic)", AT_LEAST(0)},
+        {"--top-k", NULL, ARG_INT, &top_k, "keep the k most likely tokens (0: all)", AT_LEAST(0)},
+        {"--top-p", NULL, ARG_FLOAT, &top_p, "nucleus sampling mass (1: off)", RANGE(0, 1)},
         {"--seed", NULL, ARG_U64, &seed, "sampling seed"},
-        {"--threads", "-t", ARG_INT, &threads, "threads"},
-        {"--experts-used", NULL, ARG_INT, &k, "override k, the experts per token (0: as trained)"},
+        {"--threads", "-t", ARG_INT, &threads, "threads (at most 4 per CPU)", RANGE(1, cli_max_threads())},
+        {"--experts-used", NULL, ARG_INT, &k, "override k, the experts per token (0: as trained)", AT_LEAST(0)},
         {"--routing-log", NULL, ARG_STR, &routing_log, "write each token's experts and gate weights (JSON lines) here"},
     };
     int rc = cli_parse("moe generate -m DIR -p TEXT -n N [--temp T --top-p P --seed S]", args,
@@ -197,7 +207,7 @@ int moe_cli_generate(int argc, char **argv) {
         fprintf(stderr, "moe generate: the prompt is %zu tokens, the context %d\n", np, ctx);
         return 2;
     }
-    if (n > ctx - (int)np) n = ctx - (int)np;
+    if (n < 0 || n > ctx - (int)np) n = ctx - (int)np; /* -1: until end of text or a full context */
     /* the library's sampler (top-k -> top-p -> temperature, llama.cpp's
      * order), the one the GGUF engine's generate uses */
     moe_sampler_params sp = {.temp = temp, .top_k = top_k, .top_p = top_p, .seed = seed};

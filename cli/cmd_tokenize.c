@@ -63,7 +63,7 @@ int moe_cli_tokenize(int argc, char **argv) {
         rc = ids ? moe_vocab_encode_special(v, t, len, !no_bos, parse_special, ids, n, &n) : MOE_ENOMEM;
     }
     if (rc) {
-        fprintf(stderr, "moe tokenize: cannot tokenize: %s\n", moe_strerror(rc));
+        cli_encode_failed("tokenize", model, v, rc);
     } else if (ids_only) {
         printf("[");
         for (size_t i = 0; i < n; i++) printf("%s%d", i ? ", " : "", ids[i]);

@@ -220,18 +220,30 @@ TEST(ckpt_sigint_and_sigterm_save_and_exit_130) {
 }
 
 /* A learning rate of 1e37 blows the weights up to finite but huge values in
- * one step; the next forward overflows. */
+ * one step; the next forward overflows. With a checkpoint every step, the
+ * checkpoint of step 1 finds it first: the model does not evaluate, so it
+ * is not saved, and the run stops naming the largest weight. Without
+ * periodic checkpoints the next step fails (error) or is skipped (skip)
+ * until the limit, and the final save refuses the diverged model too. */
 TEST(robust_cli_on_nan_error_and_skip) {
     kt_env e;
     if (kt_setup(&e)) return;
     const char *err_flags[] = {"--lr", "1e37", "--warmup", "0", NULL};
     CHECK_EQ_INT(kt_wait(kt_spawn_with(&e, 0, "5", err_flags)), 1);
-    CHECK_MSG(log_has(&e, "moe train: step 1: ") && log_has(&e, "(no weight is NaN/Inf; the largest is ") &&
-                  log_has(&e, "e+37)"),
+    CHECK_MSG(log_has(&e, "checkpoint at step 1 failed: the model of step 1 does not evaluate") &&
+                  log_has(&e, "(no weight is NaN/Inf; the largest is ") && log_has(&e, "e+37)") &&
+                  log_has(&e, "holds no checkpoint of this run"),
               "no cause in the output");
     CHECK(!log_has(&e, "update skipped"));
+    CHECK(access(e.run, F_OK) != 0 || moe__ckpt_verify(e.run, NULL, NULL, 0) == MOE_ENOTFOUND); /* nothing saved */
     moe_test_rmdir(e.run);
-    const char *skip_flags[] = {"--lr", "1e37", "--warmup", "0", "--on-nan", "skip", NULL};
+    const char *step_flags[] = {"--lr", "1e37", "--warmup", "0", "--ckpt-every", "0", NULL};
+    CHECK_EQ_INT(kt_wait(kt_spawn_with(&e, 0, "5", step_flags)), 1);
+    CHECK_MSG(log_has(&e, "moe train: step 1: ") && log_has(&e, "(no weight is NaN/Inf; the largest is ") &&
+                  log_has(&e, "does not evaluate"),
+              "no cause of the failed step in the output");
+    moe_test_rmdir(e.run);
+    const char *skip_flags[] = {"--lr", "1e37", "--warmup", "0", "--on-nan", "skip", "--ckpt-every", "0", NULL};
     CHECK_EQ_INT(kt_wait(kt_spawn_with(&e, 0, "5", skip_flags)), 1);
     CHECK_MSG(log_has(&e, "moe train: update skipped (10 so far): step 1: ") &&
                   log_has(&e, "after 10 skipped updates in a row") &&
@@ -255,7 +267,7 @@ TEST(robust_cli_full_disk_stops_with_the_previous_checkpoint) {
     kt_fsize_limit = 0;
     CHECK_EQ_INT(rc, 1);
     CHECK_MSG(log_has(&e, "checkpoint at step 3 failed: ") && log_has(&e, "model.safetensors") &&
-                  log_has(&e, strerror(EFBIG)) && log_has(&e, "holds the previous checkpoint"),
+                  log_has(&e, strerror(EFBIG)) && log_has(&e, "holds the checkpoint of step 2"),
               "no full-disk report in the output");
     CHECK_MSG(!log_has(&e, "checkpoint at step 4"), "training went on after the failed checkpoint");
     CHECK_EQ_INT(kt_check(e.run, "after the full disk"), 2);
