@@ -114,7 +114,7 @@ demo:
 	bash scripts/install-deps.sh --main
 	$(MAKE) all
 	bash scripts/fetch-brown.sh
-	./$(BUILD)/moe train --preset small --minutes $(DEMO_MINUTES) --out $(DEMO_OUT)
+	./$(BUILD)/moe train --preset small --minutes $(DEMO_MINUTES) --force --out $(DEMO_OUT)
 	./$(BUILD)/moe info -m $(DEMO_OUT)
 	./$(BUILD)/moe eval -m $(DEMO_OUT)
 	./$(BUILD)/moe generate -m $(DEMO_OUT) -p "The jury said" -n 60 --seed 1

@@ -18,7 +18,7 @@ mkdir -p "$out"
 for p in ${RUNS:-small small-dense}; do
     echo "== $p: $STEPS steps"
     /usr/bin/time -v $MOE train --preset "$p" --steps "$STEPS" --threads "$THREADS" --eval-every "$EVAL_EVERY" \
-        --eval-batches 16 --ckpt-every 0 --out "$out/$p" > "$out/$p.log" 2> "$out/$p.err"
+        --eval-batches 16 --ckpt-every 0 --force --out "$out/$p" > "$out/$p.log" 2> "$out/$p.err"
     tail -2 "$out/$p.log"
 done
 $MOE plot "$out/small" "$out/small-dense" \
