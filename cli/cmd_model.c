@@ -97,11 +97,38 @@ int moe_cli_eval(int argc, char **argv) {
     return 0;
 }
 
+/* moe info --system: what this machine and build give the engine, and the
+ * threading settings in effect (the CLI's GOMP_SPINCOUNT default included). */
+static int print_system(void) {
+    static const char *const feats[] = {"sse4.2", "avx",      "avx2",     "fma",       "f16c",
+                                        "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512vnni",
+                                        "avx512vbmi"};
+    __builtin_cpu_init();
+    printf("cpu features      ");
+    for (size_t i = 0; i < sizeof feats / sizeof feats[0]; i++) {
+        int has = 0;
+        /* __builtin_cpu_supports takes a literal: one row per name */
+#define F(name) if (!strcmp(feats[i], name)) has = __builtin_cpu_supports(name);
+        F("sse4.2") F("avx") F("avx2") F("fma") F("f16c") F("avx512f") F("avx512bw") F("avx512dq") F("avx512vl")
+        F("avx512vnni") F("avx512vbmi")
+#undef F
+        printf("%s%s", has ? feats[i] : "", has ? " " : "");
+    }
+    printf("\nengine kernels    %s\n", moe_kernel_set());
+    printf("openblas kernel   %s\n", moe_blas_info());
+    printf("threads           %d by default, at most %d (4 per CPU)\n", moe_get_num_threads(), moe_max_threads());
+    const char *wp = getenv("OMP_WAIT_POLICY"), *sc = getenv("GOMP_SPINCOUNT");
+    printf("openmp waits      OMP_WAIT_POLICY=%s GOMP_SPINCOUNT=%s\n", wp ? wp : "(unset)", sc ? sc : "(unset: libgomp's)");
+    return 0;
+}
+
 int moe_cli_info(int argc, char **argv) {
+    for (int i = 0; i < argc; i++) /* before the -m checks: it needs no model */
+        if (!strcmp(argv[i], "--system")) return print_system();
     if (cli_model_missing("info", argc, argv)) return 1;
     if (cli_is_gguf_model(argc, argv)) return moe_cli_gguf_info(argc, argv);
     const char *dir = NULL, *preset = NULL, *config = NULL;
-    int json = 0, ctx = 0, print_config = 0;
+    int json = 0, ctx = 0, print_config = 0, sys = 0;
     cli_arg args[] = {
         {"--model", "-m", ARG_STR, &dir, "model directory (a GGUF file: its card, see moe info -m FILE.gguf --help)"},
         {"--print-config", NULL, ARG_BOOL, &print_config, "print the config.json instead of the card"},
@@ -109,8 +136,9 @@ int moe_cli_info(int argc, char **argv) {
         {"--config", NULL, ARG_STR, &config, "or a config.json"},
         {"--ctx", NULL, ARG_INT, &ctx, "context for the FLOPs per token (0: the model's)", RANGE(0, 1 << 24)},
         {"--json", NULL, ARG_BOOL, &json, "print one JSON object"},
+        {"--system", NULL, ARG_BOOL, &sys, "print this machine's CPU features, the kernels and threading in effect"},
     };
-    int rc = cli_parse("moe info -m DIR [--json]", args, sizeof args / sizeof args[0], argc, argv);
+    int rc = cli_parse("moe info -m DIR [--json] | --system", args, sizeof args / sizeof args[0], argc, argv);
     if (rc) return rc == 1 ? 0 : 2;
     moe_model_config c;
     char err[512], path[4096];

@@ -47,13 +47,28 @@ static int cmd_bench(int argc, char **argv) {
     return 2;
 }
 
-/* Restart once with a faster OpenBLAS kernel when the hint says so (see
- * moe_blas_coretype_hint); MOE_NO_REEXEC=1 opts out. On failure, go on. */
-static void select_blas_kernel(char **argv) {
+/* The spin count of libgomp's waits by default: after ~10000 spins (tens of
+ * microseconds) a waiting thread sleeps instead of burning the timeslice a
+ * descheduled teammate needs. libgomp's own default spins ~100x longer; with
+ * another CPU-bound process per core that cost `moe generate -m DIR` 98% of
+ * its speed (233 -> 5.1 tokens/s; bench/busy_machine.sh). */
+#define MOE_GOMP_SPINCOUNT "10000"
+
+/* OpenBLAS and libgomp read their settings when they are loaded, before
+ * main: the CLI puts its defaults in the environment and restarts itself
+ * once (a faster OpenBLAS kernel when moe_blas_coretype_hint says so; the
+ * spin count above unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set by the
+ * user). MOE_NO_REEXEC=1 opts out; on failure, go on as we are. */
+static void set_runtime_env(char **argv) {
+    if (getenv("MOE_NO_REEXEC")) return;
     const char *hint = moe_blas_coretype_hint();
-    if (!hint || getenv("MOE_NO_REEXEC")) return;
-    if (setenv("OPENBLAS_CORETYPE", hint, 1) == 0) execv("/proc/self/exe", argv);
-    unsetenv("OPENBLAS_CORETYPE");
+    const int blas = hint && setenv("OPENBLAS_CORETYPE", hint, 1) == 0;
+    const int gomp = !getenv("OMP_WAIT_POLICY") && !getenv("GOMP_SPINCOUNT") &&
+                     setenv("GOMP_SPINCOUNT", MOE_GOMP_SPINCOUNT, 1) == 0;
+    if (!blas && !gomp) return;
+    execv("/proc/self/exe", argv); /* both are set now: the restarted process goes straight on */
+    if (blas) unsetenv("OPENBLAS_CORETYPE");
+    if (gomp) unsetenv("GOMP_SPINCOUNT");
 }
 
 /* Under mpirun (an MPI build), the commands run expert-parallel on the world
@@ -75,7 +90,7 @@ static moe_dist *start_dist(void) {
 static int run_command(int argc, char **argv);
 
 int main(int argc, char **argv) {
-    select_blas_kernel(argv);
+    set_runtime_env(argv);
     moe_dist *d = start_dist();
     const int rc = run_command(argc, argv);
     moe_dist_free(d);

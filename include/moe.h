@@ -82,6 +82,8 @@ int moe_get_num_threads(void);
  * more return MOE_EINVAL. */
 int moe_max_threads(void);
 
+/* The engine's kernel set in this build, in words (moe info --system). */
+const char *moe_kernel_set(void);
 /* The OpenBLAS kernel in use (e.g. "Haswell", "SkylakeX"). */
 const char *moe_blas_info(void);
 /* A faster OPENBLAS_CORETYPE for this CPU than the one OpenBLAS chose, or NULL.

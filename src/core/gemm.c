@@ -33,7 +33,10 @@ void moe__gemm(int transA, int transB, int M, int N, int K, float alpha, const f
     const int ntiles = ntm * ntn;
     const enum CBLAS_TRANSPOSE ta = transA ? CblasTrans : CblasNoTrans;
     const enum CBLAS_TRANSPOSE tb = transB ? CblasTrans : CblasNoTrans;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt < ntiles ? nt : ntiles)
+    /* a product of a few microseconds (a decoded token's projections) runs
+     * on the calling thread: waking the team would cost as much */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt < ntiles ? nt : ntiles) \
+    if ((long long)M * N * K > 4LL * MOE__PAR_MIN)
     for (int tile = 0; tile < ntiles; tile++) {
         const int r0 = tile / ntn * tm, c0 = tile % ntn * tn;
         const int r1 = r0 + tm < M ? r0 + tm : M, c1 = c0 + tn < N ? c0 + tn : N;

@@ -44,6 +44,10 @@ int moe__set_err(char *buf, size_t size, int err, const char *fmt, ...)
 
 /* Resolved thread count: n > 0 as is, else the library default. */
 int moe__threads(int n);
+/* Elements of work below which a parallel region runs on the calling thread
+ * alone (an OpenMP `if` clause): waking a team costs more than the work, and
+ * on a busy machine a barrier waits for a descheduled teammate's turn. */
+#define MOE__PAR_MIN 32768
 /* MOE_EINVAL naming what when n is not 0..moe_max_threads() */
 int moe__check_threads(int n, const char *what, char *err, size_t errsz);
 /* Makes BLAS single-threaded (the library parallelises with OpenMP around it). */

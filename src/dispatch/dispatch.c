@@ -115,7 +115,7 @@ int moe__dispatch_build(moe_layer *l, int n) {
 
 void moe__dispatch_gather(moe_layer *l, const float *x) {
     const int C = l->cfg.d_model, R = l->seg_off[l->cfg.n_experts];
-#pragma omp parallel for schedule(static) num_threads(l->threads)
+#pragma omp parallel for schedule(static) num_threads(l->threads) if ((long)R * C > MOE__PAR_MIN)
     for (int r = 0; r < R; r++)
         memcpy(l->tx + (size_t)r * C, x + (size_t)l->slot_tok[l->slot_of_row[r]] * C, sizeof(float) * (size_t)C);
 }
@@ -124,7 +124,7 @@ void moe__dispatch_gather(moe_layer *l, const float *x) {
  * token whose every slot was dropped gets 0). */
 void moe__dispatch_combine(moe_layer *l, float *y) {
     const int C = l->cfg.d_model, n = l->n;
-#pragma omp parallel for schedule(static) num_threads(l->threads)
+#pragma omp parallel for schedule(static) num_threads(l->threads) if ((long)n * C > MOE__PAR_MIN)
     for (int t = 0; t < n; t++) {
         float *yt = y + (size_t)t * C;
         memset(yt, 0, sizeof(float) * (size_t)C);
@@ -142,7 +142,7 @@ void moe__dispatch_combine(moe_layer *l, float *y) {
  * outputs' gradient dout[row(i)] = w_i dy_t. */
 void moe__dispatch_backward(moe_layer *l, const float *dy) {
     const int C = l->cfg.d_model, n = l->n;
-#pragma omp parallel for schedule(static) num_threads(l->threads)
+#pragma omp parallel for schedule(static) num_threads(l->threads) if ((long)n * C > MOE__PAR_MIN)
     for (int t = 0; t < n; t++) {
         const float *dyt = dy + (size_t)t * C;
         for (int i = l->tok_off[t]; i < l->tok_off[t + 1]; i++) {
@@ -169,7 +169,7 @@ void moe__dispatch_backward(moe_layer *l, const float *dy) {
  * (overwrites dx). */
 void moe__dispatch_scatter_dx(moe_layer *l, float *dx) {
     const int C = l->cfg.d_model, n = l->n;
-#pragma omp parallel for schedule(static) num_threads(l->threads)
+#pragma omp parallel for schedule(static) num_threads(l->threads) if ((long)n * C > MOE__PAR_MIN)
     for (int t = 0; t < n; t++) {
         float *d = dx + (size_t)t * C;
         memset(d, 0, sizeof(float) * (size_t)C);

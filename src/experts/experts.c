@@ -192,7 +192,7 @@ static void run_tile(const moe_layer *l, const moe__tile *t) {
 
 static void run_tiles(const moe_layer *l, int nt) {
     moe__blas_single_thread();
-#pragma omp parallel for schedule(dynamic, 1) num_threads(l->threads)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(l->threads) if (nt > 1)
     for (int i = 0; i < nt; i++) run_tile(l, &l->tiles[i]);
 }
 

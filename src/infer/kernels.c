@@ -834,3 +834,19 @@ void moe__wt_matmul_rows(const moe__wt *w, int mat, const float *x, const uint8_
         }
     }
 }
+
+/* The kernel set this build compiled (a compile-time choice until the
+ * per-ISA kernel files of issue "One engine for every CPU" land). */
+const char *moe_kernel_set(void) {
+#if defined(QUANT_TILES) && defined(Q4_GROUPS)
+    return "avx512-vnni-vbmi: AVX-512 float tiles, VNNI Q8_0/Q4_0 tiles, VBMI Q4_0 groups";
+#elif defined(QUANT_TILES)
+    return "avx512-vnni: AVX-512 float tiles, VNNI Q8_0/Q4_0 tiles";
+#elif defined(__AVX512F__)
+    return "avx512: AVX-512 float kernels, generic C quantized dot products";
+#elif defined(__AVX2__)
+    return "generic C compiled for AVX2 (compiler-vectorized; no hand-written AVX2 kernels yet)";
+#else
+    return "generic C";
+#endif
+}

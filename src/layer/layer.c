@@ -465,7 +465,7 @@ static long long first_nonfinite(const float *v, size_t n, int threads) {
     const size_t chunk = 1 << 16;
     const long long nch = (long long)((n + chunk - 1) / chunk);
     long long bad = LLONG_MAX;
-#pragma omp parallel for schedule(static) num_threads(threads) reduction(min : bad)
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(min : bad) if (nch > 1)
     for (long long ch = 0; ch < nch; ch++) {
         const size_t i0 = (size_t)ch * chunk, i1 = i0 + chunk < n ? i0 + chunk : n;
         int all = 1;

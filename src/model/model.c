@@ -684,7 +684,7 @@ static double sumsq(const float *g, size_t n, int threads) {
     enum { NCH = 64 };
     double part[NCH];
     const size_t per = (n + NCH - 1) / NCH;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads) if (n > MOE__PAR_MIN)
     for (int ch = 0; ch < NCH; ch++) {
         const size_t i0 = (size_t)ch * per < n ? (size_t)ch * per : n, i1 = i0 + per < n ? i0 + per : n;
         double a[4] = {0, 0, 0, 0};

@@ -15,14 +15,14 @@
  * one thread owns a block and sums its rows in order. */
 #define OPS_COL_BLOCK 32
 /* Elementwise loops smaller than this run on one thread. */
-#define OPS_PAR_MIN 32768
+#define OPS_PAR_MIN MOE__PAR_MIN
 
 /* ---- RMSNorm ------------------------------------------------------------- */
 
 void moe__rmsnorm_forward(float *y, float *rstd, const float *x, const float *g, int N, int C, float eps,
                           int threads) {
     const int nt = moe__threads(threads);
-#pragma omp parallel for schedule(static) num_threads(nt)
+#pragma omp parallel for schedule(static) num_threads(nt) if ((long)N * C > MOE__PAR_MIN)
     for (int n = 0; n < N; n++) {
         const float *xr = x + (size_t)n * C; /* [C] */
         float *yr = y + (size_t)n * C;       /* [C] */
