@@ -32,7 +32,7 @@ int moe_bench_small_gemm_main(int argc, char **argv) {
     for (int i = 0; i < N * K; i++) b[i] = (float)((i * 53) % 97) / 97.0f - 0.5f;
     moe__blas_single_thread();
     printf("OpenBLAS kernel %s, 1 thread, N = K = 256%s\n", moe_blas_info(),
-           moe__sgemm_small_enabled() ? "" : " (built without AVX-512: the kernel falls back to BLAS)");
+           moe__sgemm_small_enabled() ? "" : " (built without AVX-512 or AVX2 + FMA: the kernel falls back to BLAS)");
     printf("%5s %14s %14s\n", "M", "kernel GF/s", "OpenBLAS GF/s");
     for (size_t i = 0; i < sizeof Ms / sizeof Ms[0]; i++) {
         const int M = Ms[i];

@@ -296,9 +296,10 @@ moe_layer *moe_layer_create_ep(const moe_layer_config *cfg, moe_dist *dist, int 
     ALLOC(ws, l->ws_floats + 1, float);
     ALLOC(tscr, 2 * E * (size_t)l->threads, float);
     ALLOC(bias_load, E, int64_t);
-    /* packed rows of the small-GEMM path: K = max(C, F) by MOE__SMALL_M_MAX,
-     * rounded to whole cache lines */
-    l->small_ws_stride = ((C > F ? C : F) * MOE__SMALL_M_MAX + 15) & ~(size_t)15;
+    /* packed rows of the small-GEMM path, per thread: K = max(C, F) by the
+     * rows rounded up to 16, as moe__sgemm_small_pack writes them (sized by
+     * the bare row limit, a limit that is not a multiple of 16 overflowed) */
+    l->small_ws_stride = (size_t)(C > F ? C : F) * (size_t)((MOE__SMALL_M_MAX + 15) & ~15);
     ALLOC(small_ws, l->small_ws_stride * (size_t)l->threads, float);
     if (swiglu) {
         ALLOC(h3, Rx * F, float);
