@@ -1335,3 +1335,45 @@ TEST(gguf_quant_vec_dot_vs_double) {
            "dot quantization error / (|w||x|): Q8_0xQ8_0 %.2e, Q4_0xQ8_0 %.2e\n",
            moe__gguf_vec_dot_impl(), worst_rel, worst_simd, qerr8, qerr4);
 }
+
+/* The type table is the one place that says what the library can do with a
+ * ggml type: every row the engine computes with converts both ways and
+ * round-trips within its precision; every other row is refused by the
+ * converters by name (MOE_EUNSUPPORTED, never a wrong conversion); the
+ * engine's list of supported types is read from the table. */
+TEST(gguf_type_table_is_the_one_source) {
+    char names[128];
+    moe__gguf_engine_type_names(names, sizeof names);
+    CHECK_MSG(!strcmp(names, "F32, F16, Q4_0, Q8_0, BF16"), "%s", names);
+    float x[64], y[64];
+    unsigned char tb[64 * 4];
+    for (int i = 0; i < 64; i++) x[i] = sinf(0.37f * (float)i) * (1.0f + (float)(i % 5));
+    int n_engine = 0, n_named = 0;
+    for (uint32_t type = 0; type < 64; type++) {
+        const moe__gguf_type_info *t = moe__gguf_type_info_of(type);
+        if (!t) {
+            CHECK_EQ_INT(moe__gguf_dequantize(type, tb, y, 32), MOE_EUNSUPPORTED);
+            continue;
+        }
+        n_named++;
+        CHECK_MSG(t->blck > 0 && t->size > 0 && !strcmp(moe__gguf_type_name(type), t->name), "type %u", type);
+        if (t->engine == MOE__TYPE_ENGINE_NONE) {
+            if (!t->to_float) CHECK_EQ_INT(moe__gguf_dequantize(type, tb, y, t->blck), MOE_EUNSUPPORTED);
+            if (!t->from_float) CHECK_EQ_INT(moe__gguf_quantize(type, x, tb, t->blck), MOE_EUNSUPPORTED);
+            continue;
+        }
+        n_engine++;
+        CHECK_MSG(t->to_float && t->from_float && 64 % t->blck == 0 && moe__gguf_row_size(type, 64) <= sizeof tb,
+                  "%s", t->name);
+        CHECK_EQ_INT(moe__gguf_quantize(type, x, tb, 64), 0);
+        CHECK_EQ_INT(moe__gguf_dequantize(type, tb, y, 64), 0);
+        /* |x| <= 6. The coarsest row, Q4_0: codes -8..7 of d = max / -8, so a value
+         * at the other end clips by up to one step, amax / 8; halves: 2^-8 relative */
+        const float tol = t->engine == MOE__TYPE_ENGINE_QUANT ? 6.0f / 8 * 1.0001f : 6.0f / 256;
+        float worst = 0;
+        for (int i = 0; i < 64; i++) worst = fmaxf(worst, fabsf(y[i] - x[i]));
+        CHECK_MSG(worst <= tol, "%s: round trip error %g", t->name, (double)worst);
+    }
+    CHECK_EQ_INT(n_engine, 5);
+    CHECK(n_named > 30); /* every published type is known by size, computable or not */
+}

@@ -80,8 +80,11 @@ void moe__imodel_stats(const moe__imodel *m, int k, int kv_elem_bytes, moe_engin
 
 /* ---- kernels (kernels.c) -------------------------------------------------- */
 
+/* 1 when w's type runs on the quantized kernels (the type table's engine
+ * column, io/quant.c), 0 for float rows */
 static inline int moe__wt_quant(const moe__wt *w) {
-    return w->type == MOE__GGML_Q8_0 || w->type == MOE__GGML_Q4_0;
+    const moe__gguf_type_info *t = moe__gguf_type_info_of(w->type);
+    return t && t->engine == MOE__TYPE_ENGINE_QUANT;
 }
 
 /* [lo, hi) of n items for thread ith of nth: contiguous chunks, multiples of

@@ -19,9 +19,10 @@ typedef struct binder {
     size_t n_owned;
 } binder;
 
+/* the type table's word (io/quant.c) */
 static int computable(uint32_t type) {
-    return type == MOE__GGML_F32 || type == MOE__GGML_F16 || type == MOE__GGML_BF16 ||
-           type == MOE__GGML_Q8_0 || type == MOE__GGML_Q4_0;
+    const moe__gguf_type_info *t = moe__gguf_type_info_of(type);
+    return t && t->engine != MOE__TYPE_ENGINE_NONE;
 }
 
 /* Checks name's ne against want[0..nd) (ggml order) and its type. NULL and 0
@@ -46,10 +47,12 @@ static int find_checked(binder *b, const char *name, int nd, const int64_t *want
         return moe__set_err(b->err, b->errsz, MOE_ESHAPE, "%s: tensor '%s' has ne {%s}, expected {%s}",
                             moe__gguf_label(b->g), name, got, exp);
     }
-    if (!computable(t->type))
-        return moe__set_err(b->err, b->errsz, MOE_EUNSUPPORTED,
-                            "%s: tensor '%s' has type %s (supported: F32, F16, BF16, Q8_0, Q4_0)",
-                            moe__gguf_label(b->g), name, moe__gguf_type_name(t->type));
+    if (!computable(t->type)) {
+        char names[128];
+        moe__gguf_engine_type_names(names, sizeof names);
+        return moe__set_err(b->err, b->errsz, MOE_EUNSUPPORTED, "%s: tensor '%s' has type %s (supported: %s)",
+                            moe__gguf_label(b->g), name, moe__gguf_type_name(t->type), names);
+    }
     return 0;
 }
 

@@ -3,6 +3,7 @@
 #include "io/quant.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 
 #if defined(__AVX2__) || defined(__F16C__) || defined(__AVX512F__)
@@ -17,43 +18,57 @@
 
 #define QKK 256 /* super-block of the K- and IQ-quants */
 
+static void to_float_f32(const void *src, float *dst, size_t n);
+static void to_float_f16(const void *src, float *dst, size_t n);
+static void to_float_bf16(const void *src, float *dst, size_t n);
+static void to_float_q8_0(const void *src, float *dst, size_t n);
+static void to_float_q4_0(const void *src, float *dst, size_t n);
+static int from_float_f32(const float *src, void *dst, size_t n);
+static int from_float_f16(const float *src, void *dst, size_t n);
+static int from_float_bf16(const float *src, void *dst, size_t n);
+
+#define FLOAT_ROW(f) to_float_##f, from_float_##f, MOE__TYPE_ENGINE_FLOAT
+#define QUANT_ROW(f) to_float_##f, moe__gguf_quantize_##f, MOE__TYPE_ENGINE_QUANT
+
 /* Block sizes and bytes per block of the published ggml types (gguf-py
  * constants.py GGML_QUANT_SIZES; MXFP4 from ggml-common.h). Codes 4, 5 and
  * 31..33, 36..38 were removed from ggml and stay unknown. */
 static const moe__gguf_type_info k_types[] = {
-    [0] = {"F32", 1, 4, 1},
-    [1] = {"F16", 1, 2, 1},
-    [2] = {"Q4_0", 32, 18, 1},
-    [3] = {"Q4_1", 32, 20, 0},
-    [6] = {"Q5_0", 32, 22, 0},
-    [7] = {"Q5_1", 32, 24, 0},
-    [8] = {"Q8_0", 32, 34, 1},
-    [9] = {"Q8_1", 32, 36, 0},
-    [10] = {"Q2_K", QKK, 2 + 2 + QKK / 16 + QKK / 4, 0},
-    [11] = {"Q3_K", QKK, 2 + QKK / 4 + QKK / 8 + 12, 0},
-    [12] = {"Q4_K", QKK, 2 + 2 + QKK / 2 + 12, 0},
-    [13] = {"Q5_K", QKK, 2 + 2 + QKK / 2 + QKK / 8 + 12, 0},
-    [14] = {"Q6_K", QKK, 2 + QKK / 2 + QKK / 4 + QKK / 16, 0},
-    [15] = {"Q8_K", QKK, 4 + QKK + QKK / 8, 0},
-    [16] = {"IQ2_XXS", QKK, 2 + QKK / 4, 0},
-    [17] = {"IQ2_XS", QKK, 2 + QKK / 4 + QKK / 32, 0},
-    [18] = {"IQ3_XXS", QKK, 2 + QKK / 4 + QKK / 8, 0},
-    [19] = {"IQ1_S", QKK, 2 + QKK / 8 + QKK / 16, 0},
-    [20] = {"IQ4_NL", 32, 18, 0},
-    [21] = {"IQ3_S", QKK, 2 + QKK / 4 + QKK / 8 + QKK / 32 + 4, 0},
-    [22] = {"IQ2_S", QKK, 2 + QKK / 4 + QKK / 16, 0},
-    [23] = {"IQ4_XS", QKK, 2 + 2 + QKK / 2 + QKK / 64, 0},
-    [24] = {"I8", 1, 1, 0},
-    [25] = {"I16", 1, 2, 0},
-    [26] = {"I32", 1, 4, 0},
-    [27] = {"I64", 1, 8, 0},
-    [28] = {"F64", 1, 8, 0},
-    [29] = {"IQ1_M", QKK, QKK / 8 + QKK / 16 + QKK / 32, 0},
-    [30] = {"BF16", 1, 2, 1},
-    [34] = {"TQ1_0", QKK, 2 + 4 * 13, 0},
-    [35] = {"TQ2_0", QKK, 2 + 64, 0},
-    [39] = {"MXFP4", 32, 1 + 16, 0},
+    [0] = {"F32", 1, 4, FLOAT_ROW(f32)},
+    [1] = {"F16", 1, 2, FLOAT_ROW(f16)},
+    [2] = {"Q4_0", 32, 18, QUANT_ROW(q4_0)},
+    [3] = {"Q4_1", 32, 20},
+    [6] = {"Q5_0", 32, 22},
+    [7] = {"Q5_1", 32, 24},
+    [8] = {"Q8_0", 32, 34, QUANT_ROW(q8_0)},
+    [9] = {"Q8_1", 32, 36},
+    [10] = {"Q2_K", QKK, 2 + 2 + QKK / 16 + QKK / 4},
+    [11] = {"Q3_K", QKK, 2 + QKK / 4 + QKK / 8 + 12},
+    [12] = {"Q4_K", QKK, 2 + 2 + QKK / 2 + 12},
+    [13] = {"Q5_K", QKK, 2 + 2 + QKK / 2 + QKK / 8 + 12},
+    [14] = {"Q6_K", QKK, 2 + QKK / 2 + QKK / 4 + QKK / 16},
+    [15] = {"Q8_K", QKK, 4 + QKK + QKK / 8},
+    [16] = {"IQ2_XXS", QKK, 2 + QKK / 4},
+    [17] = {"IQ2_XS", QKK, 2 + QKK / 4 + QKK / 32},
+    [18] = {"IQ3_XXS", QKK, 2 + QKK / 4 + QKK / 8},
+    [19] = {"IQ1_S", QKK, 2 + QKK / 8 + QKK / 16},
+    [20] = {"IQ4_NL", 32, 18},
+    [21] = {"IQ3_S", QKK, 2 + QKK / 4 + QKK / 8 + QKK / 32 + 4},
+    [22] = {"IQ2_S", QKK, 2 + QKK / 4 + QKK / 16},
+    [23] = {"IQ4_XS", QKK, 2 + 2 + QKK / 2 + QKK / 64},
+    [24] = {"I8", 1, 1},
+    [25] = {"I16", 1, 2},
+    [26] = {"I32", 1, 4},
+    [27] = {"I64", 1, 8},
+    [28] = {"F64", 1, 8},
+    [29] = {"IQ1_M", QKK, QKK / 8 + QKK / 16 + QKK / 32},
+    [30] = {"BF16", 1, 2, FLOAT_ROW(bf16)},
+    [34] = {"TQ1_0", QKK, 2 + 4 * 13},
+    [35] = {"TQ2_0", QKK, 2 + 64},
+    [39] = {"MXFP4", 32, 1 + 16},
 };
+#undef FLOAT_ROW
+#undef QUANT_ROW
 
 const moe__gguf_type_info *moe__gguf_type_info_of(uint32_t type) {
     if (type >= sizeof k_types / sizeof *k_types || !k_types[type].name) return NULL;
@@ -63,6 +78,14 @@ const moe__gguf_type_info *moe__gguf_type_info_of(uint32_t type) {
 const char *moe__gguf_type_name(uint32_t type) {
     const moe__gguf_type_info *t = moe__gguf_type_info_of(type);
     return t ? t->name : "?";
+}
+
+void moe__gguf_engine_type_names(char *buf, size_t n) {
+    size_t len = 0;
+    if (n) buf[0] = '\0';
+    for (size_t i = 0; i < sizeof k_types / sizeof *k_types; i++)
+        if (k_types[i].name && k_types[i].engine != MOE__TYPE_ENGINE_NONE && len < n)
+            len += (size_t)snprintf(buf + len, n - len, "%s%s", len ? ", " : "", k_types[i].name);
 }
 
 size_t moe__gguf_row_size(uint32_t type, size_t n) {
@@ -130,7 +153,10 @@ static void store_u16(unsigned char *p, uint16_t v) {
 
 /* ---- dequantization -------------------------------------------------------- */
 
-static void dequant_f16(const unsigned char *p, float *dst, size_t n) {
+static void to_float_f32(const void *src, float *dst, size_t n) { memcpy(dst, src, n * sizeof(float)); }
+
+static void to_float_f16(const void *src, float *dst, size_t n) {
+    const unsigned char *p = src;
     size_t i = 0;
 #if defined(__F16C__)
     for (; i + 8 <= n; i += 8)
@@ -139,7 +165,13 @@ static void dequant_f16(const unsigned char *p, float *dst, size_t n) {
     for (; i < n; i++) dst[i] = moe__gguf_fp16_to_f32(load_u16(p + 2 * i));
 }
 
-static void dequant_q8_0(const unsigned char *p, float *dst, size_t n) {
+static void to_float_bf16(const void *src, float *dst, size_t n) {
+    const unsigned char *p = src;
+    for (size_t i = 0; i < n; i++) dst[i] = moe__gguf_bf16_to_f32(load_u16(p + 2 * i));
+}
+
+static void to_float_q8_0(const void *src, float *dst, size_t n) {
+    const unsigned char *p = src;
     for (size_t b = 0; b < n / MOE__GGUF_QK; b++, p += sizeof(moe__gguf_block_q8_0)) {
         float d = moe__gguf_fp16_to_f32(load_u16(p));
         const int8_t *qs = (const int8_t *)(p + 2);
@@ -147,7 +179,8 @@ static void dequant_q8_0(const unsigned char *p, float *dst, size_t n) {
     }
 }
 
-static void dequant_q4_0(const unsigned char *p, float *dst, size_t n) {
+static void to_float_q4_0(const void *src, float *dst, size_t n) {
+    const unsigned char *p = src;
     for (size_t b = 0; b < n / MOE__GGUF_QK; b++, p += sizeof(moe__gguf_block_q4_0)) {
         float d = moe__gguf_fp16_to_f32(load_u16(p));
         const unsigned char *qs = p + 2;
@@ -161,21 +194,11 @@ static void dequant_q4_0(const unsigned char *p, float *dst, size_t n) {
 
 int moe__gguf_dequantize(uint32_t type, const void *src, float *dst, size_t n) {
     const moe__gguf_type_info *t = moe__gguf_type_info_of(type);
-    if (!t || !t->supported) return MOE_EUNSUPPORTED;
+    if (!t || !t->to_float) return MOE_EUNSUPPORTED;
     if (n % t->blck) return MOE_EINVAL;
     if (n == 0) return 0;
     if (!src || !dst) return MOE_EINVAL;
-    const unsigned char *p = src;
-    switch (type) {
-    case MOE__GGML_F32: memcpy(dst, p, n * sizeof(float)); break;
-    case MOE__GGML_F16: dequant_f16(p, dst, n); break;
-    case MOE__GGML_BF16:
-        for (size_t i = 0; i < n; i++) dst[i] = moe__gguf_bf16_to_f32(load_u16(p + 2 * i));
-        break;
-    case MOE__GGML_Q8_0: dequant_q8_0(p, dst, n); break;
-    case MOE__GGML_Q4_0: dequant_q4_0(p, dst, n); break;
-    default: return MOE_EUNSUPPORTED;
-    }
+    t->to_float(src, dst, n);
     return 0;
 }
 
@@ -256,32 +279,35 @@ NO_CONTRACT int moe__gguf_quantize_q4_0(const float *src, void *dst, size_t n) {
     return rc;
 }
 
+static int from_float_f32(const float *src, void *dst, size_t n) {
+    int rc = 0;
+    if (n) memcpy(dst, src, n * sizeof(float));
+    for (size_t i = 0; i < n && !rc; i++)
+        if (!isfinite(src[i])) rc = MOE_ENONFINITE;
+    return rc;
+}
+
+/* F16 / BF16: inf is the code of both an overflow (MOE_ELIMIT) and an
+ * infinite input (MOE_ENONFINITE). */
+static int from_float_half(const float *src, unsigned char *p, size_t n, int bf16) {
+    int rc = 0;
+    for (size_t i = 0; i < n; i++) {
+        const uint16_t h = bf16 ? moe__gguf_f32_to_bf16(src[i]) : moe__gguf_f32_to_fp16(src[i]);
+        store_u16(p + 2 * i, h);
+        if (!rc && !isfinite(src[i])) rc = MOE_ENONFINITE;
+        else if (!rc && (h & 0x7fff) == (bf16 ? 0x7f80 : 0x7c00)) rc = MOE_ELIMIT;
+    }
+    return rc;
+}
+
+static int from_float_f16(const float *src, void *dst, size_t n) { return from_float_half(src, dst, n, 0); }
+static int from_float_bf16(const float *src, void *dst, size_t n) { return from_float_half(src, dst, n, 1); }
+
 int moe__gguf_quantize(uint32_t type, const float *src, void *dst, size_t n) {
     const moe__gguf_type_info *t = moe__gguf_type_info_of(type);
-    if (!t || !t->supported) return MOE_EUNSUPPORTED;
+    if (!t || !t->from_float) return MOE_EUNSUPPORTED;
     if (n % t->blck || (n && (!src || !dst))) return MOE_EINVAL;
-    unsigned char *p = dst;
-    int rc = 0;
-    switch (type) {
-    case MOE__GGML_F32:
-        if (n) memcpy(p, src, n * sizeof(float));
-        for (size_t i = 0; i < n && !rc; i++)
-            if (!isfinite(src[i])) rc = MOE_ENONFINITE;
-        return rc;
-    case MOE__GGML_F16:
-    case MOE__GGML_BF16:
-        for (size_t i = 0; i < n; i++) {
-            uint16_t h = type == MOE__GGML_F16 ? moe__gguf_f32_to_fp16(src[i])
-                                               : moe__gguf_f32_to_bf16(src[i]);
-            store_u16(p + 2 * i, h);
-            if (!rc && !isfinite(src[i])) rc = MOE_ENONFINITE;
-            else if (!rc && (h & 0x7fff) == (type == MOE__GGML_F16 ? 0x7c00 : 0x7f80)) rc = MOE_ELIMIT;
-        }
-        return rc;
-    case MOE__GGML_Q8_0: return moe__gguf_quantize_q8_0(src, dst, n);
-    case MOE__GGML_Q4_0: return moe__gguf_quantize_q4_0(src, dst, n);
-    default: return MOE_EUNSUPPORTED;
-    }
+    return t->from_float(src, dst, n);
 }
 
 /* ---- dot products ---------------------------------------------------------- */

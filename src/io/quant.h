@@ -43,17 +43,32 @@ typedef struct moe__gguf_block_q4_0 {
 _Static_assert(sizeof(moe__gguf_block_q8_0) == 34, "Q8_0 block must be 34 bytes");
 _Static_assert(sizeof(moe__gguf_block_q4_0) == 18, "Q4_0 block must be 18 bytes");
 
-/* Size facts of one ggml type. supported: the library can convert it to and
- * from float (F32, F16, BF16, Q8_0, Q4_0). */
+/* How the engine computes with a weight type (infer/kernels.c). */
+typedef enum moe__type_engine {
+    MOE__TYPE_ENGINE_NONE = 0, /* refused by the engine's loader */
+    MOE__TYPE_ENGINE_FLOAT,    /* float rows (F32, F16, BF16) against float activations */
+    MOE__TYPE_ENGINE_QUANT,    /* blocks of 32 against Q8_0-quantized activations */
+} moe__type_engine;
+
+/* One row per ggml type: everything the library knows of it, so that "which
+ * types are supported" is read here and nowhere else. to_float and
+ * from_float convert n values (a multiple of blck; src / dst unaligned);
+ * NULL where the library cannot (the type is then refused by name).
+ * from_float returns the codes of moe__gguf_quantize. */
 typedef struct moe__gguf_type_info {
-    const char *name;   /* "F32", "Q4_K", ... */
-    uint32_t blck;      /* values per block */
-    uint32_t size;      /* bytes per block */
-    int supported;
+    const char *name; /* "F32", "Q4_K", ... */
+    uint32_t blck;    /* values per block */
+    uint32_t size;    /* bytes per block */
+    void (*to_float)(const void *src, float *dst, size_t n);
+    int (*from_float)(const float *src, void *dst, size_t n);
+    moe__type_engine engine;
 } moe__gguf_type_info;
 
 /* NULL for a code that is not a published ggml type (or was removed). */
 const moe__gguf_type_info *moe__gguf_type_info_of(uint32_t type);
+/* The names of the types the engine computes with, "F32, F16, ..." in type
+ * code order (for messages that refuse the others). */
+void moe__gguf_engine_type_names(char *buf, size_t n);
 /* Name of a ggml type, "?" when unknown. */
 const char *moe__gguf_type_name(uint32_t type);
 /* Bytes of n values of type; 0 when the type is unknown, n is not a multiple
