@@ -1377,3 +1377,60 @@ TEST(gguf_type_table_is_the_one_source) {
     CHECK_EQ_INT(n_engine, 5);
     CHECK(n_named > 30); /* every published type is known by size, computable or not */
 }
+
+/* Q6_K to float (shared/docs/quant-types.md): element e of a 210-byte block
+ * is q = low4 | high2 << 4 with h = e / 128, r = e % 128, g = r / 32,
+ * l = r % 32, low4 from ql[64h + 32 (g & 1) + l] (low nibble for g < 2),
+ * high2 = (qh[32h + l] >> 2g) & 3; x = d * scales[e / 16] * (q - 32). This
+ * reference follows that description element by element; the library's
+ * converter follows llama.cpp's loop. Equal bit for bit, and within half an
+ * ulp of the exact double product. */
+static float q6k_ref(const unsigned char *blk, int e, double *exact) {
+    const int h = e / 128, r = e % 128, g = r / 32, l = r % 32;
+    const unsigned char lb = blk[64 * h + 32 * (g & 1) + l];
+    const int low4 = g < 2 ? lb & 15 : lb >> 4, high2 = (blk[128 + 32 * h + l] >> (2 * g)) & 3;
+    const int q = (low4 | high2 << 4) - 32;
+    const int8_t sc = (int8_t)blk[192 + e / 16];
+    const float d = moe__gguf_fp16_to_f32((uint16_t)(blk[208] | blk[209] << 8));
+    *exact = (double)d * sc * q;
+    return d * (float)sc * (float)q;
+}
+
+TEST(gguf_q6_k_dequantizes_as_the_reference_formula) {
+    const moe__gguf_type_info *t = moe__gguf_type_info_of(14);
+    CHECK(t && !strcmp(t->name, "Q6_K") && t->blck == 256 && t->size == 210 && t->to_float);
+    unsigned char blk[4 * 210];
+    float y[4 * 256];
+    uint64_t s = 777;
+    for (size_t i = 0; i < sizeof blk; i++) s = s * 6364136223846793005ULL + 1442695040888963407ULL, blk[i] = (unsigned char)(s >> 56);
+    const uint16_t ds[4] = {0x3c00, 0x1234, 0x0001 /* subnormal */, 0x7bff /* 65504 */};
+    for (int b = 0; b < 4; b++) blk[210 * b + 208] = (unsigned char)ds[b], blk[210 * b + 209] = (unsigned char)(ds[b] >> 8);
+    CHECK_EQ_INT(moe__gguf_dequantize(14, blk, y, 4 * 256), 0);
+    int bad = 0;
+    for (int b = 0; b < 4; b++)
+        for (int e = 0; e < 256; e++) {
+            double exact;
+            const float r = q6k_ref(blk + 210 * b, e, &exact), v = y[256 * b + e];
+            /* d * scale is exact in float (11 + 8 bits); the product with q rounds once */
+            if (memcmp(&r, &v, sizeof v) || fabs((double)v - exact) > fabs(exact) * 0x1p-24) {
+                if (bad++ < 3) CHECK_MSG(0, "block %d [%d] = %.9g, reference %.9g, exact %.17g", b, e, (double)v, (double)r, exact);
+            }
+        }
+    CHECK_EQ_INT(bad, 0);
+    /* hand-made blocks: all zero; every code at its maximum (63 -> +31) with
+     * scale 127; every code 0 (-> -32) with scale -128; d = 1 */
+    unsigned char z[210] = {0};
+    CHECK_EQ_INT(moe__gguf_dequantize(14, z, y, 256), 0);
+    for (int e = 0; e < 256; e++) CHECK_MSG(y[e] == 0, "zero [%d] = %g", e, (double)y[e]);
+    unsigned char hi[210], lo[210];
+    memset(hi, 0xff, 192), memset(hi + 192, 127, 16), hi[208] = 0x00, hi[209] = 0x3c;
+    memset(lo, 0x00, 192), memset(lo + 192, 0x80, 16), lo[208] = 0x00, lo[209] = 0x3c;
+    CHECK_EQ_INT(moe__gguf_dequantize(14, hi, y, 256), 0);
+    for (int e = 0; e < 256; e++) CHECK_MSG(y[e] == 127.0f * 31.0f, "max [%d] = %g", e, (double)y[e]);
+    CHECK_EQ_INT(moe__gguf_dequantize(14, lo, y, 256), 0);
+    for (int e = 0; e < 256; e++) CHECK_MSG(y[e] == 4096.0f, "min [%d] = %g", e, (double)y[e]);
+    /* rows that are not whole super-blocks; no encoder and no engine kernel yet */
+    CHECK_EQ_INT(moe__gguf_dequantize(14, blk, y, 255), MOE_EINVAL);
+    CHECK_EQ_INT(moe__gguf_quantize(14, y, blk, 256), MOE_EUNSUPPORTED);
+    CHECK(t->engine == MOE__TYPE_ENGINE_NONE);
+}

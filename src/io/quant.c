@@ -23,6 +23,7 @@ static void to_float_f16(const void *src, float *dst, size_t n);
 static void to_float_bf16(const void *src, float *dst, size_t n);
 static void to_float_q8_0(const void *src, float *dst, size_t n);
 static void to_float_q4_0(const void *src, float *dst, size_t n);
+static void to_float_q6_k(const void *src, float *dst, size_t n);
 static int from_float_f32(const float *src, void *dst, size_t n);
 static int from_float_f16(const float *src, void *dst, size_t n);
 static int from_float_bf16(const float *src, void *dst, size_t n);
@@ -46,7 +47,7 @@ static const moe__gguf_type_info k_types[] = {
     [11] = {"Q3_K", QKK, 2 + QKK / 4 + QKK / 8 + 12},
     [12] = {"Q4_K", QKK, 2 + 2 + QKK / 2 + 12},
     [13] = {"Q5_K", QKK, 2 + 2 + QKK / 2 + QKK / 8 + 12},
-    [14] = {"Q6_K", QKK, 2 + QKK / 2 + QKK / 4 + QKK / 16},
+    [14] = {"Q6_K", QKK, 2 + QKK / 2 + QKK / 4 + QKK / 16, to_float_q6_k}, /* no kernel yet: engine NONE */
     [15] = {"Q8_K", QKK, 4 + QKK + QKK / 8},
     [16] = {"IQ2_XXS", QKK, 2 + QKK / 4},
     [17] = {"IQ2_XS", QKK, 2 + QKK / 4 + QKK / 32},
@@ -189,6 +190,34 @@ static void to_float_q4_0(const void *src, float *dst, size_t n) {
             y[j] = (float)((qs[j] & 15) - 8) * d;
             y[j + MOE__GGUF_QK / 2] = (float)((qs[j] >> 4) - 8) * d;
         }
+    }
+}
+
+/* Q6_K, 210 bytes per 256 values: ql[128] (low 4 bits), qh[64] (high 2 bits),
+ * int8 scales[16] (one per 16 values), fp16 d last. Each half of 128 values
+ * takes 64 bytes of ql and 32 of qh: value 32g + l (g = 0..3, l = 0..31) has
+ * its low nibble in ql[l + 32 (g & 1)] (low nibble for g < 2, high for g >= 2)
+ * and its high bits at (qh[l] >> 2g) & 3; x = d * scale * (q - 32), in that
+ * order (llama.cpp's dequantize_row_q6_K, bit for bit). */
+static void to_float_q6_k(const void *src, float *dst, size_t n) {
+    const unsigned char *p = src;
+    for (size_t b = 0; b < n / QKK; b++, p += 2 + QKK / 2 + QKK / 4 + QKK / 16) {
+        const unsigned char *ql = p, *qh = p + QKK / 2;
+        const int8_t *sc = (const int8_t *)(p + QKK / 2 + QKK / 4);
+        const float d = moe__gguf_fp16_to_f32(load_u16(p + QKK / 2 + QKK / 4 + QKK / 16));
+        float *y = dst + b * QKK;
+        for (int half = 0; half < 2; half++, ql += 64, qh += 32, sc += 8, y += 128)
+            for (int l = 0; l < 32; l++) {
+                const int is = l / 16;
+                const int q1 = (int)((ql[l] & 15) | ((qh[l] >> 0 & 3) << 4)) - 32;
+                const int q2 = (int)((ql[l + 32] & 15) | ((qh[l] >> 2 & 3) << 4)) - 32;
+                const int q3 = (int)((ql[l] >> 4) | ((qh[l] >> 4 & 3) << 4)) - 32;
+                const int q4 = (int)((ql[l + 32] >> 4) | ((qh[l] >> 6 & 3) << 4)) - 32;
+                y[l] = d * (float)sc[is] * (float)q1;
+                y[l + 32] = d * (float)sc[is + 2] * (float)q2;
+                y[l + 64] = d * (float)sc[is + 4] * (float)q3;
+                y[l + 96] = d * (float)sc[is + 6] * (float)q4;
+            }
     }
 }
 
