@@ -528,3 +528,46 @@ TEST(infer_hostile_random_corruption) {
     moe_test_rmdir(dir);
     tiny_free(&m);
 }
+
+/* llama-quantize writes output.weight as Q6_K even in a "Q4_0" file. The
+ * engine has no Q6_K kernel yet; its loader keeps an F32 copy of such a
+ * tensor (the type table's to_float) instead of refusing the file. Logits
+ * match the double-precision reference of the same values; the copy is never
+ * dropped like a file page (repack 2 packs float matrices, and MADV_DONTNEED
+ * on the copy would zero it: a tied model reads its embedding rows there). */
+TEST(infer_q6_k_output_is_converted_at_load) {
+    for (int tied = 0; tied < 2; tied++)
+        for (int repack = 0; repack <= 2; repack += 2) {
+            tiny_spec s = tiny_default(TINY_LLAMA);
+            s.C = 256, s.tied = tied; /* Q6_K rows are whole 256-value super-blocks */
+            tiny_model m;
+            tiny_build(&m, &s, 99);
+            tiny_tensor *t = NULL;
+            for (int i = 0; i < m.n; i++)
+                if (!strcmp(m.t[i].name, tied ? "token_embd.weight" : "output.weight")) t = &m.t[i];
+            CHECK(t != NULL);
+            if (!t) return;
+            const size_t nb = (size_t)s.V * 210;
+            unsigned char *q = malloc(nb);
+            float *ref = malloc(sizeof(float) * (size_t)s.V * 256);
+            uint64_t r = 5;
+            for (size_t i = 0; i < nb; i++) r = r * 6364136223846793005ULL + 1, q[i] = (unsigned char)(r >> 56);
+            for (int v = 0; v < s.V; v++) q[210 * v + 208] = 0x00, q[210 * v + 209] = 0x04; /* d = 2^-14: |w| <= 0.25 */
+            CHECK_EQ_INT(moe__gguf_dequantize(14, q, ref, (size_t)s.V * 256), 0);
+            free(t->bytes), free(t->ref);
+            t->bytes = q, t->ref = ref, t->nbytes = nb, t->type = 14;
+            char dir[128];
+            moe_engine_params p = params();
+            p.repack = repack;
+            moe_engine *e = load_tiny(&m, dir, &p);
+            if (e) {
+                const double rel = compare_all(e, &m, T_MAX, s.K);
+                CHECK_MSG(rel <= 1e-5, "tied %d repack %d: relative logit error %.3g", tied, repack, rel);
+                const double again = compare_all(e, &m, T_MAX, s.K); /* after the first use packed and dropped pages */
+                CHECK_MSG(again <= 1e-5, "tied %d repack %d, second pass: %.3g", tied, repack, again);
+                moe_engine_free(e);
+            }
+            moe_test_rmdir(dir);
+            tiny_free(&m);
+        }
+}

@@ -157,7 +157,7 @@ static void pack_setup(moe_engine *e) {
             moe__wt *w = ws[i];
             /* a float copy (repack 2) only where the file's pages can be dropped (mapped GGUF) */
             const int use = (w->data || w->mats) && w->rows > 0 &&
-                            (moe__wt_quant(w) || (e->p.repack == 2 && e->m->file_mapped));
+                            (moe__wt_quant(w) || (e->p.repack == 2 && e->m->file_mapped && !w->converted));
             const size_t pb = use ? moe__wt_packed_bytes(w) : 0;
             if (!pb) continue;
             if (pass) w->pk = e->pk_arena + bytes, w->pk_bytes = pb, w->pk_id = (int)tiles;
@@ -303,7 +303,7 @@ static void pack_tiles(moe_engine *e, const moe__wt *w, int mat, uint8_t *pk, in
         const int r0 = 4 * t, r1 = 4 * u < w->rows ? 4 * u : w->rows;
         moe__wt_pack_rows(w, mat, pk, r0, r1);
 #if defined(__linux__)
-        if (e->m->file_mapped) {
+        if (e->m->file_mapped && !w->converted) { /* file pages refault; anonymous ones would read as 0 */
             const uintptr_t ps = (uintptr_t)sysconf(_SC_PAGESIZE), raw = (uintptr_t)moe__wt_mat(w, mat);
             const uintptr_t a = (raw + (size_t)r0 * w->row_bytes + ps - 1) / ps * ps;
             const uintptr_t b = (raw + (size_t)r1 * w->row_bytes) / ps * ps;

@@ -29,6 +29,10 @@ typedef struct moe__wt {
     uint32_t type;
     int rows, cols, n_mat;
     size_t row_bytes, mat_bytes;
+    /* 1: data is the model's own F32 copy of a file tensor whose type has no
+     * kernel (the type table's to_float, at load), not the file mapping: its
+     * pages are never dropped (MADV_DONTNEED would zero them) */
+    int converted;
     /* the engine's packed copies (moe__wt_packed_bytes each, pk_bytes apart;
      * NULL: none), made lazily: pk_id numbers the first in the engine's flags */
     uint8_t *pk;

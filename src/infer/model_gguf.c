@@ -19,10 +19,11 @@ typedef struct binder {
     size_t n_owned;
 } binder;
 
-/* the type table's word (io/quant.c) */
+/* the type table's word (io/quant.c): a type with kernels, or one the table
+ * can convert to float (the loader keeps an F32 copy of those tensors) */
 static int computable(uint32_t type) {
     const moe__gguf_type_info *t = moe__gguf_type_info_of(type);
-    return t && t->engine != MOE__TYPE_ENGINE_NONE;
+    return t && (t->engine != MOE__TYPE_ENGINE_NONE || t->to_float);
 }
 
 /* Checks name's ne against want[0..nd) (ggml order) and its type. NULL and 0
@@ -49,7 +50,7 @@ static int find_checked(binder *b, const char *name, int nd, const int64_t *want
     }
     if (!computable(t->type)) {
         char names[128];
-        moe__gguf_engine_type_names(names, sizeof names);
+        moe__gguf_loadable_type_names(names, sizeof names);
         return moe__set_err(b->err, b->errsz, MOE_EUNSUPPORTED, "%s: tensor '%s' has type %s (supported: %s)",
                             moe__gguf_label(b->g), name, moe__gguf_type_name(t->type), names);
     }
@@ -63,6 +64,26 @@ static int bind_wt(binder *b, const char *name, int rows, int cols, int n_mat, i
     memset(w, 0, sizeof *w);
     int rc = find_checked(b, name, n_mat > 1 ? 3 : 2, want, required, &t);
     if (rc || !t) return rc;
+    const moe__gguf_type_info *ti = moe__gguf_type_info_of(t->type);
+    if (ti && ti->engine == MOE__TYPE_ENGINE_NONE) { /* no kernel: F32 in the arena (find_checked saw to_float) */
+        size_t n;
+        if (moe__mul_size((size_t)rows * (size_t)cols, (size_t)n_mat, &n) || n > SIZE_MAX / sizeof(float) - b->n_owned)
+            return moe__set_err(b->err, b->errsz, MOE_ELIMIT, "%s: tensor '%s' is too large to convert",
+                                moe__gguf_label(b->g), name);
+        if (b->owned) {
+            float *dst = b->owned + b->n_owned;
+            rc = moe__gguf_dequantize(t->type, t->data, dst, n);
+            if (rc)
+                return moe__set_err(b->err, b->errsz, rc, "%s: tensor '%s': cannot convert %s",
+                                    moe__gguf_label(b->g), name, ti->name);
+            w->data = (const uint8_t *)dst;
+        }
+        b->n_owned += n;
+        w->type = MOE__GGML_F32, w->converted = 1;
+        w->rows = rows, w->cols = cols, w->n_mat = n_mat;
+        w->row_bytes = sizeof(float) * (size_t)cols, w->mat_bytes = w->row_bytes * (size_t)rows;
+        return 0;
+    }
     w->data = t->data;
     w->type = t->type;
     w->rows = rows, w->cols = cols, w->n_mat = n_mat;

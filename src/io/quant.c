@@ -81,11 +81,11 @@ const char *moe__gguf_type_name(uint32_t type) {
     return t ? t->name : "?";
 }
 
-void moe__gguf_engine_type_names(char *buf, size_t n) {
+void moe__gguf_loadable_type_names(char *buf, size_t n) {
     size_t len = 0;
     if (n) buf[0] = '\0';
     for (size_t i = 0; i < sizeof k_types / sizeof *k_types; i++)
-        if (k_types[i].name && k_types[i].engine != MOE__TYPE_ENGINE_NONE && len < n)
+        if (k_types[i].name && (k_types[i].engine != MOE__TYPE_ENGINE_NONE || k_types[i].to_float) && len < n)
             len += (size_t)snprintf(buf + len, n - len, "%s%s", len ? ", " : "", k_types[i].name);
 }
 

@@ -66,9 +66,10 @@ typedef struct moe__gguf_type_info {
 
 /* NULL for a code that is not a published ggml type (or was removed). */
 const moe__gguf_type_info *moe__gguf_type_info_of(uint32_t type);
-/* The names of the types the engine computes with, "F32, F16, ..." in type
- * code order (for messages that refuse the others). */
-void moe__gguf_engine_type_names(char *buf, size_t n);
+/* The names of the types the engine loads, "F32, F16, ..." in type code
+ * order: those it computes with and those it converts to F32 at load (for
+ * messages that refuse the others). */
+void moe__gguf_loadable_type_names(char *buf, size_t n);
 /* Name of a ggml type, "?" when unknown. */
 const char *moe__gguf_type_name(uint32_t type);
 /* Bytes of n values of type; 0 when the type is unknown, n is not a multiple
