@@ -435,9 +435,10 @@ static void rt_check_tensors(const moe__gguf *g, const rt_data *d, uint32_t alig
     CHECK_EQ_INT(moe__gguf_tensor_f32(g, t, buf_f, 127, err, sizeof err), MOE_ESHAPE);
     t = moe__gguf_find_tensor(g, "q4k");
     CHECK(t != NULL);
-    float big[256];
-    CHECK_EQ_INT(moe__gguf_tensor_f32(g, t, big, 256, err, sizeof err), MOE_EUNSUPPORTED);
-    CHECK_MSG(strstr(err, "Q4_K") && strstr(err, "q4k"), "%s", err);
+    float big[256], q4k_want[256];
+    /* Q4_K has a converter now (the type table): the same values as it gives */
+    CHECK_EQ_INT(moe__gguf_tensor_f32(g, t, big, 256, err, sizeof err), 0);
+    CHECK(moe__gguf_dequantize(12, d->q4k, q4k_want, 256) == 0 && !memcmp(big, q4k_want, sizeof q4k_want));
 }
 
 TEST(gguf_roundtrip_every_kv_and_tensor_type) {
@@ -1147,7 +1148,7 @@ TEST(gguf_quant_golden_blocks) {
     CHECK_EQ_INT(moe__gguf_quantize(MOE__GGML_Q8_0, x, &q8, 31), MOE_EINVAL);
     CHECK_EQ_INT(moe__gguf_dequantize(MOE__GGML_Q4_0, &q4, y, 16), MOE_EINVAL);
     CHECK_EQ_INT(moe__gguf_quantize(12 /* Q4_K */, x, &q8, 256), MOE_EUNSUPPORTED);
-    CHECK_EQ_INT(moe__gguf_dequantize(12, &q8, y, 256), MOE_EUNSUPPORTED);
+    CHECK_EQ_INT(moe__gguf_dequantize(13 /* Q5_K: no converter */, &q8, y, 256), MOE_EUNSUPPORTED);
     CHECK_EQ_INT(moe__gguf_row_size(MOE__GGML_Q8_0, 64), 68);
     CHECK_EQ_INT(moe__gguf_row_size(MOE__GGML_Q4_0, 64), 36);
     CHECK_EQ_INT(moe__gguf_row_size(MOE__GGML_Q4_0, 65), 0);
@@ -1344,7 +1345,7 @@ TEST(gguf_quant_vec_dot_vs_double) {
 TEST(gguf_type_table_is_the_one_source) {
     char names[128];
     moe__gguf_loadable_type_names(names, sizeof names);
-    CHECK_MSG(!strcmp(names, "F32, F16, Q4_0, Q8_0, Q6_K, BF16"), "%s", names);
+    CHECK_MSG(!strcmp(names, "F32, F16, Q4_0, Q8_0, Q4_K, Q6_K, BF16"), "%s", names);
     float x[64], y[64];
     unsigned char tb[64 * 4];
     for (int i = 0; i < 64; i++) x[i] = sinf(0.37f * (float)i) * (1.0f + (float)(i % 5));
@@ -1433,4 +1434,59 @@ TEST(gguf_q6_k_dequantizes_as_the_reference_formula) {
     CHECK_EQ_INT(moe__gguf_dequantize(14, blk, y, 255), MOE_EINVAL);
     CHECK_EQ_INT(moe__gguf_quantize(14, y, blk, 256), MOE_EUNSUPPORTED);
     CHECK(t->engine == MOE__TYPE_ENGINE_NONE);
+}
+
+/* Q4_K to float (shared/docs/quant-types.md): element e of a 144-byte block
+ * is q = nibble of qs[32 (e / 64) + e % 32] (low for e % 64 < 32), in
+ * sub-block s = e / 32 with the 6-bit scale and min of get_scale_min_k4, and
+ * x = (d * sc) * q - dmin * mn, two roundings (the volatile keeps this file's
+ * FMA contraction out of the reference). Equal bit for bit to the library's
+ * loop, within an ulp-scale bound of the exact double value. */
+static float q4k_ref(const unsigned char *blk, int e, double *exact) {
+    const unsigned char *k = blk + 4, *qs = blk + 16;
+    const int s = e / 32, c = e / 64, w = e % 64;
+    const int q = w < 32 ? qs[32 * c + w % 32] & 15 : qs[32 * c + w % 32] >> 4;
+    const int sc = s < 4 ? k[s] & 63 : (k[s + 4] & 15) | (k[s - 4] >> 6) << 4;
+    const int mn = s < 4 ? k[s + 4] & 63 : (k[s + 4] >> 4) | (k[s] >> 6) << 4;
+    const float d = moe__gguf_fp16_to_f32((uint16_t)(blk[0] | blk[1] << 8));
+    const float dmin = moe__gguf_fp16_to_f32((uint16_t)(blk[2] | blk[3] << 8));
+    *exact = (double)d * sc * q - (double)dmin * mn;
+    volatile float a = d * (float)sc * (float)q, m = dmin * (float)mn;
+    return a - m;
+}
+
+TEST(gguf_q4_k_dequantizes_as_the_reference_formula) {
+    const moe__gguf_type_info *t = moe__gguf_type_info_of(12);
+    CHECK(t && !strcmp(t->name, "Q4_K") && t->blck == 256 && t->size == 144 && t->to_float);
+    unsigned char blk[3 * 144];
+    float y[3 * 256];
+    uint64_t s = 4242;
+    for (size_t i = 0; i < sizeof blk; i++) s = s * 6364136223846793005ULL + 1442695040888963407ULL, blk[i] = (unsigned char)(s >> 56);
+    const uint16_t d[3][2] = {{0x3c00, 0x3800}, {0x1234, 0x0567}, {0x0001, 0x7bff}}; /* (d, dmin) */
+    for (int b = 0; b < 3; b++)
+        for (int j = 0; j < 2; j++) blk[144 * b + 2 * j] = (unsigned char)d[b][j], blk[144 * b + 2 * j + 1] = (unsigned char)(d[b][j] >> 8);
+    CHECK_EQ_INT(moe__gguf_dequantize(12, blk, y, 3 * 256), 0);
+    int bad = 0;
+    for (int b = 0; b < 3; b++)
+        for (int e = 0; e < 256; e++) {
+            double exact;
+            const float r = q4k_ref(blk + 144 * b, e, &exact), v = y[256 * b + e];
+            /* d * sc and dmin * mn are exact (11 + 6 bits); two roundings after */
+            const double bound = (fabs(exact) + fabs((double)r)) * 0x1p-23 + 1e-40;
+            if (memcmp(&r, &v, sizeof v) || fabs((double)v - exact) > bound) {
+                if (bad++ < 3) CHECK_MSG(0, "block %d [%d] = %.9g, reference %.9g, exact %.17g", b, e, (double)v, (double)r, exact);
+            }
+        }
+    CHECK_EQ_INT(bad, 0);
+    /* hand-made: all zero; codes 15 with scale and min 63 in every sub-block
+     * (d = 1, dmin = 0.5): 63 * 15 - 0.5 * 63 = 913.5 */
+    unsigned char z[144] = {0}, hi[144];
+    CHECK_EQ_INT(moe__gguf_dequantize(12, z, y, 256), 0);
+    for (int e = 0; e < 256; e++) CHECK_MSG(y[e] == 0, "zero [%d] = %g", e, (double)y[e]);
+    memset(hi, 0xff, sizeof hi);
+    hi[0] = 0x00, hi[1] = 0x3c, hi[2] = 0x00, hi[3] = 0x38;
+    CHECK_EQ_INT(moe__gguf_dequantize(12, hi, y, 256), 0);
+    for (int e = 0; e < 256; e++) CHECK_MSG(y[e] == 913.5f, "max [%d] = %g", e, (double)y[e]);
+    CHECK_EQ_INT(moe__gguf_dequantize(12, blk, y, 300), MOE_EINVAL);
+    CHECK(t->engine == MOE__TYPE_ENGINE_NONE && !t->from_float);
 }

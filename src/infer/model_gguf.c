@@ -6,6 +6,7 @@
 
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 #include <sys/stat.h>
 
 #define MAX_LAYERS 4096
@@ -17,6 +18,7 @@ typedef struct binder {
     size_t errsz;
     float *owned; /* next free float of the 1-D arena (NULL while sizing) */
     size_t n_owned;
+    size_t n_converted; /* floats of F32 copies of tensors without kernels (sizing pass) */
 } binder;
 
 /* the type table's word (io/quant.c): a type with kernels, or one the table
@@ -79,6 +81,7 @@ static int bind_wt(binder *b, const char *name, int rows, int cols, int n_mat, i
             w->data = (const uint8_t *)dst;
         }
         b->n_owned += n;
+        if (!b->owned) b->n_converted += n;
         w->type = MOE__GGML_F32, w->converted = 1;
         w->rows = rows, w->cols = cols, w->n_mat = n_mat;
         w->row_bytes = sizeof(float) * (size_t)cols, w->mat_bytes = w->row_bytes * (size_t)rows;
@@ -261,6 +264,20 @@ static int bind_all(moe__imodel *m, binder *b) {
     return 0;
 }
 
+/* F32 copies of tensors whose type has no kernel yet (a Q4_K_M file's
+ * experts) can be several times the file: refused with the figures when they
+ * would take more than half of this machine's memory, rather than letting the
+ * conversion run the machine out of memory. */
+static int check_converted(const binder *b, char *err, size_t errsz) {
+    const long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
+    const double need = (double)b->n_converted * sizeof(float), have = (double)pages * (double)psz;
+    if (!b->n_converted || pages <= 0 || psz <= 0 || need <= 0.5 * have) return MOE_OK;
+    return moe__set_err(err, errsz, MOE_ENOMEM,
+                        "%s: its tensors of types without a kernel yet would need %.1f GiB as F32 copies, more than "
+                        "half of this machine's %.1f GiB",
+                        moe__gguf_label(b->g), need / 1073741824.0, have / 1073741824.0);
+}
+
 int moe__imodel_load(const char *path, int use_mmap, moe__imodel **out, char *err, size_t errsz) {
     *out = NULL;
     struct stat st;
@@ -285,6 +302,7 @@ int moe__imodel_load(const char *path, int use_mmap, moe__imodel **out, char *er
         rc = moe__set_err(err, errsz, MOE_ENOMEM, "out of memory");
     binder b = {.g = m->g, .err = err, .errsz = errsz};
     if (!rc) rc = bind_all(m, &b); /* sizing pass: checks everything, counts the floats */
+    if (!rc) rc = check_converted(&b, err, errsz);
     if (!rc && !(m->owned = moe__malloc((b.n_owned ? b.n_owned : 1) * sizeof(float))))
         rc = moe__set_err(err, errsz, MOE_ENOMEM, "out of memory");
     if (!rc) {

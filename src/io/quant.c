@@ -24,6 +24,7 @@ static void to_float_bf16(const void *src, float *dst, size_t n);
 static void to_float_q8_0(const void *src, float *dst, size_t n);
 static void to_float_q4_0(const void *src, float *dst, size_t n);
 static void to_float_q6_k(const void *src, float *dst, size_t n);
+static void to_float_q4_k(const void *src, float *dst, size_t n);
 static int from_float_f32(const float *src, void *dst, size_t n);
 static int from_float_f16(const float *src, void *dst, size_t n);
 static int from_float_bf16(const float *src, void *dst, size_t n);
@@ -45,7 +46,7 @@ static const moe__gguf_type_info k_types[] = {
     [9] = {"Q8_1", 32, 36},
     [10] = {"Q2_K", QKK, 2 + 2 + QKK / 16 + QKK / 4},
     [11] = {"Q3_K", QKK, 2 + QKK / 4 + QKK / 8 + 12},
-    [12] = {"Q4_K", QKK, 2 + 2 + QKK / 2 + 12},
+    [12] = {"Q4_K", QKK, 2 + 2 + QKK / 2 + 12, to_float_q4_k}, /* no kernel yet: engine NONE */
     [13] = {"Q5_K", QKK, 2 + 2 + QKK / 2 + QKK / 8 + 12},
     [14] = {"Q6_K", QKK, 2 + QKK / 2 + QKK / 4 + QKK / 16, to_float_q6_k}, /* no kernel yet: engine NONE */
     [15] = {"Q8_K", QKK, 4 + QKK + QKK / 8},
@@ -331,6 +332,40 @@ static int from_float_half(const float *src, unsigned char *p, size_t n, int bf1
 
 static int from_float_f16(const float *src, void *dst, size_t n) { return from_float_half(src, dst, n, 0); }
 static int from_float_bf16(const float *src, void *dst, size_t n) { return from_float_half(src, dst, n, 1); }
+
+/* Q4_K, 144 bytes per 256 values: fp16 d, fp16 dmin, 12 bytes of 6-bit
+ * scales and mins of the 8 sub-blocks of 32 (get_scale_min_k4 below), 128
+ * bytes of 4-bit codes: values 64c .. 64c + 31 are the low nibbles of
+ * qs[32c ..], 64c + 32 .. the high ones. x = (d * sc) * q - dmin * mn with two
+ * roundings, as llama.cpp's dequantize_row_q4_K reads in C; a build of it
+ * that contracts the last step into an FMA differs in the last bit, so this
+ * file pins the uncontracted form (every build of ours gives the same bits). */
+static void scale_min_k4(int j, const unsigned char *k, int *sc, int *mn) {
+    if (j < 4) {
+        *sc = k[j] & 63, *mn = k[j + 4] & 63;
+    } else {
+        *sc = (k[j + 4] & 15) | (k[j - 4] >> 6) << 4;
+        *mn = (k[j + 4] >> 4) | (k[j] >> 6) << 4;
+    }
+}
+
+NO_CONTRACT static void to_float_q4_k(const void *src, float *dst, size_t n) {
+    const unsigned char *p = src;
+    for (size_t b = 0; b < n / QKK; b++, p += 4 + 12 + QKK / 2) {
+        const float d = moe__gguf_fp16_to_f32(load_u16(p)), dmin = moe__gguf_fp16_to_f32(load_u16(p + 2));
+        const unsigned char *k = p + 4, *qs = p + 16;
+        float *y = dst + b * QKK;
+        for (int c = 0; c < 4; c++, qs += 32, y += 64) {
+            int sc, mn;
+            scale_min_k4(2 * c, k, &sc, &mn);
+            const float d1 = d * (float)sc, m1 = dmin * (float)mn;
+            scale_min_k4(2 * c + 1, k, &sc, &mn);
+            const float d2 = d * (float)sc, m2 = dmin * (float)mn;
+            for (int l = 0; l < 32; l++) y[l] = d1 * (float)(qs[l] & 15) - m1;
+            for (int l = 0; l < 32; l++) y[l + 32] = d2 * (float)(qs[l] >> 4) - m2;
+        }
+    }
+}
 
 int moe__gguf_quantize(uint32_t type, const float *src, void *dst, size_t n) {
     const moe__gguf_type_info *t = moe__gguf_type_info_of(type);
