@@ -13,8 +13,38 @@
 
 #include <cblas.h>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+
+/* C rows [0, rows) x columns [0, nr) = (or +=) the kernel's accumulators,
+ * spilled as tmp[column][row] with row stride ld. */
+static inline __attribute__((always_inline)) void store_block(const float *tmp, int ld, int rows, int nr, float *C,
+                                                              int ldc, int accumulate) {
+    for (int m = 0; m < rows; m++) {
+        float *c = C + (size_t)m * ldc;
+        if (accumulate)
+            for (int j = 0; j < nr; j++) c[j] += tmp[j * ld + m];
+        else
+            for (int j = 0; j < nr; j++) c[j] = tmp[j * ld + m];
+    }
+}
+
+/* at [K][mpad]: A transposed, rows past M zero (mpad: a multiple of 16, the
+ * row block of both kernels) */
+void moe__sgemm_small_pack(int M, int K, const float *A, int lda, float *work) {
+    const int mpad = (M + 15) & ~15;
+    for (int k = 0; k < K; k++) {
+        float *dst = work + (size_t)k * mpad;
+        for (int m = 0; m < M; m++) dst[m] = A[(size_t)m * lda + k];
+        for (int m = M; m < mpad; m++) dst[m] = 0.0f;
+    }
+}
+
+int moe__sgemm_small_enabled(void) { return 1; }
+
+#endif
+
+#if defined(__AVX512F__)
 
 #define NR 8
 
@@ -44,23 +74,7 @@ static inline __attribute__((always_inline)) void kernel(int mv, int nr, int row
         _mm512_store_ps(tmp[j], acc[0][j]);
         if (mv > 1) _mm512_store_ps(tmp[j] + 16, acc[1][j]);
     }
-    for (int m = 0; m < rows; m++) {
-        float *c = C + (size_t)m * ldc;
-        if (accumulate)
-            for (int j = 0; j < nr; j++) c[j] += tmp[j][m];
-        else
-            for (int j = 0; j < nr; j++) c[j] = tmp[j][m];
-    }
-}
-
-/* at [K][mpad]: A transposed, rows past M zero */
-void moe__sgemm_small_pack(int M, int K, const float *A, int lda, float *work) {
-    const int mpad = (M + 15) & ~15;
-    for (int k = 0; k < K; k++) {
-        float *dst = work + (size_t)k * mpad;
-        for (int m = 0; m < M; m++) dst[m] = A[(size_t)m * lda + k];
-        for (int m = M; m < mpad; m++) dst[m] = 0.0f;
-    }
+    store_block(&tmp[0][0], 32, rows, nr, C, ldc, accumulate);
 }
 
 void moe__sgemm_small_nt(int M, int N, int K, const float *work, const float *B, int ldb, float *C, int ldc,
@@ -90,10 +104,7 @@ void moe__sgemm_small_nt(int M, int N, int K, const float *work, const float *B,
     }
 }
 
-int moe__sgemm_small_enabled(void) { return 1; }
-
 #elif defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
 
 /* AVX2 has 16 vector registers: 2 vectors of 8 rows x 6 columns of
  * accumulators (12), 2 columns of A^T and one broadcast per k. Each output is
@@ -127,27 +138,11 @@ static inline __attribute__((always_inline)) void kernel(int mv, int nr, int row
     }
     float tmp[NR][16] __attribute__((aligned(32))); /* [column][row]; rows past 8 are 0 when mv == 1 */
     SG_STORE(0) SG_STORE(1) SG_STORE(2) SG_STORE(3) SG_STORE(4) SG_STORE(5)
-    for (int m = 0; m < rows; m++) {
-        float *c = C + (size_t)m * ldc;
-        if (accumulate)
-            for (int j = 0; j < nr; j++) c[j] += tmp[j][m];
-        else
-            for (int j = 0; j < nr; j++) c[j] = tmp[j][m];
-    }
+    store_block(&tmp[0][0], 16, rows, nr, C, ldc, accumulate);
 }
 #undef SG_ACC
 #undef SG_FMA
 #undef SG_STORE
-
-/* at [K][mpad]: A transposed, rows past M zero (mpad: a multiple of 16) */
-void moe__sgemm_small_pack(int M, int K, const float *A, int lda, float *work) {
-    const int mpad = (M + 15) & ~15;
-    for (int k = 0; k < K; k++) {
-        float *dst = work + (size_t)k * mpad;
-        for (int m = 0; m < M; m++) dst[m] = A[(size_t)m * lda + k];
-        for (int m = M; m < mpad; m++) dst[m] = 0.0f;
-    }
-}
 
 /* One 16-row block of nr (1..6) columns; constant arguments let the compiler
  * keep every accumulator in a register. */
@@ -179,8 +174,6 @@ void moe__sgemm_small_nt(int M, int N, int K, const float *work, const float *B,
         }
     }
 }
-
-int moe__sgemm_small_enabled(void) { return 1; }
 
 #else /* neither AVX-512 nor AVX2 + FMA at build time: plain BLAS */
 
