@@ -32,7 +32,7 @@ int moe_bench_bandwidth_main(int argc, char **argv) {
     int mib = 1024, max_threads = 2, reps = 10;
     cli_arg args[] = {
         {"--mib", NULL, ARG_INT, &mib, "buffer size in MiB (far larger than the caches)", RANGE(1, 1 << 20)},
-        {"--threads", "-t", ARG_INT, &max_threads, "measure with 1 .. this many threads", RANGE(1, cli_max_threads())},
+        {"--threads", "-t", ARG_INT, &max_threads, "measure with 1 .. this many threads", RANGE(1, moe_max_threads())},
         {"--reps", NULL, ARG_INT, &reps, "passes per thread count (the best one counts)", AT_LEAST(1)},
     };
     const int rc = cli_parse("moe bench bandwidth [--mib 1024] [-t 2] [--reps 10]", args, sizeof args / sizeof args[0],

@@ -50,7 +50,7 @@ int moe_bench_engine_main(int argc, char **argv) {
         {"--n-prompt", "-p", ARG_INT, &pp, "prompt tokens, one batch (0: skip)", RANGE(0, 1 << 16)},
         {"--n-gen", "-n", ARG_INT, &tg, "generated tokens, one at a time (0: skip)", RANGE(0, 1 << 24)},
         {"--repetitions", "-r", ARG_INT, &reps, "timed repetitions of each test", AT_LEAST(1)},
-        {"--threads", "-t", ARG_INT, &threads, "threads (at most 4 per CPU)", RANGE(1, cli_max_threads())},
+        {"--threads", "-t", ARG_INT, &threads, "threads (at most 4 per CPU)", RANGE(1, moe_max_threads())},
         {"--experts-used", NULL, ARG_INT, &k, "k, experts per token (0: the file's)", AT_LEAST(0)},
         {"--cache-type-k", "-ctk", ARG_STR, &ctk, "KV cache type of K: f16 (llama.cpp's default) or f32"},
         {"--cache-type-v", "-ctv", ARG_STR, &ctv, "KV cache type of V: f16 or f32"},

@@ -1,15 +1,11 @@
 #include "args.h"
 
-#include "moe.h"
-
 #include <errno.h>
 #include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-int cli_max_threads(void) { return moe_max_threads(); }
 
 static double value_of(const cli_arg *a) {
     switch (a->type) {

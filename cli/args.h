@@ -40,8 +40,4 @@ int cli_parse(const char *usage, cli_arg *args, int nargs, int argc, char **argv
 /* Whether flag name (the long name) was on the command line. */
 int cli_given(const cli_arg *args, int nargs, const char *name);
 
-/* The most threads a command may start: 4 x this machine's online CPUs
- * (more only adds contention; far more makes libgomp fail to start them). */
-int cli_max_threads(void);
-
 #endif

@@ -274,7 +274,7 @@ static int experiment(int kind, int argc, char **argv) {
         {"--ref-capacity", NULL, ARG_FLOAT, &ref_cap, "capacity factor of the overflow column", AT_LEAST(0)},
         {"--stats-steps", NULL, ARG_INT, &stats_steps, "routing stats over the last N steps (0: the last fifth)", AT_LEAST(0)},
         {"--eval-batches", NULL, ARG_INT, &eval_batches, "validation micro-batches (fixed windows)", RANGE(1, 1 << 20)},
-        {"--threads", "-t", ARG_INT, &threads, "threads (at most 4 per CPU)", RANGE(1, cli_max_threads())},
+        {"--threads", "-t", ARG_INT, &threads, "threads (at most 4 per CPU)", RANGE(1, moe_max_threads())},
         {"--seed", NULL, ARG_U64, &seed, "seed of init and data sampling (the same for every model)"},
         {"--json", NULL, ARG_STR, &json, "also write the JSON report to FILE ('-': stdout)"},
         {"--data", NULL, ARG_STR, &data, "Brown corpus directory (make data)"},

@@ -29,7 +29,7 @@ int moe_cli_eval(int argc, char **argv) {
     cli_arg args[] = {
         {"--model", "-m", ARG_STR, &dir, "model directory (required)"},
         {"--data", NULL, ARG_STR, &data, "Brown corpus directory"},
-        {"--threads", "-t", ARG_INT, &threads, "threads (at most 4 per CPU)", RANGE(1, cli_max_threads())},
+        {"--threads", "-t", ARG_INT, &threads, "threads (at most 4 per CPU)", RANGE(1, moe_max_threads())},
         {"--batch", NULL, ARG_INT, &batch, "sequences per batch", RANGE(1, 1 << 16)},
         {"--seq", NULL, ARG_INT, &seq, "tokens per sequence (unset: the context length)", AT_LEAST(2)},
         {"--batches", NULL, ARG_INT, &batches, "batches to evaluate (unset: the whole validation split)", AT_LEAST(1)},
@@ -195,7 +195,7 @@ int moe_cli_generate(int argc, char **argv) {
         {"--top-k", NULL, ARG_INT, &top_k, "keep the k most likely tokens (0: all)", AT_LEAST(0)},
         {"--top-p", NULL, ARG_FLOAT, &top_p, "nucleus sampling mass (1: off)", RANGE(0, 1)},
         {"--seed", NULL, ARG_U64, &seed, "sampling seed"},
-        {"--threads", "-t", ARG_INT, &threads, "threads (at most 4 per CPU)", RANGE(1, cli_max_threads())},
+        {"--threads", "-t", ARG_INT, &threads, "threads (at most 4 per CPU)", RANGE(1, moe_max_threads())},
         {"--experts-used", NULL, ARG_INT, &k, "override k, the experts per token (0: as trained)", AT_LEAST(0)},
         {"--routing-log", NULL, ARG_STR, &routing_log, "write each token's experts and gate weights (JSON lines) here"},
     };

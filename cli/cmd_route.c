@@ -126,7 +126,7 @@ int moe_cli_route(int argc, char **argv) {
         {"--max-tokens", NULL, ARG_U64, &max_tokens, "tokens to route, shared equally by the genres (0: all)"},
         {"--experts-used", NULL, ARG_INT, &k, "override k, the experts per token (0: as trained)", AT_LEAST(0)},
         {"--trace", NULL, ARG_STR, &trace, "also write the token-level routing trace (JSON lines) to this file"},
-        {"--threads", "-t", ARG_INT, &threads, "threads (at most 4 per CPU)", RANGE(1, cli_max_threads())},
+        {"--threads", "-t", ARG_INT, &threads, "threads (at most 4 per CPU)", RANGE(1, moe_max_threads())},
         {"--batch", NULL, ARG_INT, &batch, "sequences per forward", RANGE(1, 1 << 16)},
         {"--seq", NULL, ARG_INT, &seq, "tokens per sequence (unset: the context length)", AT_LEAST(2)},
         {"--layer", NULL, ARG_INT, &layer_sel, "model layer of genre_heatmap.svg (-1: every MoE layer side by side)", AT_LEAST(-1)},

@@ -264,7 +264,7 @@ int moe_cli_train(int argc, char **argv) {
     const char *router = NULL;
     int experts = 0, top_k = 0, groups = 0, topk_groups = 0, seq_aux = 0, gshard = 0;
     float cap = -1, aux_coef = -1, z_coef = -1, imp_coef = -1, load_coef = -1, bias_rate = -1;
-    const int most = cli_max_threads();
+    const int most = moe_max_threads();
     cli_arg args[] = {
         {"--preset", NULL, ARG_STR, &preset, "model preset: tiny, tiny-dense, small, small-dense, small-mixtral"},
         {"--config", NULL, ARG_STR, &config, "model config.json (Hugging Face Mixtral keys) instead of a preset"},
