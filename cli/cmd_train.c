@@ -71,20 +71,14 @@ static void series_add(moe__train_curve *s, double x, double y) {
     }
 }
 
-/* Restores the history of a run being resumed. A missing file starts new
- * curves; so does a malformed one, after a warning (the model and optimizer
- * state were loaded already: the history is only the plot). */
-static void history_load(const char *dir, moe__train_curve *tr, moe__train_curve *va) {
+/* The run record of a run being resumed (its loss curves and corpus), read
+ * once. A missing file gives an empty record; so does a malformed one, after
+ * a warning (the model and optimizer state are what a resume needs: the
+ * record is only the plot and the default --data). */
+static void run_record_load(const char *dir, moe__train_state *s) {
     char err[512];
-    moe__train_state s;
-    int rc = moe__train_state_load(dir, &s, err, sizeof err);
-    if (rc) {
-        if (rc != MOE_EIO && rc != MOE_ENOTFOUND) fprintf(stderr, "moe train: %s; the loss curves start afresh\n", err);
-        return;
-    }
-    *tr = s.train, *va = s.val;
-    s.train = s.val = (moe__train_curve){0};
-    moe__train_state_free(&s);
+    int rc = moe__train_state_load(dir, s, err, sizeof err); /* zeroes s on failure */
+    if (rc && rc != MOE_EIO && rc != MOE_ENOTFOUND) fprintf(stderr, "moe train: %s; the loss curves start afresh\n", err);
 }
 
 /* What a checkpoint of the run holds besides the trainer's state. */
@@ -221,16 +215,6 @@ static const char *existing_model_file(const char *dir) {
         if (lstat(path, &st) == 0) return names[i];
     }
     return NULL;
-}
-
-/* --resume without --data: the corpus the run was started on. */
-static const char *saved_data_dir(const char *dir, char *buf, size_t n) {
-    char err[512];
-    moe__train_state s;
-    if (moe__train_state_load(dir, &s, err, sizeof err)) return NULL;
-    const char *d = s.data ? snprintf(buf, n, "%s", s.data) < (int)n ? buf : NULL : NULL;
-    moe__train_state_free(&s);
-    return d;
 }
 
 /* mkdir -p: the output directory and its parents */
@@ -428,8 +412,10 @@ int moe_cli_train(int argc, char **argv) {
     install_stop_handlers(); /* from here on a signal ends in a saved checkpoint */
 
     /* --resume: the corpus the run was started on, unless --data says otherwise */
-    char saved_data[4096], data_abs[PATH_MAX];
-    if (resume && !GIVEN("--data") && saved_data_dir(out, saved_data, sizeof saved_data)) data = saved_data;
+    moe__train_state prev = {0};
+    if (resume) run_record_load(out, &prev);
+    if (resume && !GIVEN("--data") && prev.data) data = prev.data;
+    char data_abs[PATH_MAX];
     if (!realpath(data, data_abs)) snprintf(data_abs, sizeof data_abs, "%s", data);
     cli_data d;
     snprintf(path, sizeof path, "%s/tokenizer.json", out);
@@ -482,7 +468,8 @@ int moe_cli_train(int argc, char **argv) {
             fprintf(stderr, "moe train: --resume: %s\n", err);
             return 1;
         }
-        history_load(out, &hist_tr, &hist_va);
+        hist_tr = prev.train, hist_va = prev.val; /* the curves go on */
+        prev.train = prev.val = (moe__train_curve){0};
         if (!quiet) fprintf(stderr, "resuming at step %d\n", moe_trainer_get_step(tr));
     }
     /* tokenizer.json is written with each checkpoint, in its transaction:
@@ -610,6 +597,7 @@ int moe_cli_train(int argc, char **argv) {
     if (!save_rc)
         printf("saved %s (config.json, model.safetensors, tokenizer.json, optimizer.safetensors, loss.svg)\n", out);
     moe__train_curve_free(&hist_tr), moe__train_curve_free(&hist_va);
+    moe__train_state_free(&prev);
     moe_trainer_free(tr);
     moe_model_free(m);
     cli_data_free(&d);
