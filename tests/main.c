@@ -1,6 +1,7 @@
 #include "test.h"
 
 #include <dirent.h>
+#include <limits.h>
 #include <stdarg.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -56,6 +57,22 @@ int moe_test_count_entries(const char *dir) {
         if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) n++;
     closedir(d);
     return n;
+}
+
+const char *moe_test_brown_dir(void) {
+    const char *d = getenv("MOE_BROWN_DIR");
+    return d && *d ? d : "data/brown";
+}
+
+int moe_test_brown_subset(const char *dst) {
+    if (mkdir(dst, 0777) != 0) return -1;
+    for (int i = 1; i <= 4; i++) {
+        char from[600], abs_from[4096], link[600];
+        snprintf(from, sizeof from, "%s/ca0%d", moe_test_brown_dir(), i);
+        snprintf(link, sizeof link, "%s/ca0%d", dst, i);
+        if (!realpath(from, abs_from) || symlink(abs_from, link) != 0) return -1;
+    }
+    return 0;
 }
 
 void moe_test_rmdir(const char *dir) {

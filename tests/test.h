@@ -18,6 +18,12 @@ char *moe_test_tmpdir(char *buf, const char *tag);
 int moe_test_count_entries(const char *dir);
 /* Removes a directory and everything below it. */
 void moe_test_rmdir(const char *dir);
+/* The Brown corpus of the tests: MOE_BROWN_DIR when set and not empty,
+ * else data/brown. */
+const char *moe_test_brown_dir(void);
+/* A small corpus in dst (created): links to its first 4 files, ca01..ca04
+ * (training and validation splits). 0, or -1 when it cannot be made. */
+int moe_test_brown_subset(const char *dst);
 /* Marks the current test as skipped (e.g. an optional file is absent). */
 void moe_test_skip(const char *why);
 

@@ -33,9 +33,8 @@ typedef struct {
 /* A scratch directory with a 4-file corpus; -1 (skipped) without build/moe
  * or, when corpus is set, the Brown corpus. */
 static int cs_setup(cs_env *e, int corpus) {
-    const char *brown = getenv("MOE_BROWN_DIR") ? getenv("MOE_BROWN_DIR") : "data/brown";
     char first[512];
-    snprintf(first, sizeof first, "%s/ca01", brown);
+    snprintf(first, sizeof first, "%s/ca01", moe_test_brown_dir());
     if (access(MOE_BIN, X_OK) != 0 || (corpus && access(first, R_OK) != 0)) {
         moe_test_skip("needs build/moe and the Brown corpus in data/brown");
         return -1;
@@ -44,15 +43,7 @@ static int cs_setup(cs_env *e, int corpus) {
     snprintf(e->corpus, sizeof e->corpus, "%s/corpus", e->base);
     snprintf(e->run, sizeof e->run, "%s/run", e->base);
     snprintf(e->log, sizeof e->log, "%s/log", e->base);
-    if (!corpus) return 0;
-    mkdir(e->corpus, 0777);
-    for (int i = 1; i <= 4; i++) {
-        char from[600], abs_from[4096], link[160];
-        snprintf(from, sizeof from, "%s/ca0%d", brown, i);
-        snprintf(link, sizeof link, "%s/ca0%d", e->corpus, i);
-        if (!realpath(from, abs_from) || symlink(abs_from, link) != 0) return -1;
-    }
-    return 0;
+    return corpus ? moe_test_brown_subset(e->corpus) : 0;
 }
 
 /* Starts build/moe with argv (NULL-terminated, without the program) from the

@@ -37,11 +37,6 @@ static char *dt_clean(const char *s, int *rc, char *err, size_t errsz) {
     return text;
 }
 
-static const char *dt_brown_dir(void) {
-    const char *d = getenv("MOE_BROWN_DIR");
-    return d && *d ? d : "data/brown";
-}
-
 /* ---- genres, cleaning ------------------------------------------------------ */
 
 TEST(data_genres) {
@@ -268,13 +263,13 @@ TEST(data_split_rule) {
 
 TEST(data_brown_corpus) {
     struct stat st;
-    if (stat(dt_brown_dir(), &st) != 0) {
+    if (stat(moe_test_brown_dir(), &st) != 0) {
         moe_test_skip("data/brown absent (make data)");
         return;
     }
     moe_corpus *c = NULL;
     char err[512];
-    int rc = moe_corpus_load_brown(dt_brown_dir(), &c, err, sizeof err);
+    int rc = moe_corpus_load_brown(moe_test_brown_dir(), &c, err, sizeof err);
     CHECK_MSG(rc == 0, "%s", err);
     if (!c) return;
     CHECK_EQ_INT(c->n_docs, 500);
@@ -538,13 +533,13 @@ TEST(data_shard_hostile) {
 
 TEST(data_shard_brown) {
     struct stat st;
-    if (stat(dt_brown_dir(), &st) != 0) {
+    if (stat(moe_test_brown_dir(), &st) != 0) {
         moe_test_skip("data/brown absent (make data)");
         return;
     }
     moe_corpus *c = NULL;
     char err[512];
-    CHECK_EQ_INT(moe_corpus_load_brown(dt_brown_dir(), &c, err, sizeof err), 0);
+    CHECK_EQ_INT(moe_corpus_load_brown(moe_test_brown_dir(), &c, err, sizeof err), 0);
     if (!c) return;
     const char **texts = malloc((size_t)c->n_docs * sizeof *texts);
     size_t *lens = malloc((size_t)c->n_docs * sizeof *lens), n = 0;

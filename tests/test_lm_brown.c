@@ -23,7 +23,7 @@ static double now_s(void) {
 }
 
 TEST(lm_brown_60s_beats_unigram_entropy) {
-    const char *dir = getenv("MOE_BROWN_DIR") ? getenv("MOE_BROWN_DIR") : "data/brown";
+    const char *dir = moe_test_brown_dir();
     if (access(dir, R_OK) != 0) {
         moe_test_skip("no Brown corpus in data/brown (make data)");
         return;

@@ -32,7 +32,7 @@ static int run(const char *log, char *const argv[]) {
 }
 
 TEST(perplexity_cli_on_a_train_directory) {
-    const char *brown = getenv("MOE_BROWN_DIR") ? getenv("MOE_BROWN_DIR") : "data/brown";
+    const char *brown = moe_test_brown_dir();
     char text[512], base[64], corpus[128], dir[128], log[128];
     snprintf(text, sizeof text, "%s/ca01", brown);
     if (access("build/moe", X_OK) != 0 || access(text, R_OK) != 0) {
@@ -43,13 +43,7 @@ TEST(perplexity_cli_on_a_train_directory) {
     snprintf(corpus, sizeof corpus, "%s/corpus", base);
     snprintf(dir, sizeof dir, "%s/run", base);
     snprintf(log, sizeof log, "%s/log", base);
-    mkdir(corpus, 0777);
-    for (int i = 1; i <= 4; i++) { /* 4 files: training and validation splits */
-        char from[600], abs_from[4096], link[160];
-        snprintf(from, sizeof from, "%s/ca0%d", brown, i);
-        snprintf(link, sizeof link, "%s/ca0%d", corpus, i);
-        CHECK(realpath(from, abs_from) != NULL && symlink(abs_from, link) == 0);
-    }
+    CHECK(moe_test_brown_subset(corpus) == 0);
     char *train[] = {"build/moe", "train", "--preset", "tiny", "--data", corpus, "--out", dir, "--steps", "2",
                      "--batch", "2", "--seq", "32", "--threads", "1", "--eval-every", "0", "--quiet", NULL};
     CHECK_EQ_INT(run(log, train), 0);

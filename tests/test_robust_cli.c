@@ -31,9 +31,8 @@ typedef struct {
 } kt_env;
 
 static int kt_setup(kt_env *e) {
-    const char *brown = getenv("MOE_BROWN_DIR") ? getenv("MOE_BROWN_DIR") : "data/brown";
     char src[512];
-    snprintf(src, sizeof src, "%s/ca01", brown);
+    snprintf(src, sizeof src, "%s/ca01", moe_test_brown_dir());
     if (access(MOE_BIN, X_OK) != 0 || access(src, R_OK) != 0) {
         moe_test_skip("needs build/moe and the Brown corpus in data/brown");
         return -1;
@@ -42,19 +41,7 @@ static int kt_setup(kt_env *e) {
     snprintf(e->corpus, sizeof e->corpus, "%s/corpus", e->base);
     snprintf(e->run, sizeof e->run, "%s/run", e->base);
     snprintf(e->log, sizeof e->log, "%s/log", e->base);
-    mkdir(e->corpus, 0777);
-    for (int i = 1; i <= 4; i++) {
-        char from[600], to[600], err[256], *buf;
-        size_t n;
-        snprintf(from, sizeof from, "%s/ca0%d", brown, i);
-        snprintf(to, sizeof to, "%s/ca0%d", e->corpus, i);
-        if (moe__read_file(from, 1u << 24, &buf, &n, err, sizeof err)) return -1;
-        moe__iov part = {buf, n};
-        int rc = moe__write_atomic(to, &part, 1, err, sizeof err);
-        moe__free(buf);
-        if (rc) return -1;
-    }
-    return 0;
+    return moe_test_brown_subset(e->corpus);
 }
 
 /* moe train on the small corpus, checkpointing every step, with up to 8

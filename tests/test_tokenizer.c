@@ -658,7 +658,7 @@ TEST(tokenizer_load_hostile) {
 /* ---- the real corpus (skipped when data/brown is absent) -------------------- */
 
 TEST(tokenizer_brown_4096) {
-    const char *dir = getenv("MOE_BROWN_DIR") ? getenv("MOE_BROWN_DIR") : "data/brown";
+    const char *dir = moe_test_brown_dir();
     struct stat st;
     if (stat(dir, &st) != 0) {
         moe_test_skip("data/brown absent (make data)");
