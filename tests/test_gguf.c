@@ -1386,7 +1386,7 @@ TEST(gguf_type_table_is_the_one_source) {
  * reference follows that description element by element; the library's
  * converter follows llama.cpp's loop. Equal bit for bit, and within half an
  * ulp of the exact double product. */
-static float q6k_ref(const unsigned char *blk, int e, double *exact) {
+static float q6k_ref(const unsigned char *blk, int e, double *exact, double *bound) {
     const int h = e / 128, r = e % 128, g = r / 32, l = r % 32;
     const unsigned char lb = blk[64 * h + 32 * (g & 1) + l];
     const int low4 = g < 2 ? lb & 15 : lb >> 4, high2 = (blk[128 + 32 * h + l] >> (2 * g)) & 3;
@@ -1394,7 +1394,29 @@ static float q6k_ref(const unsigned char *blk, int e, double *exact) {
     const int8_t sc = (int8_t)blk[192 + e / 16];
     const float d = moe__gguf_fp16_to_f32((uint16_t)(blk[208] | blk[209] << 8));
     *exact = (double)d * sc * q;
+    *bound = fabs(*exact) * 0x1p-24; /* d * scale is exact in float (11 + 8 bits); the product with q rounds once */
     return d * (float)sc * (float)q;
+}
+
+/* Blocks of a K-quant type: the library's converter against an element
+ * reference, bit for bit and within the reference's bound of the exact
+ * value; the mismatches (the first three reported). */
+typedef float (*k_ref_fn)(const unsigned char *blk, int e, double *exact, double *bound);
+static int k_mismatches(uint32_t type, const unsigned char *blk, int nblk, k_ref_fn ref) {
+    const size_t bs = moe__gguf_type_info_of(type)->size;
+    float *y = malloc(sizeof(float) * 256 * (size_t)nblk);
+    int bad = 0;
+    CHECK(y && moe__gguf_dequantize(type, blk, y, 256 * (size_t)nblk) == 0);
+    for (int b = 0; y && b < nblk; b++)
+        for (int e = 0; e < 256; e++) {
+            double exact, bound;
+            const float r = ref(blk + bs * b, e, &exact, &bound), v = y[256 * b + e];
+            if ((memcmp(&r, &v, sizeof v) || fabs((double)v - exact) > bound) && bad++ < 3)
+                CHECK_MSG(0, "%s block %d [%d] = %.9g, reference %.9g, exact %.17g", moe__gguf_type_name(type), b, e,
+                          (double)v, (double)r, exact);
+        }
+    free(y);
+    return bad;
 }
 
 TEST(gguf_q6_k_dequantizes_as_the_reference_formula) {
@@ -1406,18 +1428,7 @@ TEST(gguf_q6_k_dequantizes_as_the_reference_formula) {
     for (size_t i = 0; i < sizeof blk; i++) s = s * 6364136223846793005ULL + 1442695040888963407ULL, blk[i] = (unsigned char)(s >> 56);
     const uint16_t ds[4] = {0x3c00, 0x1234, 0x0001 /* subnormal */, 0x7bff /* 65504 */};
     for (int b = 0; b < 4; b++) blk[210 * b + 208] = (unsigned char)ds[b], blk[210 * b + 209] = (unsigned char)(ds[b] >> 8);
-    CHECK_EQ_INT(moe__gguf_dequantize(14, blk, y, 4 * 256), 0);
-    int bad = 0;
-    for (int b = 0; b < 4; b++)
-        for (int e = 0; e < 256; e++) {
-            double exact;
-            const float r = q6k_ref(blk + 210 * b, e, &exact), v = y[256 * b + e];
-            /* d * scale is exact in float (11 + 8 bits); the product with q rounds once */
-            if (memcmp(&r, &v, sizeof v) || fabs((double)v - exact) > fabs(exact) * 0x1p-24) {
-                if (bad++ < 3) CHECK_MSG(0, "block %d [%d] = %.9g, reference %.9g, exact %.17g", b, e, (double)v, (double)r, exact);
-            }
-        }
-    CHECK_EQ_INT(bad, 0);
+    CHECK_EQ_INT(k_mismatches(14, blk, 4, q6k_ref), 0);
     /* hand-made blocks: all zero; every code at its maximum (63 -> +31) with
      * scale 127; every code 0 (-> -32) with scale -128; d = 1 */
     unsigned char z[210] = {0};
@@ -1442,7 +1453,7 @@ TEST(gguf_q6_k_dequantizes_as_the_reference_formula) {
  * x = (d * sc) * q - dmin * mn, two roundings (the volatile keeps this file's
  * FMA contraction out of the reference). Equal bit for bit to the library's
  * loop, within an ulp-scale bound of the exact double value. */
-static float q4k_ref(const unsigned char *blk, int e, double *exact) {
+static float q4k_ref(const unsigned char *blk, int e, double *exact, double *bound) {
     const unsigned char *k = blk + 4, *qs = blk + 16;
     const int s = e / 32, c = e / 64, w = e % 64;
     const int q = w < 32 ? qs[32 * c + w % 32] & 15 : qs[32 * c + w % 32] >> 4;
@@ -1452,7 +1463,9 @@ static float q4k_ref(const unsigned char *blk, int e, double *exact) {
     const float dmin = moe__gguf_fp16_to_f32((uint16_t)(blk[2] | blk[3] << 8));
     *exact = (double)d * sc * q - (double)dmin * mn;
     volatile float a = d * (float)sc * (float)q, m = dmin * (float)mn;
-    return a - m;
+    const float r = a - m;
+    *bound = (fabs(*exact) + fabs((double)r)) * 0x1p-23 + 1e-40; /* d * sc, dmin * mn exact; two roundings after */
+    return r;
 }
 
 TEST(gguf_q4_k_dequantizes_as_the_reference_formula) {
@@ -1465,19 +1478,7 @@ TEST(gguf_q4_k_dequantizes_as_the_reference_formula) {
     const uint16_t d[3][2] = {{0x3c00, 0x3800}, {0x1234, 0x0567}, {0x0001, 0x7bff}}; /* (d, dmin) */
     for (int b = 0; b < 3; b++)
         for (int j = 0; j < 2; j++) blk[144 * b + 2 * j] = (unsigned char)d[b][j], blk[144 * b + 2 * j + 1] = (unsigned char)(d[b][j] >> 8);
-    CHECK_EQ_INT(moe__gguf_dequantize(12, blk, y, 3 * 256), 0);
-    int bad = 0;
-    for (int b = 0; b < 3; b++)
-        for (int e = 0; e < 256; e++) {
-            double exact;
-            const float r = q4k_ref(blk + 144 * b, e, &exact), v = y[256 * b + e];
-            /* d * sc and dmin * mn are exact (11 + 6 bits); two roundings after */
-            const double bound = (fabs(exact) + fabs((double)r)) * 0x1p-23 + 1e-40;
-            if (memcmp(&r, &v, sizeof v) || fabs((double)v - exact) > bound) {
-                if (bad++ < 3) CHECK_MSG(0, "block %d [%d] = %.9g, reference %.9g, exact %.17g", b, e, (double)v, (double)r, exact);
-            }
-        }
-    CHECK_EQ_INT(bad, 0);
+    CHECK_EQ_INT(k_mismatches(12, blk, 3, q4k_ref), 0);
     /* hand-made: all zero; codes 15 with scale and min 63 in every sub-block
      * (d = 1, dmin = 0.5): 63 * 15 - 0.5 * 63 = 913.5 */
     unsigned char z[144] = {0}, hi[144];
