@@ -13,8 +13,17 @@ static int g_threads; /* 0: OpenMP default */
  * team of 100000 makes libgomp fail to create its threads (it crashed
  * rather than return an error). */
 int moe_max_threads(void) {
-    const long n = sysconf(_SC_NPROCESSORS_ONLN);
-    return n < 1 ? 4 : n > 1024 ? 4096 : 4 * (int)n;
+    /* read once: moe__threads asks on every GEMM and op call, and glibc's
+     * sysconf opens /sys/devices/system/cpu/online each time (two threads
+     * racing here store the same value) */
+    static int cached;
+    int most = __atomic_load_n(&cached, __ATOMIC_RELAXED);
+    if (!most) {
+        const long n = sysconf(_SC_NPROCESSORS_ONLN);
+        most = n < 1 ? 4 : n > 1024 ? 4096 : 4 * (int)n;
+        __atomic_store_n(&cached, most, __ATOMIC_RELAXED);
+    }
+    return most;
 }
 
 void moe_set_num_threads(int n) {
