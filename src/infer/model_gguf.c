@@ -59,6 +59,21 @@ static int find_checked(binder *b, const char *name, int nd, const int64_t *want
     return 0;
 }
 
+/* n values of tensor t as float in the arena: *dst on the binding pass, NULL
+ * (counted only) on the sizing pass. */
+static int arena_convert(binder *b, const moe__gguf_tensor *t, const char *name, size_t n, float **dst) {
+    *dst = NULL;
+    if (b->owned) {
+        *dst = b->owned + b->n_owned;
+        int rc = moe__gguf_dequantize(t->type, t->data, *dst, n);
+        if (rc)
+            return moe__set_err(b->err, b->errsz, rc, "%s: tensor '%s': cannot convert %s", moe__gguf_label(b->g), name,
+                                moe__gguf_type_name(t->type));
+    }
+    b->n_owned += n;
+    return 0;
+}
+
 /* A matrix (n_mat == 1) or stack [n_mat][rows][cols]. */
 static int bind_wt(binder *b, const char *name, int rows, int cols, int n_mat, int required, moe__wt *w) {
     int64_t want[3] = {cols, rows, n_mat};
@@ -72,16 +87,10 @@ static int bind_wt(binder *b, const char *name, int rows, int cols, int n_mat, i
         if (moe__mul_size((size_t)rows * (size_t)cols, (size_t)n_mat, &n) || n > SIZE_MAX / sizeof(float) - b->n_owned)
             return moe__set_err(b->err, b->errsz, MOE_ELIMIT, "%s: tensor '%s' is too large to convert",
                                 moe__gguf_label(b->g), name);
-        if (b->owned) {
-            float *dst = b->owned + b->n_owned;
-            rc = moe__gguf_dequantize(t->type, t->data, dst, n);
-            if (rc)
-                return moe__set_err(b->err, b->errsz, rc, "%s: tensor '%s': cannot convert %s",
-                                    moe__gguf_label(b->g), name, ti->name);
-            w->data = (const uint8_t *)dst;
-        }
-        b->n_owned += n;
-        if (!b->owned) b->n_converted += n;
+        float *dst;
+        if ((rc = arena_convert(b, t, name, n, &dst))) return rc;
+        if (dst) w->data = (const uint8_t *)dst;
+        else b->n_converted += n;
         w->type = MOE__GGML_F32, w->converted = 1;
         w->rows = rows, w->cols = cols, w->n_mat = n_mat;
         w->row_bytes = sizeof(float) * (size_t)cols, w->mat_bytes = w->row_bytes * (size_t)rows;
@@ -106,15 +115,9 @@ static int bind_vec(binder *b, const char *name, int n, int required, const floa
     *out = NULL;
     int rc = find_checked(b, name, 1, want, required, &t);
     if (rc || !t) return rc;
-    if (b->owned) {
-        float *dst = b->owned + b->n_owned;
-        rc = moe__gguf_dequantize(t->type, t->data, dst, (size_t)n);
-        if (rc) return moe__set_err(b->err, b->errsz, rc, "%s: tensor '%s': cannot convert", moe__gguf_label(b->g), name);
-        *out = dst;
-    } else {
-        *out = (const float *)(uintptr_t)1; /* present; resolved in the second pass */
-    }
-    b->n_owned += (size_t)n;
+    float *dst;
+    if ((rc = arena_convert(b, t, name, (size_t)n, &dst))) return rc;
+    *out = dst ? dst : (const float *)(uintptr_t)1; /* sizing pass: present, resolved in the second */
     return 0;
 }
 
